@@ -1,0 +1,21 @@
+"""Engine settings: batch limits and the KV-cache budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64  # running requests at most
+    max_num_batched_tokens: int = 1024  # tokens per step (decode tokens + prefill chunks)
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 1 << 30  # memory for the KV cache, split between sliding and full layers
+    num_blocks: dict[str, int] | None = None  # explicit blocks per attention kind (overrides the budget)
+    max_model_len: int | None = None  # prompt + output tokens; default: what the full-layer cache can hold
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,81 @@
+"""Self-attention of one Gemma 4 layer, and the masked attention kernel every KV-cache layout shares.
+
+The module computes q, k, v for the step's new tokens and hands them to an *attention context*
+(``ctx.attend``), which stores k/v wherever its cache keeps them and returns the attention output. The model
+therefore does not know how the cache is laid out: the paged engine cache and the cache-free
+``WholeSequence`` context below both end in ``masked_attention``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .config import AttentionShape, ModelConfig
+from .layers import RMSNorm, apply_rope, rms_norm
+
+
+def masked_attention(q, k, v, q_pos, k_pos, window: int | None):
+    """Batched causal attention with an optional sliding window; scaling 1.0 (Gemma 4).
+
+    q [B, Q, N, D], k/v [B, K, G, D] (N = G * group), q_pos [B, Q], k_pos [B, K] (positions; padding keys carry
+    a position no query can see). A key u is visible to a query t iff u <= t and, with a window W, t - u < W.
+    Softmax runs in fp32 and the probabilities are cast back to the model dtype, as transformers' eager path.
+    """
+    B, Q, N, D = q.shape
+    G = k.shape[2]
+    qg = q.view(B, Q, G, N // G, D)
+    scores = torch.einsum("bqgnd,bkgd->bgnqk", qg, k)
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Q, K]
+    visible = delta >= 0
+    if window is not None:
+        visible &= delta < window
+    scores = scores.masked_fill(~visible[:, None, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.einsum("bgnqk,bkgd->bqgnd", probs, v)
+    return out.reshape(B, Q, N, D)
+
+
+class AttentionContext(Protocol):
+    def attend(self, layer: int, shape: AttentionShape, q, k, v) -> torch.Tensor:
+        """q [T, N, D], k/v [T, G, D] of the step's tokens -> attention output [T, N, D]."""
+
+
+class WholeSequence:
+    """Context for one sequence given whole (no cache): positions ``0..T-1``. The parity reference."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+
+    def attend(self, layer, shape, q, k, v):
+        pos = self.positions[None]
+        return masked_attention(q[None], k[None], v[None], pos, pos, shape.window)[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.shape = shape = cfg.attention(layer)
+        H, N, G, D = cfg.hidden_size, cfg.num_heads, shape.num_kv_heads, shape.head_dim
+        self.q_proj = nn.Linear(H, N * D, bias=False)
+        self.k_proj = nn.Linear(H, G * D, bias=False)
+        self.v_proj = None if shape.k_eq_v else nn.Linear(H, G * D, bias=False)
+        self.o_proj = nn.Linear(N * D, H, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, x, rope, ctx: AttentionContext):
+        """x [T, H] (already input-normed); rope = (cos, sin) [T, D] of this layer's kind."""
+        T, D = x.shape[0], self.shape.head_dim
+        cos, sin = rope
+        q = apply_rope(self.q_norm(self.q_proj(x).view(T, -1, D)), cos, sin)
+        k_raw = self.k_proj(x).view(T, -1, D)
+        v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(T, -1, D)  # k_eq_v: V from the raw k
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = rms_norm(v_raw, None, self.eps)
+        out = ctx.attend(self.layer, self.shape, q, k, v)
+        return self.o_proj(out.reshape(T, -1))

@@ -1,0 +1,132 @@
+"""The Gemma 4 26B-A4B text decoder (section 1 of the model spec), single-device.
+
+Parallelism is applied from outside, as in gpt-fast: the routed experts are reached through an *expert
+executor* (``submit`` then ``wait``), local by default; the cluster's front-end passes one that dispatches to
+the expert shards. The dense MLP runs between ``submit`` and ``wait``, which is what hides the all-to-all.
+Parameter names equal the checkpoint's keys without their prefix, so loading is a rename-free copy.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .attention import Attention, AttentionContext
+from .config import FULL, SLIDING, ModelConfig
+from .layers import RMSNorm, rope_tables
+from .moe import DenseMLP, Experts, Router
+
+
+ALL_EXPERTS = "all"
+
+
+class ExpertExecutor(Protocol):
+    def submit(self, layer: int, x_TH, ids_TK, weights_TK): ...
+    def wait(self, pending) -> torch.Tensor:
+        """fp32 [T, H]: Σ_k w·expert(x) over every expert."""
+
+
+class LocalExperts:
+    """Runs each layer's own ``Experts`` module in this process."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def submit(self, layer, x_TH, ids_TK, weights_TK):
+        return self.layers[layer].experts(x_TH, ids_TK, weights_TK)
+
+    def wait(self, pending):
+        return pending
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, expert_range: tuple[int, int] | None):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.index = index
+        self.kind = cfg.layer_types[index]
+        self.self_attn = Attention(cfg, index)
+        self.mlp = DenseMLP(H, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg, *expert_range) if expert_range else None
+        self.shared_expert = (
+            DenseMLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        )
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+                     "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+            setattr(self, name, RMSNorm(H, eps))
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def forward(self, h, rope, ctx: AttentionContext, experts: ExpertExecutor):
+        r = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, ctx))
+        weights, ids = self.router(r)
+        xe = self.pre_feedforward_layernorm_2(r)
+        pending = experts.submit(self.index, xe, ids, weights)
+        m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        # variants with a separate shared expert: its output joins the routed sum, before its norm
+        shared = self.shared_expert(xe).float() if self.shared_expert is not None else 0.0
+        y = experts.wait(pending) + shared
+        m2 = self.post_feedforward_layernorm_2(y.to(r.dtype))  # only after every shard's partial is summed
+        return (r + self.post_feedforward_layernorm(m1 + m2)) * self.layer_scalar
+
+
+class Gemma4Model(nn.Module):
+    """expert_range = (first, count) of the routed experts held here: all by default, None for none (the
+    cluster front-end, whose experts live on the shards)."""
+
+    def __init__(self, cfg: ModelConfig, expert_range: tuple[int, int] | None | str = ALL_EXPERTS):
+        super().__init__()
+        if expert_range == ALL_EXPERTS:
+            expert_range = (0, cfg.num_experts)
+        self.cfg, self.expert_range = cfg, expert_range
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, expert_range) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.local_experts = LocalExperts(self.layers) if expert_range else None
+        self._inv_freq = {}
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def inv_freq(self, kind: str) -> torch.Tensor:
+        if kind not in self._inv_freq:
+            shape = self.cfg.full if kind == FULL else self.cfg.sliding
+            self._inv_freq[kind] = shape.rope.inv_freq(shape.head_dim)
+        return self._inv_freq[kind]
+
+    def forward(self, input_ids, positions, ctx: AttentionContext, experts: ExpertExecutor | None = None):
+        """input_ids, positions [T] -> final-normed hidden states [T, H]."""
+        experts = experts or self.local_experts
+        if experts is None:
+            raise RuntimeError("this model was built without experts: pass an expert executor")
+        dtype = self.dtype
+        h = self.embed_tokens(input_ids) * torch.tensor(self.cfg.embed_scale).to(dtype)
+        ropes = {k: rope_tables(self.inv_freq(k), positions, dtype) for k in (SLIDING, FULL)}
+        for layer in self.layers:
+            h = layer(h, ropes[layer.kind], ctx, experts)
+        return self.norm(h)
+
+    def logits(self, hidden):
+        """Tied head on the unscaled embedding, then the final soft-cap (in the model dtype)."""
+        logits = hidden @ self.embed_tokens.weight.T
+        cap = self.cfg.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def count_text_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the text decoder (persistent buffers included), counted on the meta device."""
+    with torch.device("meta"):
+        model = Gemma4Model(cfg)
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def count_active_parameters(cfg: ModelConfig) -> int:
+    """Parameters one token uses: everything but the routed experts, plus top_k experts per layer."""
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    all_experts = cfg.num_layers * cfg.num_experts * per_expert
+    return count_text_parameters(cfg) - all_experts + cfg.num_layers * cfg.top_k * per_expert
+

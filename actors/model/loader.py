@@ -1,0 +1,138 @@
+"""Weights from safetensors checkpoints: one file or sharded (``model.safetensors.index.json``), in the released
+layout (``model.language_model.*``) or the text-only one (``model.*``).
+
+An expert range ``[first, first + count)`` is read with ``get_slice`` so that a process holding a shard of
+the experts never reads the other experts' bytes; every load reports the tensors and bytes it materialised.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .gemma4 import ALL_EXPERTS, Gemma4Model
+from .moe import Experts
+
+PREFIXES = {"released": "model.language_model.", "text-only": "model."}
+EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config or this model."""
+
+
+@dataclass
+class LoadReport:
+    tensors: int = 0
+    bytes: int = 0  # bytes materialised from the files (before any dtype conversion)
+
+
+class Checkpoint:
+    """A checkpoint directory: its config and a key -> file map, read lazily."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.dir} does not exist")
+        self.config = ModelConfig.from_json(self.dir)
+        self.files = self._weight_map()
+        self.prefix = self._detect_prefix()
+        self._handles: dict[Path, object] = {}
+        self.report = LoadReport()
+
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: self.dir / f for k, f in weight_map.items()}
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.dir}: no *.safetensors files and no model.safetensors.index.json")
+        keys = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                keys.update({k: f for k in h.keys()})
+        return keys
+
+    def _detect_prefix(self) -> str:
+        for prefix in PREFIXES.values():  # the released prefix first: it is the more specific one
+            if f"{prefix}embed_tokens.weight" in self.files:
+                return prefix
+        raise CheckpointError(
+            f"{self.dir}: missing tensor 'model.language_model.embed_tokens.weight' (or 'model.embed_tokens.weight')"
+        )
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def _slice(self, name: str):
+        key = self.prefix + name
+        if key not in self.files:
+            raise CheckpointError(f"{self.dir}: missing tensor '{key}'")
+        return self._handle(self.files[key]).get_slice(key)
+
+    def read(self, name: str, expected: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor ``name`` (rows [a, b) of dim 0 only, if given), checked against the expected shape."""
+        sl = self._slice(name)
+        full = tuple(sl.get_shape())
+        want = expected if rows is None else (self.config.num_experts, *expected[1:])
+        if full != want:
+            raise CheckpointError(
+                f"{self.dir}: tensor '{self.prefix + name}' has shape {list(full)}, expected {list(want)}"
+            )
+        t = sl[:] if rows is None else sl[rows[0] : rows[1]]
+        self.report.tensors += 1
+        self.report.bytes += t.numel() * t.element_size()
+        return t
+
+    def close(self):
+        self._handles.clear()
+
+
+def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, device, rows=None) -> None:
+    """Fill every tensor of a meta-device module from the checkpoint (expert tensors sliced by ``rows``)."""
+    state = {}
+    for name, meta in module.state_dict().items():
+        sliced = rows if (prefix + name).endswith(EXPERT_TENSORS) else None
+        t = ckpt.read(prefix + name, tuple(meta.shape), sliced)
+        state[name] = t.to(device=device, dtype=dtype)
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS) -> Gemma4Model:
+    """The text decoder from a checkpoint; expert_range as in ``Gemma4Model`` (None: no routed experts)."""
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    with torch.device("meta"):
+        model = Gemma4Model(cfg, expert_range)
+    held = model.expert_range
+    _materialise(model, ckpt, "", dtype, device, rows=held and (held[0], held[0] + held[1]))
+    model.load_report = ckpt.report
+    ckpt.close()
+    return model.eval().requires_grad_(False)
+
+
+def load_experts(path, first: int, count: int, dtype=torch.float32, device="cpu"):
+    """Only the routed experts [first, first + count) of every layer: (list of Experts, config, LoadReport)."""
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    if not (0 <= first and count >= 0 and first + count <= cfg.num_experts):
+        raise CheckpointError(f"expert range [{first}, {first + count}) is outside [0, {cfg.num_experts})")
+    layers = []
+    for i in range(cfg.num_layers):
+        with torch.device("meta"):
+            experts = Experts(cfg, first, count)
+        _materialise(experts, ckpt, f"layers.{i}.experts.", dtype, device, rows=(first, first + count))
+        layers.append(experts.eval().requires_grad_(False))
+    ckpt.close()
+    return layers, cfg, ckpt.report

@@ -1,0 +1,135 @@
+"""Shared fixtures for the model-core tests.
+
+Every checkpoint is built once per session under ``tmp_path_factory``; the sizes are tiny (hidden <= 256, <= 6
+layers, vocabulary <= 1024) so the whole suite runs in seconds on two CPU cores.
+
+Parity rule used everywhere (never loosen it): fp32 logits at every position must satisfy
+``max|ours - transformers| <= 1e-5 * max|transformers logit|``, with the transformers reference run with
+``attn_implementation="eager"``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import types
+
+import pytest
+import torch
+
+from epserve.actors.model.attention import WholeSequence
+from epserve.actors.model.checkpoint import preset, write_checkpoint
+from epserve.actors.model.loader import load_model
+
+torch.set_num_threads(2)
+
+REL_TOL = 1e-5  # the acceptance tolerance, relative to the largest reference logit
+TINY_SEED = 1234
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def our_logits(model_or_dir, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [T, V] of our model (a loaded model or a checkpoint directory) on one sequence ``ids`` [T]."""
+    model = load_model(model_or_dir) if not isinstance(model_or_dir, torch.nn.Module) else model_or_dir
+    T = ids.shape[0]
+    pos = torch.arange(T)
+    with torch.no_grad():
+        return model.logits(model(ids, pos, WholeSequence(pos)))
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [T, V] of a transformers model on one sequence ``ids`` [T]."""
+    with torch.no_grad():
+        return model(input_ids=ids[None], use_cache=False).logits[0].float()
+
+
+def parity_error(ref: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
+    """(max|Δ|, allowed) for the acceptance rule."""
+    assert ref.shape == ours.shape, f"logit shapes differ: {tuple(ref.shape)} vs {tuple(ours.shape)}"
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    return (ref - ours).abs().max().item(), REL_TOL * ref.abs().max().item()
+
+
+def assert_parity(ref: torch.Tensor, ours: torch.Tensor, what: str = "") -> None:
+    diff, allowed = parity_error(ref, ours)
+    assert diff <= allowed, f"{what}: max|Δlogits| = {diff:.3e} > 1e-5 * max|logit| = {allowed:.3e}"
+
+
+def hf_load(cls, path):
+    """A transformers model from a checkpoint, fp32 on CPU, eager attention, eval mode."""
+    return cls.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def randomize_hf_(model, seed: int) -> None:
+    """Give every parameter of a freshly built transformers Gemma 4 model a meaningful random value: matrices
+    ~N(0, 1/fan_in) (the embedding wider, so logits reach the soft-cap range), every 1-D weight (norms,
+    router.scale, router.per_expert_scale) uniform in [0.5, 1.5] and layer_scalar in [0.5, 1.0], so that a
+    wrong norm convention, a dropped scale or a dropped layer_scalar shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = model.config.get_text_config().hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 3.0 / math.sqrt(hidden))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(torch.empty(b.shape).uniform_(0.5, 1.0, generator=gen))
+
+
+def random_ids(vocab: int, T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def tools():
+    """The helpers above, for the test modules (no ``import conftest``)."""
+    return types.SimpleNamespace(
+        our_logits=our_logits, hf_logits=hf_logits, parity_error=parity_error, assert_parity=assert_parity,
+        hf_load=hf_load, randomize_hf_=randomize_hf_, random_ids=random_ids, REL_TOL=REL_TOL,
+    )
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_cfg):
+    """write_checkpoint(preset('tiny')) in the released layout: one model.safetensors, bf16."""
+    return write_checkpoint(tiny_cfg, tmp_path_factory.mktemp("tiny-released"), seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_only_dir(tmp_path_factory, tiny_cfg):
+    return write_checkpoint(tiny_cfg, tmp_path_factory.mktemp("tiny-text-only"), seed=TINY_SEED, layout="text-only")
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded_dir(tmp_path_factory, tiny_cfg):
+    """The same weights as ``tiny_dir`` (same seed), split into ~1 MiB shards with model.safetensors.index.json."""
+    return write_checkpoint(tiny_cfg, tmp_path_factory.mktemp("tiny-sharded"), seed=TINY_SEED, shard_bytes=1 << 20)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    return load_model(tiny_dir)
+
+
+@pytest.fixture
+def broken_copy(tmp_path, tiny_dir):
+    """A function returning a fresh copy of the tiny checkpoint to damage."""
+
+    def make(name: str = "broken"):
+        return shutil.copytree(tiny_dir, tmp_path / name)
+
+    return make
