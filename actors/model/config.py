@@ -190,9 +190,14 @@ def _parse_text_config(text: dict, eos: tuple[int, ...], layout: str) -> ModelCo
         "use_double_wide_mlp": "double-wide MLP",
         "attention_bias": "attention bias",
     }
+    hf_defaults = {"hidden_size_per_layer_input": 256}  # transformers' default: an absent field means PLE on
     for key, what in unsupported.items():
-        if text.get(key):
-            raise ConfigError(f"config.json: {key}={text[key]!r} ({what}) is not supported by this server")
+        value = text.get(key, hf_defaults.get(key))
+        if value:
+            given = f"{key}={value!r}" if key in text else f"{key} is absent (transformers' default {value!r})"
+            raise ConfigError(f"config.json: {given}: {what} is not supported by this server")
+    if text.get("tie_word_embeddings", True) is False:
+        raise ConfigError("config.json: tie_word_embeddings=false (a separate lm_head) is not supported")
     if not text.get("enable_moe_block", False):
         raise ConfigError("config.json: enable_moe_block is false; this server runs the Mixture-of-Experts model")
     if text.get("use_bidirectional_attention") == "all":

@@ -117,6 +117,13 @@ def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS
         model = Gemma4Model(cfg, expert_range)
     held = model.expert_range
     _materialise(model, ckpt, "", dtype, device, rows=held and (held[0], held[0] + held[1]))
+    known = {ckpt.prefix + name for name in model.state_dict()}
+    extra = sorted(k for k in ckpt.files if k.startswith(ckpt.prefix) and k not in known
+                   and not k.endswith(EXPERT_TENSORS)  # present but deliberately not loaded here
+                   and not k.startswith(("model.vision_tower.", "model.embed_vision.", "model.audio_tower.")))
+    if extra:
+        raise CheckpointError(f"{ckpt.dir}: unexpected tensor '{extra[0]}' (and {len(extra) - 1} more): the "
+                              "config does not describe these weights")
     model.load_report = ckpt.report
     ckpt.close()
     return model.eval().requires_grad_(False)

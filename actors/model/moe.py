@@ -51,15 +51,17 @@ def grouped_experts(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> torch.Te
     """Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) in fp32 [T, H]. ids are local expert ids; -1 marks a slot that
     belongs to another process and is skipped."""
     T, H = x_TH.shape
-    out_TH = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+    K = ids_TK.shape[1]
     flat_ids = ids_TK.reshape(-1)
     mine = (flat_ids >= 0).nonzero().squeeze(1)
     if mine.numel() == 0:
-        return out_TH
-    order = flat_ids[mine].argsort(stable=True)
+        return torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+    # torch.sort as transformers' grouped_mm path: the same row order inside each expert's GEMM (the CPU GEMM
+    # rounds a row differently depending on its position), hence bit-exact fp32 parity
+    order = torch.sort(flat_ids[mine]).indices
     slots = mine[order]  # (token, slot) pairs sorted by expert
     expert_of = flat_ids[slots]
-    token_of = slots // ids_TK.shape[1]
+    token_of = slots // K
     counts = torch.bincount(expert_of, minlength=gate_up_EIH.shape[0]).tolist()
     xs = x_TH[token_of]
     ys = torch.empty_like(xs)
@@ -69,8 +71,11 @@ def grouped_experts(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> torch.Te
             gate, up = (xs[start : start + n] @ gate_up_EIH[e].T).chunk(2, dim=-1)
             ys[start : start + n] = (gelu_tanh(gate) * up) @ down_EHI[e].T
             start += n
-    weighted = ys.float() * weights_TK.reshape(-1)[slots, None]
-    return out_TH.index_add_(0, token_of, weighted)
+    # w·y per (token, slot), then summed over the K slots in top-k order, in fp32 (transformers' grouped_mm
+    # reduction; an index_add_ in expert order is a different fp32 association)
+    weighted_SH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)
+    weighted_SH[slots] = ys.float() * weights_TK.reshape(-1)[slots, None]
+    return weighted_SH.view(T, K, H).sum(dim=1)
 
 
 class Experts(nn.Module):

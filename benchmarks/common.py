@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmark scripts: checkpoints, workloads and the docs/performance.md writer."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PERFORMANCE_MD = ROOT / "docs" / "performance.md"
+
+
+def checkpoint(preset: str, layout: str = "released", seed: int = 0) -> Path:
+    """A random-weight checkpoint of a preset, made once under the epserve cache directory."""
+    from epserve.actors.model.checkpoint import preset as make_preset
+    from epserve.actors.model.checkpoint import write_checkpoint
+
+    root = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
+    path = root / f"{preset}-{layout}-seed{seed}"
+    if not (path / "config.json").exists():
+        print(f"making the {preset} checkpoint in {path} ...", file=sys.stderr, flush=True)
+        write_checkpoint(make_preset(preset), path, seed=seed, layout=layout, progress=True)
+    return path
+
+
+def fixed_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_section(heading: str, body: str) -> None:
+    """Replace (or append) the section ``## heading`` of docs/performance.md."""
+    PERFORMANCE_MD.parent.mkdir(exist_ok=True)
+    text = PERFORMANCE_MD.read_text() if PERFORMANCE_MD.exists() else "# Performance\n"
+    section = f"## {heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    PERFORMANCE_MD.write_text(text.rstrip() + "\n")
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

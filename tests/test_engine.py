@@ -1,0 +1,219 @@
+"""The engine: continuous batching over the paged KV cache, chunked prefill, prefix caching, preemption,
+sampling and streaming, checked against transformers and against itself run one request at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from epserve.actors.engine.config import EngineConfig
+from epserve.actors.engine.engine import LLMEngine
+from epserve.actors.engine.sampler import filtered_probs, sample
+from epserve.actors.engine.sampling import RequestError, SamplingParams
+from epserve.actors.engine.sequence import Sequence
+from epserve.actors.model.config import SLIDING
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def mixed_workload(vocab: int, n: int = 32, seed: int = 0):
+    """n prompts of 1..600 tokens with 1..24 new tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 600, 2, 33, 31, 32, 64, 65, 100, 250] + torch.randint(1, 601, (n - 10,), generator=g).tolist()
+    prompts = [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lengths]
+    new = torch.randint(1, 25, (n,), generator=g).tolist()
+    return prompts, [SamplingParams(max_tokens=m, ignore_eos=True, logprobs=True) for m in new]
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def batch_run(tiny_model):
+    prompts, params = mixed_workload(tiny_model.cfg.vocab_size)
+    engine = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=256, max_num_seqs=32))
+    return prompts, params, engine.generate(prompts, params), engine
+
+
+def test_batch_equals_alone_and_transformers(tiny_model, hf_model, batch_run):
+    prompts, params, together, _ = batch_run
+    assert tiny_model.cfg.sliding.window < 600  # windows are exercised
+    for prompt, p, out in zip(prompts, params, together):
+        alone = LLMEngine(tiny_model).generate([prompt], p)[0]
+        assert alone.token_ids == out.token_ids
+        assert len(out.token_ids) == p.max_tokens and out.finish_reason == "length"
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=p.max_tokens, do_sample=False,
+                                    eos_token_id=None, min_new_tokens=p.max_tokens, output_scores=True,
+                                    return_dict_in_generate=True)
+        scores = torch.stack(ref.scores)[:, 0]  # [new, V]
+        top2 = scores.topk(2, dim=-1).values
+        margin = (top2[:, 0] - top2[:, 1]).min().item()
+        assert margin > 1e-5 * scores.abs().max().item(), "near-tie in the reference: pick another seed"
+        assert ref.sequences[0, len(prompt):].tolist() == out.token_ids
+
+
+def test_chunked_prefill_equals_one_shot(tiny_model):
+    prompts, params = mixed_workload(tiny_model.cfg.vocab_size, n=12, seed=1)
+    one_shot = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=4096)).generate(prompts, params)
+    chunked_engine = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=48))
+    chunked = chunked_engine.generate(prompts, params)
+    for a, b in zip(one_shot, chunked):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_preemption_resumes_identically(tiny_model, batch_run):
+    prompts, params, together, _ = batch_run
+    # few blocks: at most a couple of long requests fit at once, so the scheduler must preempt
+    cfg = EngineConfig(max_num_batched_tokens=128, max_num_seqs=32, num_blocks={"full_attention": 90,
+                       "sliding_attention": 30}, enable_prefix_caching=False)
+    engine = LLMEngine(tiny_model, cfg)
+    outs = engine.generate(prompts, params)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in together]
+    assert engine.blocks.num_used() == 0
+
+
+def test_prefix_caching_reuses_blocks_with_identical_output(tiny_model):
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 1024, (100,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 1024, (n,), generator=g).tolist() for n in (1, 7, 40)] + [shared]
+    cached_engine = LLMEngine(tiny_model, EngineConfig(max_num_seqs=1))  # one at a time: later ones hit
+    cached = cached_engine.generate(prompts, GREEDY)
+    plain = LLMEngine(tiny_model, EngineConfig(enable_prefix_caching=False)).generate(prompts, GREEDY)
+    assert [o.token_ids for o in cached] == [o.token_ids for o in plain]
+    bs = cached_engine.config.block_size
+    # 3 later requests share 6 full blocks (96 tokens); the bare prefix reuses all but its last block
+    assert cached_engine.blocks.stats.hit_tokens >= 3 * (100 // bs - 1) * bs
+    assert cached_engine.blocks.num_used() == 0
+
+
+def test_blocks_all_free_after_finish_and_abort(tiny_model):
+    engine = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=64))
+    ids = [engine.add_request(list(range(3, 3 + n)), SamplingParams(max_tokens=50, ignore_eos=True))
+           for n in (10, 70, 200)]
+    for _ in range(5):
+        engine.step()
+    assert engine.blocks.num_used() > 0
+    assert engine.abort(ids[1]) and not engine.abort(ids[1])
+    engine.abort("no-such-request")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.num_used() == 0
+
+
+def test_long_request_holds_bounded_sliding_blocks(tiny_model):
+    cfg = EngineConfig(max_num_batched_tokens=64)
+    engine = LLMEngine(tiny_model, cfg)
+    rid = engine.add_request(list(range(3, 703)), SamplingParams(max_tokens=100, ignore_eos=True))
+    seq, peak = engine.requests[rid], 0
+    while engine.has_unfinished():
+        engine.step()
+        held = [b for b in seq.block_tables.get(SLIDING, []) if b >= 0]
+        peak = max(peak, len(held))
+    window, bs = tiny_model.cfg.sliding.window, cfg.block_size
+    assert 0 < peak <= -(-(window - 1 + cfg.max_num_batched_tokens) // bs) + 1
+    assert seq.num_tokens // bs > 5 * peak  # far fewer than the full layers hold
+
+
+def test_streaming_yields_tokens_every_step(tiny_model):
+    engine = LLMEngine(tiny_model)
+    a = engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True))
+    b = engine.add_request([8, 9], SamplingParams(max_tokens=3, ignore_eos=True))
+    streamed = {a: [], b: []}
+    finished = {}
+    while engine.has_unfinished():
+        outs = engine.step()
+        assert {o.request_id for o in outs} <= {a, b} and outs
+        for o in outs:
+            assert len(o.new_token_ids) == 1
+            streamed[o.request_id] += o.new_token_ids
+            if o.finished:
+                finished[o.request_id] = o.finish_reason
+    assert len(streamed[a]) == 5 and len(streamed[b]) == 3 and finished == {a: "length", b: "length"}
+
+
+def test_stop_tokens_and_eos(tiny_model):
+    engine = LLMEngine(tiny_model)
+    free = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=10, ignore_eos=True))[0].token_ids
+    stop_at = free[3]
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=10, stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[: free.index(stop_at) + 1]
+    later = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=10, stop_token_ids=[stop_at],
+                                                        min_tokens=free.index(stop_at) + 2))[0]
+    assert stop_at not in later.token_ids[: free.index(stop_at) + 1]
+
+
+def test_bad_requests_are_refused_clearly(tiny_model):
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks={"full_attention": 8, "sliding_attention": 8},
+                                                max_num_batched_tokens=32))
+    cases = [
+        ([], SamplingParams(), "prompt: is empty"),
+        ([5, 99999], SamplingParams(), "outside the vocabulary"),
+        ([5], SamplingParams(max_tokens=0), "max_tokens"),
+        ([5], SamplingParams(temperature=-1.0), "temperature"),
+        ([5], SamplingParams(top_p=0.0), "top_p"),
+        ([5], SamplingParams(top_p=1.5), "top_p"),
+        ([5], SamplingParams(top_k=-2), "top_k"),
+        (list(range(3, 200)), SamplingParams(max_tokens=10), "exceeds the context length 128"),
+    ]
+    for prompt, params, message in cases:
+        with pytest.raises(RequestError, match=message):
+            engine.add_request(prompt, params)
+    assert engine.generate([[5, 6]], GREEDY)[0].finish_reason == "length"  # still serving
+
+
+# ---- sampling -------------------------------------------------------------------------------------------
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Written independently of the sampler: sort once, keep the top-k prefix, then the top-p prefix."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    order = torch.argsort(logits, descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    mass = 0.0
+    for rank, tok in enumerate(order.tolist()):
+        if top_k and rank >= top_k:
+            break
+        kept_mass = p[order[:top_k]].sum() if top_k else 1.0
+        if mass >= top_p * kept_mass:
+            break
+        keep[tok] = True
+        mass += float(p[tok])
+    out = torch.where(keep, p, torch.zeros_like(p))
+    return (out / out.sum()).float()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6),
+                                                     (0.9, 8, 0.8), (2.0, 1, 1.0)])
+def test_sampling_distribution_matches_reference(temperature, top_k, top_p):
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(7)) * 2
+    want = reference_probs(logits, temperature, top_k, top_p)
+    got = filtered_probs(logits, temperature, top_k, top_p)
+    assert torch.allclose(got, want, atol=1e-6)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=11, logprobs=True)
+    seq = Sequence("s", [1], params, frozenset())
+    n = 4000
+    draws = [sample(logits[None], [seq])[0][0] for _ in range(n)]
+    freq = torch.bincount(torch.tensor(draws), minlength=40).float() / n
+    assert (freq[want == 0] == 0).all()  # never outside top-k / top-p
+    assert (freq - want).abs().max() < 4 * (want * (1 - want) / n).sqrt().max() + 1e-3
+
+
+def test_seed_reproduces_and_logprobs_match(tiny_model):
+    engine = LLMEngine(tiny_model)
+    p = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True, logprobs=True)
+    a = engine.generate([[5, 6, 7]], p)[0]
+    b = engine.generate([[5, 6, 7], [9, 9, 9, 9]], p)[0]  # other requests in the batch do not matter
+    assert a.token_ids == b.token_ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    c = engine.generate([[5, 6, 7]], SamplingParams(**{**p.__dict__, "seed": 99}))[0]
+    assert c.token_ids != a.token_ids
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seqs = [Sequence(str(i), [1], SamplingParams(logprobs=True), frozenset()) for i in range(3)]
+    tokens, logprobs = sample(logits, seqs)
+    assert tokens == logits.argmax(-1).tolist()
+    assert logprobs == pytest.approx(torch.log_softmax(logits, -1)[range(3), tokens].tolist(), abs=1e-6)
