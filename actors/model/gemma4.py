@@ -23,6 +23,9 @@ ALL_EXPERTS = "all"
 
 
 class ExpertExecutor(Protocol):
+    def begin_step(self) -> None:
+        """A forward pass starts (the distributed executor tells the shards)."""
+
     def submit(self, layer: int, x_TH, ids_TK, weights_TK): ...
     def wait(self, pending) -> torch.Tensor:
         """fp32 [T, H]: Σ_k w·expert(x) over every expert."""
@@ -33,6 +36,9 @@ class LocalExperts:
 
     def __init__(self, layers):
         self.layers = layers
+
+    def begin_step(self):
+        pass
 
     def submit(self, layer, x_TH, ids_TK, weights_TK):
         return self.layers[layer].experts(x_TH, ids_TK, weights_TK)
@@ -103,6 +109,7 @@ class Gemma4Model(nn.Module):
         experts = experts or self.local_experts
         if experts is None:
             raise RuntimeError("this model was built without experts: pass an expert executor")
+        experts.begin_step()
         dtype = self.dtype
         h = self.embed_tokens(input_ids) * torch.tensor(self.cfg.embed_scale).to(dtype)
         ropes = {k: rope_tables(self.inv_freq(k), positions, dtype) for k in (SLIDING, FULL)}

@@ -1,0 +1,66 @@
+"""The ExpertShard actor: owns experts [first, first + count) of every MoE layer and serves the front-end's
+per-layer exchanges (``dispatch.serve_layer``) until told to stop, or until a collective fails."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from . import dispatch, process_group
+from .model.config import ModelConfig
+from .model.loader import load_experts
+
+
+class ExpertShard:
+    def __init__(self, checkpoint: str, shard: int, num_shards: int, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.device = process_group.device_for_actor()
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.shard, self.num_shards = shard, num_shards
+        cfg = ModelConfig.from_json(checkpoint)
+        self.first, self.count = dispatch.expert_ranges(cfg.num_experts, num_shards)[shard]
+        self.layers, self.cfg, self.load_report = load_experts(checkpoint, self.first, self.count, self.dtype,
+                                                              self.device)
+        self.rows_served = 0
+        self.steps = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def info(self) -> dict:
+        """What this shard holds: its expert range and the bytes resident for it."""
+        resident = sum(t.numel() * t.element_size() for e in self.layers for t in (e.gate_up_proj, e.down_proj))
+        return {"shard": self.shard, "first": self.first, "count": self.count, "device": str(self.device),
+                "resident_expert_bytes": resident, "loaded_bytes": self.load_report.bytes,
+                "loaded_tensors": self.load_report.tensors}
+
+    def join(self, world_size: int, backend: str, host: str, port: int, timeout_s: float) -> bool:
+        process_group.join(self.shard + 1, world_size, backend, host, port, timeout_s)
+        return True
+
+    def serve(self) -> dict:
+        """Run the collective loop until the front-end says stop; returns a summary (raises on failure)."""
+        H, K = self.cfg.hidden_size, self.cfg.top_k
+        world = self.num_shards + 1
+        try:
+            while True:
+                op = dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
+                if op == dispatch.OP_STOP:
+                    break
+                if op == dispatch.OP_STEP:
+                    for experts in self.layers:
+                        self.rows_served += dispatch.serve_layer(experts, H, K, self.dtype, self.device, world)
+                    self.steps += 1
+        except Exception as e:  # noqa: BLE001 - reported to the front-end and the driver
+            self.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            process_group.leave()
+        return {"steps": self.steps, "rows": self.rows_served}
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "rows": self.rows_served, "error": self.error, "time": time.time()}
+
+    def ping(self) -> bool:
+        return True
