@@ -52,19 +52,25 @@ def cmd_generate(args) -> int:
     from epserve.actors.engine.sampling import SamplingParams
     from epserve.actors.model.loader import load_model
 
-    checkpoint = args.checkpoint or builtin_checkpoint()
+    checkpoint = str(args.checkpoint or builtin_checkpoint())
     prompts = args.prompt_ids or [[2, 17, 300, 42]]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_model(checkpoint, dtype=dtype, device=device)
-    engine = LLMEngine(model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                             ignore_eos=args.ignore_eos)
-    for out in engine.generate(prompts, params):
+    if args.shards:  # through the cluster: a Frontend actor and N ExpertShard actors
+        from .config import ClusterConfig
+        from .launcher import Cluster
+
+        with Cluster(ClusterConfig(checkpoint=checkpoint, shards=args.shards, address=args.address)) as cluster:
+            results = [(o["token_ids"], o["finish_reason"]) for o in cluster.generate(prompts, vars(params))]
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(checkpoint, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        results = [(o.token_ids, o.finish_reason) for o in LLMEngine(model).generate(prompts, params)]
+    for token_ids, reason in results:
         if args.json:
-            print(json.dumps({"token_ids": out.token_ids, "finish_reason": out.finish_reason}))
+            print(json.dumps({"token_ids": token_ids, "finish_reason": reason}))
         else:
-            print(",".join(map(str, out.token_ids)))
+            print(",".join(map(str, token_ids)))
     return 0
 
 
@@ -88,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--shards", type=int, default=0,
+                   help="run through a cluster of N expert-shard actors (default 0: in this process)")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -10,7 +10,14 @@ Parity rule used everywhere (never loosen it): fp32 logits at every position mus
 
 from __future__ import annotations
 
-import math
+import os
+
+# Ray on one machine: every port on 127.0.0.1 (read when ray is imported), no usage reporting, gloo on lo
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+import math  # noqa: E402
 import shutil
 import types
 
@@ -133,3 +140,17 @@ def broken_copy(tmp_path, tiny_dir):
         return shutil.copytree(tiny_dir, tmp_path / name)
 
     return make
+
+
+# --------------------------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray head for the whole run (every port on 127.0.0.1), shut down at the end."""
+    import ray
+
+    ray.init(namespace="epserve", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,143 @@
+"""The expert-parallel cluster on a real local Ray cluster: a Frontend actor and N ExpertShard actors over a
+gloo process group, checked against the in-process engine and transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from epserve.actors.dispatch import expert_ranges
+from epserve.actors.engine.engine import LLMEngine
+from epserve.actors.engine.sampling import SamplingParams
+from epserve.actors.model.attention import WholeSequence
+from epserve.actors.model.gemma4 import LocalExperts
+from epserve.actors.model.loader import load_model
+from epserve.cluster.config import ClusterConfig
+from epserve.cluster.launcher import Cluster, shard_name
+
+PROMPTS = [[2, 17, 300, 42], [5, 6, 7, 8, 9] * 12, [100], list(range(3, 90))]
+PARAMS = {"max_tokens": 12, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tiny_dir):
+    """In-process engine outputs and transformers' greedy outputs for PROMPTS."""
+    ours = LLMEngine(tiny_model).generate(PROMPTS, SamplingParams(**PARAMS))
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = [hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              eos_token_id=None)[0, len(p):].tolist() for p in PROMPTS]
+    return [o.token_ids for o in ours], theirs
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 4])
+def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_model, reference, shards):
+    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards)).start()
+    try:
+        outs = cluster.generate(PROMPTS, PARAMS)
+        ours, theirs = reference
+        assert [o["token_ids"] for o in outs] == ours == theirs
+        prompt = PROMPTS[3]
+        remote = ray.get(cluster.frontend.score.remote(prompt))
+        pos = torch.arange(len(prompt))
+        with torch.no_grad():
+            local = tiny_model.logits(tiny_model(torch.tensor(prompt), pos, WholeSequence(pos)))
+        assert (remote - local).abs().max() <= 1e-5 * local.abs().max()
+        # each shard holds its slice only, read from the checkpoint as just that slice
+        cfg = tiny_model.cfg
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down
+        for info, (first, count) in zip(cluster.shard_info(), expert_ranges(cfg.num_experts, shards)):
+            assert (info["first"], info["count"]) == (first, count)
+            assert info["resident_expert_bytes"] == count * per_expert * cfg.num_layers * 4  # fp32
+            assert info["loaded_bytes"] == count * per_expert * cfg.num_layers * 2  # bf16 on disk
+            assert ray.get_actor(shard_name(info["shard"]), namespace="epserve") is not None
+        assert cluster.stats()["kv_blocks_used"] == 0
+    finally:
+        cluster.shutdown()
+    with pytest.raises(ValueError):
+        ray.get_actor(shard_name(0), namespace="epserve")
+
+
+class RecordingExperts(LocalExperts):
+    """Local experts that remember every layer's routing, for an independent count of the dispatch."""
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self.ids = []
+
+    def submit(self, layer, x, ids, w):
+        self.ids.append(ids.clone())
+        return super().submit(layer, x, ids, w)
+
+
+def test_dispatch_sends_one_row_per_token_and_distinct_shard(ray_session, tiny_dir, tiny_model):
+    shards, prompt = 4, PROMPTS[3]
+    recorder = RecordingExperts(tiny_model.layers)
+    pos = torch.arange(len(prompt))
+    with torch.no_grad():
+        tiny_model(torch.tensor(prompt), pos, WholeSequence(pos), recorder)
+    cfg = tiny_model.cfg
+    shard_of = torch.tensor([s for s, (f, c) in enumerate(expert_ranges(cfg.num_experts, shards)) for _ in range(c)])
+    want_rows = sum(len(set(row)) for ids in recorder.ids for row in shard_of[ids].tolist())
+    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards)) as cluster:
+        ray.get(cluster.frontend.score.remote(prompt))
+        d = cluster.stats()["dispatch"]
+    assert d["rows"] == want_rows < d["token_slots"] == len(prompt) * cfg.top_k * cfg.num_layers
+    assert d["bytes_dispatched"] == want_rows * (cfg.hidden_size * 4 + 2 * cfg.top_k * 4)
+    assert sum(d["tokens_per_shard"]) == want_rows
+    assert d["tokens_per_expert"] == torch.bincount(torch.cat([i.reshape(-1) for i in recorder.ids]),
+                                                    minlength=cfg.num_experts).tolist()
+
+
+@pytest.fixture(scope="module")
+def half_routed_dir(tmp_path_factory, tiny_dir):
+    """The tiny checkpoint with routers that never choose the experts of shards 2 and 3 (of 4): the router
+    rows of shards 0 and 1 are +a and -a alternately, so whatever the sign of z·a, top_k of them have logits
+    above the zeros of every other expert."""
+    out = tmp_path_factory.mktemp("half-routed")
+    for f in tiny_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    cfg = json.loads((tiny_dir / "config.json").read_text())["text_config"]
+    (_, c0), (_, c1) = expert_ranges(cfg["num_experts"], 4)[:2]
+    assert c0 + c1 >= 2 * cfg["top_k_experts"]
+    tensors = load_file(out / "model.safetensors")
+    for name, t in tensors.items():
+        if name.endswith("router.proj.weight"):
+            a = torch.nn.functional.normalize(torch.randn(t.shape[1]), dim=0) * 50
+            t = torch.zeros_like(t)
+            for e in range(c0 + c1):
+                t[e] = a if e % 2 == 0 else -a
+            tensors[name] = t
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_step_with_idle_shards_completes(ray_session, half_routed_dir):
+    model = load_model(half_routed_dir)
+    want = LLMEngine(model).generate(PROMPTS, SamplingParams(**PARAMS))
+    with Cluster(ClusterConfig(checkpoint=str(half_routed_dir), shards=4)) as cluster:
+        outs = cluster.generate(PROMPTS, PARAMS)
+        per_shard = cluster.stats()["dispatch"]["tokens_per_shard"]
+    assert min(per_shard[:2]) > 0 and per_shard[2:] == [0, 0]  # shards 2, 3 joined every step with 0 rows
+    assert [o["token_ids"] for o in outs] == [w.token_ids for w in want]
+
+
+def test_dead_shard_is_an_error_not_a_hang(ray_session, tiny_dir):
+    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=2, collective_timeout_s=10,
+                                    heartbeat_s=0.5)).start()
+    try:
+        assert cluster.generate([[5, 6, 7]], PARAMS)[0]["finish_reason"] == "length"
+        ray.kill(cluster.shards[1], no_restart=True)
+        with pytest.raises(ray.exceptions.RayTaskError, match="EngineFailure"):
+            ray.get(cluster.frontend.generate.remote([[5, 6, 7]], {"max_tokens": 200, "ignore_eos": True}),
+                    timeout=60)
+        assert not ray.get(cluster.frontend.ready.remote())
+    finally:
+        cluster.shutdown()
