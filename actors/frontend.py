@@ -37,10 +37,11 @@ class Frontend:
             torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = load_model(checkpoint, self.dtype, self.device, expert_range=None)
+        # num_shards = 0: every expert in this process, no process group (the in-process server)
+        self.model = load_model(checkpoint, self.dtype, self.device, expert_range=None if num_shards else "all")
         cfg = self.model.cfg
         self.dispatcher = dispatch.ExpertDispatcher(cfg.num_experts, num_shards, cfg.hidden_size, self.dtype,
-                                                    self.device, overlap)
+                                                    self.device, overlap) if num_shards else None
         if isinstance(engine_config, dict):
             engine_config = EngineConfig(**engine_config)
         self.engine = LLMEngine(self.model, engine_config, experts=self.dispatcher)
@@ -125,13 +126,14 @@ class Frontend:
             with torch.inference_mode():
                 ids = torch.tensor(prompt_ids, device=self.device)
                 pos = torch.arange(len(prompt_ids), device=self.device)
-                hidden = self.model(ids, pos, WholeSequence(pos), self.dispatcher)
+                hidden = self.model(ids, pos, WholeSequence(pos), self.dispatcher)  # None: local experts
                 return self.model.logits(hidden).float().cpu()
 
         return await self._call(run)
 
     def stats(self) -> dict:
-        e, d = self.engine, self.dispatcher.stats
+        e = self.engine
+        d = self.dispatcher.stats if self.dispatcher else dispatch.DispatchStats()
         return {"running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting), "kv_usage": e.kv_usage,
                 "kv_blocks_used": e.blocks.num_used(), "steps": e.num_steps, "preemptions":
                 e.scheduler.num_preemptions, "prefix_hit_tokens": e.blocks.stats.hit_tokens,
@@ -177,9 +179,11 @@ class Frontend:
                     self.step_seconds += time.perf_counter() - t0
                     last_header = time.monotonic()
                 elif time.monotonic() - last_header >= self.heartbeat_s:
-                    dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
+                    if self.dispatcher:
+                        dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
                     last_header = time.monotonic()
-            dispatch.broadcast_header(dispatch.OP_STOP, self.device)
+            if self.dispatcher:
+                dispatch.broadcast_header(dispatch.OP_STOP, self.device)
         except Exception as e:  # noqa: BLE001 - every waiting request learns why
             self.error = f"{type(e).__name__}: {e}"
             failure = EngineFailure(self.error)
@@ -187,7 +191,8 @@ class Frontend:
                 self._loop.call_soon_threadsafe(q.put_nowait, failure)
             self._fail_commands(failure)
         finally:
-            process_group.leave()
+            if self.dispatcher:
+                process_group.leave()
 
     def _run_commands(self, wait_until: float | None) -> bool:
         """Run every queued command (a burst of requests joins one batch); when idle, wait for one until the

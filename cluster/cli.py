@@ -74,6 +74,68 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _serve_settings(args) -> dict:
+    cluster = {"checkpoint": str(args.checkpoint) if args.checkpoint else None, "shards": args.shards,
+               "address": args.address}
+    return {"cluster": cluster, "grpc_host": args.host, "grpc_port": args.grpc_port}
+
+
+def _install_sigterm() -> None:
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def cmd_serve(args) -> int:
+    from .serve_app import LocalServer
+
+    _install_sigterm()
+    server = LocalServer(_serve_settings(args), args.host, args.http_port, args.address)
+    try:
+        server.start()
+        print(f"epserve is serving: gRPC on {server.grpc_target} (epserve.v1.Inference, health, reflection); "
+              f"OpenAI HTTP on http://{args.host}:{args.http_port}/v1 . Ctrl-C to stop.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down ...", file=sys.stderr, flush=True)
+    finally:
+        server.shutdown()
+    return 0
+
+
+def cmd_client(args) -> int:
+    from . import client
+
+    req = client.request(args.prompt, args.prompt_ids[0] if args.prompt_ids else None, args.max_tokens,
+                         args.temperature, args.seed, args.ignore_eos)
+    pieces = client.stream(args.address, req, args.timeout)
+    last = pieces[-1] if pieces else None
+    if last is not None:
+        print(f"[request {last.request_id}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
+              f"generated tokens]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import client
+    from .serve_app import LocalServer
+
+    _install_sigterm()
+    args.checkpoint, args.address = None, None
+    with LocalServer(_serve_settings(args), args.host, args.http_port) as server:
+        print(f"server up: gRPC {server.grpc_target}, OpenAI HTTP http://{args.host}:{args.http_port}/v1",
+              flush=True)
+        print(f"prompt: {args.prompt!r}\nanswer (streamed):", flush=True)
+        client.stream(server.grpc_target, client.request(args.prompt, max_tokens=args.max_tokens, ignore_eos=True))
+    print("To keep serving, run `epserve serve` and talk to it with `epserve client --prompt ...` or any "
+          "OpenAI client.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epserve", description="Expert-parallel serving for Gemma 4 26B-A4B")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run through a cluster of N expert-shard actors (default 0: in this process)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     p.set_defaults(func=cmd_generate)
+
+    def server_options(p, shards=2):
+        p.add_argument("--shards", type=int, default=shards, help="expert-shard actors")
+        p.add_argument("--host", default="127.0.0.1", help="address gRPC and HTTP listen on")
+        p.add_argument("--grpc-port", type=int, default=50051)
+        p.add_argument("--http-port", type=int, default=8000)
+
+    p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP until interrupted")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    server_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="send a prompt over gRPC and stream the answer")
+    p.add_argument("--address", default="127.0.0.1:50051", help="gRPC host:port")
+    p.add_argument("--prompt", help="text (needs a model with a tokenizer)")
+    p.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")
+    p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("demo", help="start a local cluster, answer one prompt, stop")
+    p.add_argument("--prompt", default="The expert-parallel cluster says")
+    p.add_argument("--max-tokens", type=int, default=24)
+    server_options(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from .config import FULL, SLIDING, ModelConfig
 from .gemma4 import Gemma4Model
 from .loader import PREFIXES
+from .tokenizer_files import MIN_VOCAB, write_tokenizer
 
 
 def _config(vocab, hidden, layers, heads, kv, head_dim, full_kv, full_head_dim, window, dense, experts, top_k,
@@ -79,7 +80,8 @@ def _random_tensor(name: str, shape, cfg: ModelConfig, gen: torch.Generator) -> 
 def write_checkpoint(cfg: ModelConfig, out: str | Path, seed: int = 0, layout: str | None = None,
                      dtype=torch.bfloat16, shard_bytes: int = 2 << 30, weights: bool = True,
                      progress: bool = False) -> Path:
-    """Write config.json and random safetensors (sharded with an index above ``shard_bytes``)."""
+    """Write config.json, random safetensors (sharded with an index above ``shard_bytes``) and, for vocabularies
+    of 363..32768 ids, the built-in tokenizer (tokenizer_files.py)."""
     layout = layout or cfg.layout
     if layout not in PREFIXES:
         raise ValueError(f"unknown layout {layout!r}: choose released or text-only")
@@ -89,6 +91,8 @@ def write_checkpoint(cfg: ModelConfig, out: str | Path, seed: int = 0, layout: s
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids),
          "pad_token_id": cfg.pad_token_id, "do_sample": False}, indent=2) + "\n")
+    if MIN_VOCAB <= cfg.vocab_size <= 32768:
+        write_tokenizer(out, cfg.vocab_size)
     if not weights:
         return out
     with torch.device("meta"):

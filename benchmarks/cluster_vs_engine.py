@@ -1,0 +1,111 @@
+"""The expert-parallel cluster (1 front-end + N shards, gloo on CPU) against the in-process engine, on the
+same checkpoint and workload; and the cluster with the dense-FFN overlap on and off.
+
+    python benchmarks/cluster_vs_engine.py [--preset bench] [--shards 2] [--requests 64] [--prompt 32] [--new 32]
+
+Reports output tokens/s, mean step time, and the time per step spent dispatching (count exchange, posting
+the rows) and waiting for the experts (payload and combine, after the dense FFN), and records them in
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # one machine: every Ray port on 127.0.0.1
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+import ray  # noqa: E402
+
+from common import checkpoint, fixed_prompts, git_revision, machine, write_section  # noqa: E402
+
+
+def run_engine(path, prompts, new):
+    from epserve.actors.engine.config import EngineConfig
+    from epserve.actors.engine.engine import LLMEngine
+    from epserve.actors.engine.sampling import SamplingParams
+    from epserve.actors.model.loader import load_model
+
+    engine = LLMEngine(load_model(path), EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096,
+                                                      enable_prefix_caching=False))
+    engine.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))
+    steps0, t0 = engine.num_steps, time.perf_counter()
+    outs = engine.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
+    elapsed = time.perf_counter() - t0
+    steps = engine.num_steps - steps0
+    return {"tok_s": sum(len(o.token_ids) for o in outs) / elapsed, "step_ms": 1000 * elapsed / steps}
+
+
+def run_cluster(path, prompts, new, shards, overlap):
+    from epserve.actors.engine.config import EngineConfig
+    from epserve.cluster.config import ClusterConfig
+    from epserve.cluster.launcher import Cluster
+
+    cfg = ClusterConfig(checkpoint=str(path), shards=shards, overlap_dense_ffn=overlap, frontend_threads=2,
+                        engine=EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096,
+                                            enable_prefix_caching=False))
+    with Cluster(cfg) as cluster:
+        cluster.generate(prompts[:2], {"max_tokens": 2, "ignore_eos": True})
+        before = cluster.stats()
+        t0 = time.perf_counter()
+        outs = cluster.generate(prompts, {"max_tokens": new, "ignore_eos": True})
+        elapsed = time.perf_counter() - t0
+        after = cluster.stats()
+    steps = after["steps"] - before["steps"]
+    per_step = lambda key: 1000 * (after["dispatch"][key] - before["dispatch"][key]) / steps  # noqa: E731
+    return {"tok_s": sum(len(o["token_ids"]) for o in outs) / elapsed,
+            "step_ms": 1000 * (after["step_seconds"] - before["step_seconds"]) / steps,
+            "dispatch_ms": per_step("dispatch_seconds"), "wait_ms": per_step("wait_seconds")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    path = checkpoint(args.preset)
+    from epserve.actors.model.config import ModelConfig
+
+    prompts = fixed_prompts(args.requests, args.prompt, ModelConfig.from_json(path).vocab_size)
+    ray.init(namespace="epserve", include_dashboard=False, log_to_driver=False)
+    results = {}
+    for name, run in [("engine", lambda: run_engine(path, prompts, args.new)),
+                      ("cluster", lambda: run_cluster(path, prompts, args.new, args.shards, True)),
+                      ("cluster, overlap off", lambda: run_cluster(path, prompts, args.new, args.shards, False))]:
+        print(f"{name} ...", flush=True)
+        results[name] = run()
+        print(results[name], flush=True)
+    ray.shutdown()
+    e, c, off = results["engine"], results["cluster"], results["cluster, overlap off"]
+    command = (f"python benchmarks/cluster_vs_engine.py --preset {args.preset} --shards {args.shards} "
+               f"--requests {args.requests} --prompt {args.prompt} --new {args.new}")
+    body = f"""
+Command: `{command}` (revision {git_revision()}; {machine()}).
+Workload: {args.requests} requests x {args.prompt} prompt tokens x {args.new} new tokens, greedy, ignore eos, fp32,
+`{args.preset}` preset; cluster = 1 front-end + {args.shards} expert shards (Ray actors, gloo all-to-all on one machine).
+
+| run | output tok/s | mean step | dispatch / step | wait for experts / step |
+|---|---|---|---|---|
+| in-process engine | {e['tok_s']:.1f} | {e['step_ms']:.0f} ms | | |
+| cluster, dense FFN overlapped | {c['tok_s']:.1f} | {c['step_ms']:.0f} ms | {c['dispatch_ms']:.1f} ms | {c['wait_ms']:.1f} ms |
+| cluster, overlap off | {off['tok_s']:.1f} | {off['step_ms']:.0f} ms | {off['dispatch_ms']:.1f} ms | {off['wait_ms']:.1f} ms |
+
+Cluster / in-process throughput: {c['tok_s'] / e['tok_s']:.2f} (target >= 0.8). Overlap saves
+{off['step_ms'] - c['step_ms']:.0f} ms per step ({100 * (1 - c['step_ms'] / off['step_ms']):.0f}%). "Dispatch" is the count exchange and
+posting of the rows; "wait" is the time the front-end waits for the experts' payload and the combine after its
+dense FFN (with the overlap off, the dense FFN waits for the experts instead).
+"""
+    print(body)
+    if not args.no_write:
+        write_section("Expert-parallel cluster vs in-process engine", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,615 @@
+"""The OpenAI-compatible HTTP API: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
+
+``router`` is a FastAPI ``APIRouter``; its handlers find what they serve at ``request.app.state.epserve`` (an
+``OpenAIState``: the FrontendClient, the checkpoint's Tokenizer, the model name and limits). ``install(app,
+state)`` mounts it on an app; the Ray Serve ingress does the same in its replica.
+
+What is supported: a prompt as text, token ids, or a list of one of those; max_tokens (chat: also
+max_completion_tokens; default 16 for completions, the rest of the context for chat), temperature (default 1.0
+as in OpenAI), top_p, seed, stop strings (the text ends before the stop string; finish_reason "stop"),
+stream with stream_options.include_usage, logprobs of the chosen tokens (completions: ``logprobs`` 0 or 1,
+chat: ``logprobs: true`` with ``top_logprobs`` 0), n = 1, and vLLM's extensions top_k, min_tokens, ignore_eos,
+stop_token_ids, skip_special_tokens, add_special_tokens and return_token_ids (the choice gets ``token_ids``;
+always there when the model has no tokenizer). Fields that would change the result but are not implemented
+(penalties, logit_bias, echo, best_of, suffix, tools, JSON response formats) are refused with a 400 naming
+them; other unknown fields are ignored.
+
+Every request gets an id (``cmpl-...`` / ``chatcmpl-...``), used as the engine's request id, returned as the
+response's ``id`` and in the ``x-request-id`` header, and logged on the ``epserve.http`` logger (one line per
+request). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400
+``invalid_request_error`` for a bad request (``param`` names the field), 500 ``server_error`` when the engine
+fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from epserve.actors.engine.sampling import RequestError, SamplingParams
+
+from .tokenizer import ChatTemplateError, Tokenizer
+
+if TYPE_CHECKING:
+    from .frontend_client import FrontendClient
+
+logger = logging.getLogger("epserve.http")
+router = APIRouter()
+
+SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed accepts
+
+
+@dataclass
+class OpenAIState:
+    """What the handlers serve; set as ``app.state.epserve``."""
+
+    client: FrontendClient
+    tokenizer: Tokenizer | None
+    model_name: str
+    max_model_len: int
+    eos_token_ids: tuple[int, ...] = ()
+    vocab_size: int | None = None  # for early validation; the engine validates again
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    async def create(cls, client: FrontendClient, model_name: str, checkpoint: str | None = None,
+                     tokenizer: Tokenizer | None = None) -> OpenAIState:
+        """Fill in the limits from ``client.model_info()``; the tokenizer from ``checkpoint`` unless given."""
+        info = await client.model_info()
+        if tokenizer is None and checkpoint is not None:
+            tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        return cls(client, tokenizer, model_name, int(info["max_model_len"]), tuple(info["eos_token_ids"]),
+                   int(info["vocab_size"]))
+
+
+def install(app: FastAPI, state: OpenAIState) -> FastAPI:
+    """Mount the API on ``app`` and give it ``state``."""
+    app.include_router(router)
+    app.state.epserve = state
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 type: str = "invalid_request_error"):  # noqa: A002 - OpenAI's name
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self, request_id: str | None = None) -> JSONResponse:
+        headers = {"x-request-id": request_id} if request_id else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _engine_error(e: BaseException, prompt_param: str = "prompt") -> APIError:
+    """An exception from the engine as an API error: a RequestError (possibly inside a RayTaskError) is the
+    client's fault (400, param = its field); anything else is the server's (500)."""
+    cause = getattr(e, "cause", None)
+    err = cause if isinstance(cause, RequestError) else e if isinstance(e, RequestError) else None
+    if err is not None:
+        param = prompt_param if err.field == "prompt" else err.field
+        message = str(err)
+        if param != err.field and message.startswith("prompt:"):
+            message = f"{param} (prompt):" + message[len("prompt:"):]
+        return APIError(message, param)
+    return APIError(f"the engine failed: {type(e).__name__}: {cause or e}", status=500, type="server_error")
+
+
+# ---------------------------------------------------------------------------------------------------- fields
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(body: dict, name: str, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise APIError(f"{name} must be an integer, got {json.dumps(v)}", name)
+    return v
+
+
+def _float(body: dict, name: str, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool)) or not math.isfinite(v):
+        raise APIError(f"{name} must be a finite number, got {json.dumps(v)}", name)
+    return float(v)
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(f"{name} must be true or false, got {json.dumps(v)}", name)
+    return v
+
+
+def _stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise APIError("stop must be a string or a list of strings", "stop")
+    return [s for s in stop if s]
+
+
+def _refuse_unsupported(body: dict, chat: bool) -> None:
+    """Fields that would change the result but are not implemented: a 400 rather than a silent difference."""
+    if body.get("n") not in (None, 1):
+        raise APIError("n must be 1: one choice per request is supported", "n")
+    if body.get("best_of") not in (None, 1):
+        raise APIError("best_of must be 1", "best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise APIError(f"{name} is not supported (only 0)", name)
+    if body.get("repetition_penalty") not in (None, 1, 1.0):
+        raise APIError("repetition_penalty is not supported (only 1)", "repetition_penalty")
+    if body.get("logit_bias"):
+        raise APIError("logit_bias is not supported", "logit_bias")
+    if chat:
+        if body.get("tools"):
+            raise APIError("tools are not supported", "tools")
+        fmt = body.get("response_format")
+        if fmt not in (None, {}) and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise APIError("response_format: only {\"type\": \"text\"} is supported", "response_format")
+    else:
+        if body.get("echo"):
+            raise APIError("echo is not supported", "echo")
+        if body.get("suffix"):
+            raise APIError("suffix is not supported", "suffix")
+
+
+def _sampling(body: dict, state: OpenAIState, max_tokens: int, logprobs: bool) -> dict:
+    top_k = _int(body, "top_k", 0)
+    seed = _int(body, "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise APIError(f"seed must be in [-2**63, 2**64), got {seed}", "seed")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
+        raise APIError("stop_token_ids must be a list of token ids", "stop_token_ids")
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
+        top_k=0 if top_k == -1 else top_k,  # vLLM's -1 = off
+        seed=seed, stop_token_ids=list(stop_ids), ignore_eos=_bool(body, "ignore_eos"),
+        min_tokens=_int(body, "min_tokens", 0), logprobs=logprobs)
+    try:
+        params.validate(state.vocab_size if state.vocab_size is not None else 1 << 62)
+    except RequestError as e:
+        raise APIError(str(e), e.field) from None
+    return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
+            "top_p": params.top_p, "seed": params.seed, "stop_token_ids": params.stop_token_ids,
+            "ignore_eos": params.ignore_eos, "min_tokens": params.min_tokens, "logprobs": params.logprobs}
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+class _Output:
+    """One request's output: its tokens, the text decoded so far, and stop strings.
+
+    ``add(item)`` takes an engine step and returns the text that may be sent now: text that could still turn
+    out to be the start of a stop string is held back (at most the longest stop string less one character),
+    and the text ends before the first stop string found.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: list[str], skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.detok = tokenizer.detokenizer(skip_special_tokens) if tokenizer else None
+        self.stop = stop
+        self.hold = max(map(len, stop), default=1) - 1
+        self.text = ""  # decoded so far (may run past a stop string)
+        self.sent = 0  # characters of ``text`` released
+        self.token_ids: list[int] = []
+        self.logprobs: list[float | None] = []
+        self.offsets: list[int] = []  # where each token's text starts
+        self.finish_reason: str | None = None
+        self.done = False
+
+    def add(self, item: dict) -> tuple[str, int]:
+        """(the text to send, how many of the step's tokens it covers)."""
+        ids = item["new_token_ids"]
+        lps = item.get("new_logprobs") or [None] * len(ids)
+        for token, lp in zip(ids, lps):
+            self.offsets.append(len(self.text))
+            self.token_ids.append(token)
+            self.logprobs.append(lp)
+            if self.detok:
+                self.text += self.detok.step([token])
+        if item["finished"]:
+            if self.detok:
+                self.text += self.detok.flush()
+            self.finish_reason = item["finish_reason"]
+            self.done = True
+        return self._release(), len(ids)
+
+    def _release(self) -> str:
+        end = len(self.text) if self.done else max(self.sent, len(self.text) - self.hold)
+        if self.stop:
+            start = max(0, self.sent - self.hold)
+            hits = [p for p in (self.text.find(s, start) for s in self.stop) if p >= 0]
+            if hits:
+                end = max(self.sent, min(hits))
+                self.finish_reason, self.done = "stop", True
+        piece = self.text[self.sent:end]
+        self.sent = end
+        return piece
+
+    @property
+    def final_text(self) -> str:
+        return self.text[:self.sent]
+
+    def token_str(self, token: int) -> str:
+        return self.tokenizer.token_text(token) if self.tokenizer else f"token_id:{token}"
+
+    def token_bytes(self, token: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token)) if self.tokenizer else []
+
+    def completion_logprobs(self, start: int, end: int) -> dict:
+        return {"tokens": [self.token_str(t) for t in self.token_ids[start:end]],
+                "token_logprobs": self.logprobs[start:end], "top_logprobs": None,
+                "text_offset": self.offsets[start:end]}
+
+    def chat_logprobs(self, start: int, end: int) -> dict:
+        return {"content": [{"token": self.token_str(t), "logprob": lp, "bytes": self.token_bytes(t),
+                             "top_logprobs": []}
+                            for t, lp in zip(self.token_ids[start:end], self.logprobs[start:end])],
+                "refusal": None}
+
+
+@dataclass
+class _Job:
+    chat: bool
+    request_id: str
+    endpoint: str
+    model: str
+    prompt_ids: list[int]
+    params: dict
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    skip_special_tokens: bool
+    return_token_ids: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def usage(self, out: _Output) -> dict:
+        n = len(out.token_ids)
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": n,
+                "total_tokens": len(self.prompt_ids) + n}
+
+
+def _log(job_or_id, endpoint: str, status: int, prompt_tokens: int, output_tokens: int, finish_reason: str | None,
+         t0: float, error: str | None = None) -> None:
+    rid = job_or_id.request_id if isinstance(job_or_id, _Job) else job_or_id
+    logger.info("request_id=%s endpoint=%s status=%d prompt_tokens=%d output_tokens=%d finish_reason=%s "
+                "seconds=%.3f%s", rid, endpoint, status, prompt_tokens, output_tokens, finish_reason,
+                time.perf_counter() - t0, f" error={error!r}" if error else "")
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes the event generator when the response ends for any reason (a client that went away included),
+    shielded from the cancellation, so that the engine request is aborted at once."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.move_on_after(10, shield=True):
+                await self.body_iterator.aclose()
+
+
+# ---------------------------------------------------------------------------------------------------- handlers
+
+
+def _state(request: Request) -> OpenAIState:
+    state = getattr(request.app.state, "epserve", None)
+    if state is None:
+        raise APIError("the server is not set up (app.state.epserve is missing)", status=503, type="server_error")
+    return state
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    return body
+
+
+def _check_model(body: dict, state: OpenAIState) -> None:
+    model = body.get("model")
+    if model is not None and model != state.model_name:
+        raise APIError(f"the model {model!r} does not exist: this server serves {state.model_name!r}", "model",
+                       code="model_not_found")
+
+
+def _model_card(state: OpenAIState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "epserve",
+            "max_model_len": state.max_model_len}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    try:
+        state = _state(request)
+    except APIError as e:
+        return e.response()
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    try:
+        state = _state(request)
+        if model_id != state.model_name:
+            raise APIError(f"the model {model_id!r} does not exist: this server serves {state.model_name!r}",
+                           "model", status=404, code="model_not_found")
+    except APIError as e:
+        return e.response()
+    return _model_card(state)
+
+
+def _completion_prompt(body: dict, state: OpenAIState) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError("prompt is empty", "prompt")
+        if state.tokenizer is None:
+            raise APIError("this model has no tokenizer: send the prompt as a list of token ids", "prompt")
+        return state.tokenizer.encode(prompt, add_bos=_bool(body, "add_special_tokens", True))
+    if isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+        if not prompt:
+            raise APIError("prompt is empty", "prompt")
+        return list(prompt)
+    if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError("batched prompts are not supported: send one prompt per request", "prompt")
+    if prompt is None:
+        raise APIError("prompt is required", "prompt")
+    raise APIError("prompt must be a string, a list of token ids, or a list of one of those", "prompt")
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(f"messages[{i}] must be an object with a role", "messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        if role not in ("system", "user", "assistant"):
+            raise APIError(f"messages[{i}]: role {m['role']!r} is not supported (system, user, assistant)",
+                           "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise APIError(f"messages[{i}]: only text content parts are supported", "messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise APIError(f"messages[{i}].content must be a string or a list of text parts", "messages")
+        out.append({"role": role, "content": content})
+    return out
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _handle(request, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _handle(request, chat=True)
+
+
+async def _handle(request: Request, chat: bool) -> Response:
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    endpoint = request.url.path
+    t0 = time.perf_counter()
+    prompt_tokens = 0
+    try:
+        state = _state(request)
+        body = await _json_body(request)
+        _check_model(body, state)
+        _refuse_unsupported(body, chat)
+        stream = _bool(body, "stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise APIError("stream_options must be an object", "stream_options")
+        include_usage = stream and bool(opts.get("include_usage"))
+        tok = state.tokenizer
+        if chat:
+            if tok is None or not tok.has_chat_template:
+                raise APIError(f"the model {state.model_name!r} has no chat template: use /v1/completions",
+                               "messages", code="chat_template_missing")
+            try:
+                text = tok.apply_chat_template(_chat_messages(body), add_generation_prompt=True)
+            except ChatTemplateError as e:
+                raise APIError(f"messages: {e}", "messages") from None
+            prompt_ids = tok.encode(text, add_bos=False)  # the template writes <bos>
+            logprobs = _bool(body, "logprobs")
+            if _int(body, "top_logprobs", 0):
+                raise APIError("top_logprobs is not supported (only the chosen tokens' logprobs)", "top_logprobs")
+            max_tokens = _int(body, "max_completion_tokens")
+            name = "max_completion_tokens"
+            if max_tokens is None:
+                max_tokens, name = _int(body, "max_tokens"), "max_tokens"
+            if max_tokens is None:
+                max_tokens = state.max_model_len - len(prompt_ids)
+                if max_tokens < 1:
+                    raise APIError(f"messages: the conversation ({len(prompt_ids)} tokens) fills the context "
+                                   f"length {state.max_model_len}", "messages")
+            elif max_tokens < 1:
+                raise APIError(f"{name} must be an integer >= 1, got {max_tokens}", name)
+        else:
+            prompt_ids = _completion_prompt(body, state)
+            lp = _int(body, "logprobs")
+            if lp is not None and lp not in (0, 1):
+                raise APIError("logprobs must be 0 or 1: only the chosen tokens' logprobs are available", "logprobs")
+            logprobs = lp is not None
+            max_tokens = _int(body, "max_tokens", 16)
+        prompt_tokens = len(prompt_ids)
+        job = _Job(chat, request_id, endpoint, state.model_name, prompt_ids,
+                   _sampling(body, state, max_tokens, logprobs), _stop_strings(body), stream, include_usage,
+                   logprobs, _bool(body, "skip_special_tokens", True),
+                   _bool(body, "return_token_ids") or tok is None, t0=t0)
+        out = _Output(tok, job.stop, job.skip_special_tokens)
+        agen = state.client.stream(job.prompt_ids, job.params, request_id)
+        try:
+            first = await agen.__anext__()  # the engine validates the request when it is added
+        except StopAsyncIteration:
+            raise APIError("the engine ended the request without output", status=500, type="server_error") from None
+        except Exception as e:  # noqa: BLE001 - a refused request, or an engine failure
+            await agen.aclose()
+            raise _engine_error(e, "messages" if chat else "prompt") from None
+    except APIError as e:
+        _log(request_id, endpoint, e.status, prompt_tokens, 0, "error", t0, e.message)
+        return e.response(request_id)
+    headers = {"x-request-id": request_id}
+    if stream:
+        return _SSEResponse(_events(job, out, agen, first), media_type="text/event-stream",
+                            headers={**headers, "cache-control": "no-cache"})
+    return await _complete(request, job, out, agen, first, headers)
+
+
+async def _complete(request: Request, job: _Job, out: _Output, agen: AsyncIterator[dict], first: dict,
+                    headers: dict) -> Response:
+    status, error = 200, None
+    try:
+        out.add(first)
+        n = 0
+        while not out.done:
+            item = await agen.__anext__()
+            out.add(item)
+            n += 1
+            if n % 8 == 0 and await request.is_disconnected():
+                status, error = 499, "the client went away"
+                return Response(status_code=499)
+    except StopAsyncIteration:
+        pass
+    except Exception as e:  # noqa: BLE001 - the engine failed mid-request
+        err = _engine_error(e)
+        status, error = err.status, err.message
+        return err.response(job.request_id)
+    finally:
+        await agen.aclose()  # leaves the stream early on a stop string: the engine request is aborted
+        _log(job, job.endpoint, status, len(job.prompt_ids), len(out.token_ids),
+             out.finish_reason if status == 200 else "abort", job.t0, error)
+    choice: dict[str, Any] = {"index": 0}
+    if job.chat:
+        choice["message"] = {"role": "assistant", "content": out.final_text, "refusal": None}
+        choice["logprobs"] = out.chat_logprobs(0, len(out.token_ids)) if job.logprobs else None
+    else:
+        choice["text"] = out.final_text
+        choice["logprobs"] = out.completion_logprobs(0, len(out.token_ids)) if job.logprobs else None
+    choice["finish_reason"] = out.finish_reason
+    if job.return_token_ids:
+        choice["token_ids"] = list(out.token_ids)
+    body = {"id": job.request_id, "object": job.object, "created": job.created, "model": job.model,
+            "choices": [choice], "usage": job.usage(out)}
+    if job.chat:
+        body["system_fingerprint"] = None
+    return JSONResponse(body, headers=headers)
+
+
+async def _events(job: _Job, out: _Output, agen: AsyncIterator[dict], first: dict) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request, ending with ``data: [DONE]``."""
+    obj = "chat.completion.chunk" if job.chat else "text_completion"
+    status, error = 200, None
+
+    def chunk(choices: list[dict], usage: Any = None) -> str:
+        c = {"id": job.request_id, "object": obj, "created": job.created, "model": job.model, "choices": choices}
+        if job.chat:
+            c["system_fingerprint"] = None
+        if job.include_usage:
+            c["usage"] = usage
+        return _sse(c)
+
+    def choice(text: str, start: int, end: int, finish: str | None) -> dict:
+        c: dict[str, Any] = {"index": 0}
+        if job.chat:
+            c["delta"] = {"content": text} if text else {}
+            c["logprobs"] = out.chat_logprobs(start, end) if job.logprobs and end > start else None
+        else:
+            c["text"] = text
+            c["logprobs"] = out.completion_logprobs(start, end) if job.logprobs and end > start else None
+        c["finish_reason"] = finish
+        if job.return_token_ids:
+            c["token_ids"] = out.token_ids[start:end]
+        return c
+
+    try:
+        if job.chat:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        item = first
+        while True:
+            start = len(out.token_ids)
+            text, _ = out.add(item)
+            end = len(out.token_ids)
+            if out.done and job.chat:
+                if text or (job.logprobs and end > start):
+                    yield chunk([choice(text, start, end, None)])
+                yield chunk([choice("", end, end, out.finish_reason)])
+            elif out.done:
+                yield chunk([choice(text, start, end, out.finish_reason)])
+            elif text or (job.logprobs and end > start) or (job.return_token_ids and end > start):
+                yield chunk([choice(text, start, end, None)])
+            if out.done:
+                break
+            try:
+                item = await agen.__anext__()
+            except StopAsyncIteration:
+                break
+        if job.include_usage:
+            yield chunk([], job.usage(out))
+    except Exception as e:  # noqa: BLE001 - the engine failed mid-stream: say so in the stream
+        err = _engine_error(e)
+        status, error = err.status, err.message
+        yield _sse(err.body())
+    finally:
+        with anyio.move_on_after(10, shield=True):
+            await agen.aclose()  # a stop string or a client that went away: the engine request is aborted
+        reason = out.finish_reason if out.done else ("error" if error else "abort")
+        _log(job, job.endpoint, status if out.done or error else 499, len(job.prompt_ids), len(out.token_ids),
+             reason, job.t0, error or (None if out.done else "the client went away"))
+    yield "data: [DONE]\n\n"
