@@ -55,15 +55,17 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the cluster is starting or recovering; retry")
         rid = request.request_id or new_request_id()
         prompt = await self._prompt(request, context)
-        detok = self.state.tokenizer.incremental() if self.state.tokenizer is not None else None
+        detok = self.state.tokenizer.detokenizer() if self.state.tokenizer is not None else None
         t0, n_out, reason = time.monotonic(), 0, None
         try:
             async for item in self.state.client.stream(prompt, sampling_dict(request.sampling), rid):
                 n_out = item["num_output_tokens"]
                 reason = item["finish_reason"]
+                text = detok.step(item["new_token_ids"]) if detok else ""
+                if detok and item["finished"]:
+                    text += detok.flush()
                 msg = pb.GenerateResponse(request_id=rid, token_ids=item["new_token_ids"],
-                                          logprobs=item["new_logprobs"] or [],
-                                          text=detok.add(item["new_token_ids"]) if detok else "")
+                                          logprobs=item["new_logprobs"] or [], text=text)
                 if item["finished"]:
                     msg.finish_reason = FINISH.get(reason, pb.FINISH_REASON_UNSPECIFIED)
                     msg.usage.prompt_tokens = item["num_prompt_tokens"]

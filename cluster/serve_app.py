@@ -127,7 +127,7 @@ class LocalServer:
             self._started_ray = self.address is None
         serve.start(http_options={"host": self.http_host, "port": self.http_port})
         serve.run(build_app(self.settings), name="epserve", route_prefix="/", blocking=False)
-        wait_serving(self.grpc_target, timeout_s)
+        self.health_seen = wait_serving(self.grpc_target, timeout_s)
         return self
 
     def shutdown(self) -> None:
@@ -147,21 +147,24 @@ class LocalServer:
         self.shutdown()
 
 
-def wait_serving(target: str, timeout_s: float) -> None:
-    """Poll the standard gRPC health service until SERVING (raises TimeoutError)."""
+def wait_serving(target: str, timeout_s: float) -> list[str]:
+    """Poll the standard gRPC health service until SERVING (raises TimeoutError); returns the statuses seen."""
     import time
 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + timeout_s
+    deadline, seen = time.monotonic() + timeout_s, []
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                if not seen or seen[-1] != name:
+                    seen.append(name)
                 if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                    return seen
             except grpc.RpcError:
                 pass  # not listening yet
             time.sleep(0.5)

@@ -10,7 +10,10 @@ class RequestError(ValueError):
 
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+        self.field, self.message = field_name, message
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its field intact
+        return type(self), (self.field, self.message)
 
 
 @dataclass

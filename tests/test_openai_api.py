@@ -1,0 +1,380 @@
+"""The OpenAI-compatible HTTP API, end to end with real components: the tiny checkpoint (with its built-in
+tokenizer), an in-process Frontend (no Ray), the router on a FastAPI app served by uvicorn on 127.0.0.1, driven
+by the official ``openai`` client (and plain HTTP for the error cases). Every output is checked against the
+engine's own greedy tokens, decoded with the tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from epserve.actors.engine.config import EngineConfig
+from epserve.actors.engine.engine import LLMEngine
+from epserve.actors.engine.sampling import SamplingParams
+from epserve.actors.frontend import Frontend
+from epserve.cluster.frontend_client import FrontendClient
+from epserve.cluster.openai_api import OpenAIState, install
+from epserve.cluster.tokenizer import Tokenizer
+
+MODEL = "epserve-tiny"
+# prefix caching off: every request is computed from scratch, exactly as the reference engine computes it
+ENGINE = dict(max_model_len=512, kv_cache_bytes=32 << 20, enable_prefix_caching=False)
+PROMPT = "The quick brown fox jumps over the lazy dog."
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about foxes."}]
+CHAT_EOS = [{"role": "user", "content": "words here to vary"}]  # greedy output ends with <end_of_turn> early
+
+
+class Server:
+    def __init__(self, checkpoint):
+        self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        self.frontend = Frontend(str(checkpoint), 0, ENGINE)
+        info = self.frontend.model_info()
+        self.state = OpenAIState(FrontendClient(self.frontend), self.tokenizer, MODEL, info["max_model_len"],
+                                 tuple(info["eos_token_ids"]), info["vocab_size"])
+
+        @asynccontextmanager
+        async def lifespan(app):
+            await self.frontend.start()  # in the server's event loop
+            yield
+            await self.frontend.stop()
+
+        self.app = install(FastAPI(lifespan=lifespan), self.state)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self):
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def post(self, path: str, body) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    s = Server(tiny_dir)
+    yield s
+    s.stop()
+    assert not s.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """The engine's own output for a prompt: (token ids, finish reason, logprobs)."""
+    engine = LLMEngine(tiny_model, EngineConfig(**ENGINE))
+
+    def run(prompt_ids, **params):
+        (c,) = engine.generate([prompt_ids], SamplingParams(temperature=0.0, **params))
+        return c.token_ids, c.finish_reason, c.logprobs
+
+    return run
+
+
+@pytest.fixture
+def http_log(caplog):
+    caplog.set_level(logging.INFO, logger="epserve.http")
+    return caplog
+
+
+def _log_line(caplog, request_id: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [r.getMessage() for r in caplog.records if r.name == "epserve.http" and request_id in r.getMessage()]
+        if lines:
+            assert len(lines) == 1
+            return lines[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no log line for {request_id}")
+
+
+def _wait_idle(server, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.frontend.engine.requests or server.frontend.engine.has_unfinished():
+        assert time.monotonic() < deadline, "the engine still runs the request"
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------------------------- completions
+
+
+def test_models(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("other")
+
+
+def test_completion_matches_the_engine(server, reference, http_log):
+    ids = server.tokenizer.encode(PROMPT)
+    ref, reason, _ = reference(ids, max_tokens=20, ignore_eos=True)
+    r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == MODEL
+    (choice,) = r.choices
+    assert choice.text == server.tokenizer.decode(ref) and choice.finish_reason == reason == "length"
+    assert choice.token_ids == ref
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 20, len(ids) + 20)
+    line = _log_line(http_log, r.id)
+    assert f"prompt_tokens={len(ids)} output_tokens=20 finish_reason=length" in line and "status=200" in line
+    # the same prompt as token ids, and as a list of one prompt
+    for prompt in (ids, [ids], [PROMPT]):
+        again = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                                 extra_body={"ignore_eos": True})
+        assert again.choices[0].text == choice.text and again.id != r.id
+
+
+def test_streamed_completion_with_usage(server, reference):
+    ids = server.tokenizer.encode(PROMPT)
+    ref, _, _ = reference(ids, max_tokens=16, ignore_eos=True)
+    chunks = list(server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True},
+                                                   extra_body={"ignore_eos": True}))
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    *text_chunks, usage_chunk = chunks
+    assert "".join(c.choices[0].text for c in text_chunks) == server.tokenizer.decode(ref)
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1]) and len(text_chunks) > 3
+    assert all(c.usage is None for c in text_chunks)
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 16
+    assert usage_chunk.usage.prompt_tokens == len(ids)
+
+
+def test_server_sent_events_format(server):
+    """OpenAI's wire format: ``data: {json}`` events separated by blank lines, ending with ``data: [DONE]``."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 5,
+                                                        "temperature": 0, "stream": True, "ignore_eos": True}),
+                 {"content-type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+    raw = r.read().decode()
+    conn.close()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = raw.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    bodies = [json.loads(e[6:]) for e in events[:-1]]
+    assert {b["id"] for b in bodies} == {r.getheader("x-request-id")}
+    assert all(b["object"] == "text_completion" and set(b["choices"][0]) == {"index", "text", "logprobs",
+                                                                              "finish_reason"} for b in bodies)
+
+
+def _spanning_stop(pieces: list[str]) -> tuple[str, int]:
+    """A 4-character stop string that starts in one streamed piece and ends in the next, first found at k."""
+    text, end = "".join(pieces), 0
+    for piece in pieces[:-1]:
+        end += len(piece)
+        if end >= 3 and len(text) >= end + 2:
+            stop = text[end - 2:end + 2]
+            if text.find(stop) == end - 2 and "\ufffd" not in stop:
+                return stop, end - 2
+    pytest.fail("no stop string candidate: pick another prompt")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_the_text_and_ends_the_request(server, reference, stream, http_log):
+    ids = server.tokenizer.encode(PROMPT)
+    ref, _, _ = reference(ids, max_tokens=24, ignore_eos=True)
+    d = server.tokenizer.detokenizer()
+    pieces = [d.step([t]) for t in ref]
+    stop, k = _spanning_stop(pieces)
+    text = server.tokenizer.decode(ref)
+    # the engine stops at the token whose text completes the stop string
+    needed = next(i + 1 for i in range(len(pieces)) if len("".join(pieces[:i + 1])) >= k + len(stop))
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=["never there", stop],
+                extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(server.client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        rid = chunks[0].id
+        assert "".join(c.choices[0].text for c in chunks[:-1]) == text[:k]
+        assert chunks[-2].choices[0].finish_reason == "stop"
+        assert chunks[-1].usage.completion_tokens == needed
+    else:
+        r = server.client.completions.create(**args)
+        rid = r.id
+        assert r.choices[0].text == text[:k] and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == needed
+    assert needed < 24
+    assert f"output_tokens={needed} finish_reason=stop" in _log_line(http_log, rid)
+    _wait_idle(server)  # the request was aborted in the engine
+
+
+def test_logprobs(server, reference):
+    ids = server.tokenizer.encode(PROMPT)
+    ref, _, ref_lp = reference(ids, max_tokens=8, ignore_eos=True, logprobs=True)
+    r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1,
+                                         extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [server.tokenizer.token_text(t) for t in ref]
+    assert lp.token_logprobs == pytest.approx(ref_lp, abs=1e-4)
+    assert all(v <= 0 for v in lp.token_logprobs) and len(lp.text_offset) == 8
+    chunks = list(server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                                   logprobs=0, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(ref_lp, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+def _chat_ids(server, messages):
+    return server.tokenizer.encode(server.tokenizer.apply_chat_template(messages), add_bos=False)
+
+
+def test_chat_completion_matches_the_engine(server, reference):
+    ids = _chat_ids(server, CHAT)
+    ref, reason, ref_lp = reference(ids, max_tokens=12, logprobs=True)
+    r = server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0,
+                                              logprobs=True)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == server.tokenizer.decode(ref)
+    assert choice.finish_reason == reason and r.usage.prompt_tokens == len(ids)
+    assert [c.logprob for c in choice.logprobs.content] == pytest.approx(ref_lp, abs=1e-4)
+    assert [bytes(c.bytes) for c in choice.logprobs.content] == [server.tokenizer.token_bytes(t) for t in ref]
+    # streamed: a role chunk, content deltas, a finish chunk with an empty delta, then usage
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=12,
+                                                        temperature=0, stream=True,
+                                                        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == choice.message.content
+    assert chunks[-2].choices[0].finish_reason == reason and chunks[-2].choices[0].delta.content is None
+    assert chunks[-1].usage.completion_tokens == len(ref) and chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_chat_eos_ignore_eos_and_min_tokens(server, reference):
+    ids = _chat_ids(server, CHAT_EOS)
+    ref, reason, _ = reference(ids, max_tokens=40)
+    assert reason == "stop" and ref[-1] in (1, 106) and len(ref) < 30, "pick another prompt that ends early"
+    r = server.client.chat.completions.create(model=MODEL, messages=CHAT_EOS, max_tokens=40, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == len(ref)
+    assert r.choices[0].message.content == server.tokenizer.decode(ref)  # the end token is not text
+    for extra, max_tokens in (({"ignore_eos": True}, 30), ({"min_tokens": len(ref) + 2}, len(ref) + 4)):
+        ref2, reason2, _ = reference(ids, max_tokens=max_tokens, **extra)
+        r = server.client.chat.completions.create(model=MODEL, messages=CHAT_EOS, max_tokens=max_tokens,
+                                                  temperature=0, extra_body=extra)
+        assert r.choices[0].message.content == server.tokenizer.decode(ref2), extra
+        assert r.choices[0].finish_reason == reason2 and r.usage.completion_tokens == len(ref2) > len(ref)
+
+
+def test_chat_stop_string_streamed(server, reference):
+    ids = _chat_ids(server, CHAT)
+    ref, _, _ = reference(ids, max_tokens=16, ignore_eos=True)
+    d = server.tokenizer.detokenizer()
+    stop, k = _spanning_stop([d.step([t]) for t in ref])
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0,
+                                                        stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == server.tokenizer.decode(ref)[:k]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_without_a_chat_template_or_tokenizer(server, reference):
+    state = server.state
+    try:
+        server.app.state.epserve = dataclasses.replace(state, tokenizer=None)
+        status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": CHAT})
+        assert status == 400 and "no chat template" in body["error"]["message"]
+        status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "hello"})
+        assert status == 400 and "token ids" in body["error"]["message"] and body["error"]["param"] == "prompt"
+        ids = server.tokenizer.encode(PROMPT)
+        ref, _, _ = reference(ids, max_tokens=6, ignore_eos=True)
+        status, body = server.post("/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 6,
+                                                       "temperature": 0, "ignore_eos": True})
+        assert status == 200 and body["choices"][0]["token_ids"] == ref and body["choices"][0]["text"] == ""
+    finally:
+        server.app.state.epserve = state
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    ("/v1/completions", {"prompt": ""}, "prompt", "empty"),
+    ("/v1/completions", {"prompt": []}, "prompt", "empty"),
+    ("/v1/completions", {"prompt": [5, 99999]}, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [5] * 600}, "prompt", "context length 512"),
+    ("/v1/completions", {"prompt": [5] * 500, "max_tokens": 100}, "max_tokens", "context length 512"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, "max_tokens", "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -0.5}, "temperature", "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, "model", "gpt-4"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, "n", "n must be 1"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ("/v1/completions", {"prompt": {"x": 1}}, "prompt", "prompt must be"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "hi", "stop": 3}, "stop", "stop"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 50, "max_tokens": 5}, "min_tokens", "min_tokens"),
+    ("/v1/chat/completions", {"messages": []}, "messages", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 2}, "messages", "alternate"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "a"}]}, "messages", "tool"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, "messages", "context"),
+])
+def test_bad_requests_are_400_in_openai_shape(server, path, body, param, words, http_log):
+    status, resp = server.post(path, {"model": MODEL, **body} if "model" not in body else body)
+    assert status == 400, resp
+    err = resp["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and words in err["message"], err
+    assert any("status=400" in r.getMessage() and "finish_reason=error" in r.getMessage() for r in http_log.records)
+
+
+def test_malformed_json_and_the_openai_client_errors(server):
+    status, resp = server.post("/v1/completions", b'{"model": "x", "prompt": ')
+    assert status == 400 and "not valid JSON" in resp["error"]["message"]
+    status, resp = server.post("/v1/chat/completions", b"[1, 2]")
+    assert status == 400 and "JSON object" in resp["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="nope", prompt="hi")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        server.client.chat.completions.create(model=MODEL, messages=CHAT, top_p=2.0, stream=True)
+
+
+def test_client_disconnect_mid_stream_aborts_the_request(server, http_log):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 480,
+                                                        "temperature": 0, "stream": True, "ignore_eos": True}),
+                 {"content-type": "application/json"})
+    r = conn.getresponse()
+    rid = r.getheader("x-request-id")
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    line = _log_line(http_log, rid)  # 480 tokens would take several seconds; the abort comes at once
+    assert "finish_reason=abort" in line and "status=499" in line
+    assert int(line.split("output_tokens=")[1].split()[0]) < 480
+    _wait_idle(server)
+    assert server.frontend.engine.kv_usage == 0.0
