@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/epserve generate --prompt-ids 2,17,300,42 --prompt-ids 5,6,7 --max-tokens 16 --json
+	$(BIN)/epserve demo
 
 test: setup
 	$(BIN)/python -m pytest -q

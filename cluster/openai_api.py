@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
 
 ``router`` is a FastAPI ``APIRouter``; its handlers find what they serve at ``request.app.state.epserve`` (an
-``OpenAIState``: the FrontendClient, the checkpoint's Tokenizer, the model name and limits). ``install(app,
-state)`` mounts it on an app; the Ray Serve ingress does the same in its replica.
+``OpenAIState``: the FrontendClient, the checkpoint's Tokenizer, the model name and limits; or an object with
+the same names and the limits in an ``info`` dict, like serving.py's ServingState, whose ``client`` is None
+while the cluster starts: 503). ``install(app, state)`` mounts it on an app; the Ray Serve ingress does the
+same in its replica.
 
 What is supported: a prompt as text, token ids, or a list of one of those; max_tokens (chat: also
 max_completion_tokens; default 16 for completions, the rest of the context for chat), temperature (default 1.0
@@ -23,6 +25,7 @@ fails.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -52,10 +55,10 @@ SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed accepts
 class OpenAIState:
     """What the handlers serve; set as ``app.state.epserve``."""
 
-    client: FrontendClient
+    client: FrontendClient | None
     tokenizer: Tokenizer | None
     model_name: str
-    max_model_len: int
+    max_model_len: int | None
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int | None = None  # for early validation; the engine validates again
     created: int = field(default_factory=lambda: int(time.time()))
@@ -72,8 +75,9 @@ class OpenAIState:
 
 
 def install(app: FastAPI, state: OpenAIState) -> FastAPI:
-    """Mount the API on ``app`` and give it ``state``."""
-    app.include_router(router)
+    """Mount the API on ``app`` (once) and give it ``state``."""
+    if not any(getattr(r, "endpoint", None) is completions for r in app.router.routes):
+        app.include_router(router)
     app.state.epserve = state
     return app
 
@@ -333,10 +337,30 @@ class _SSEResponse(StreamingResponse):
 # ---------------------------------------------------------------------------------------------------- handlers
 
 
-def _state(request: Request) -> OpenAIState:
+_STARTED = int(time.time())
+
+
+def _state(request: Request, need_client: bool = True) -> OpenAIState:
+    """The served state as an OpenAIState. ``app.state.epserve`` may be an OpenAIState or any object with
+    ``model_name``, ``tokenizer``, ``client`` (None while the model loads: 503) and the limits either as
+    attributes or in an ``info`` dict (``FrontendClient.model_info()``), like cluster/serving.py's
+    ServingState."""
     state = getattr(request.app.state, "epserve", None)
     if state is None:
         raise APIError("the server is not set up (app.state.epserve is missing)", status=503, type="server_error")
+    if not isinstance(state, OpenAIState):
+        info = getattr(state, "info", None) or {}
+
+        def pick(name):
+            value = getattr(state, name, None)
+            return value if value is not None else info.get(name)
+
+        state = OpenAIState(getattr(state, "client", None), getattr(state, "tokenizer", None), state.model_name,
+                            pick("max_model_len"), tuple(pick("eos_token_ids") or ()), pick("vocab_size"),
+                            getattr(state, "created", _STARTED))
+    if state.client is None and need_client:
+        raise APIError("the model is still loading: try again shortly", status=503, type="server_error",
+                       code="model_not_ready")
     return state
 
 
@@ -366,7 +390,7 @@ def _model_card(state: OpenAIState) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request):
     try:
-        state = _state(request)
+        state = _state(request, need_client=False)
     except APIError as e:
         return e.response()
     return {"object": "list", "data": [_model_card(state)]}
@@ -375,7 +399,7 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
     try:
-        state = _state(request)
+        state = _state(request, need_client=False)
         if model_id != state.model_name:
             raise APIError(f"the model {model_id!r} does not exist: this server serves {state.model_name!r}",
                            "model", status=404, code="model_not_found")
@@ -474,7 +498,7 @@ async def _handle(request: Request, chat: bool) -> Response:
             if max_tokens is None:
                 max_tokens, name = _int(body, "max_tokens"), "max_tokens"
             if max_tokens is None:
-                max_tokens = state.max_model_len - len(prompt_ids)
+                max_tokens = (state.max_model_len or 1 << 62) - len(prompt_ids)
                 if max_tokens < 1:
                     raise APIError(f"messages: the conversation ({len(prompt_ids)} tokens) fills the context "
                                    f"length {state.max_model_len}", "messages")
@@ -496,6 +520,9 @@ async def _handle(request: Request, chat: bool) -> Response:
         agen = state.client.stream(job.prompt_ids, job.params, request_id)
         try:
             first = await agen.__anext__()  # the engine validates the request when it is added
+        except asyncio.CancelledError:  # the client went away (Serve cancels the request)
+            _log(request_id, endpoint, 499, prompt_tokens, 0, "abort", t0, "the client went away")
+            raise
         except StopAsyncIteration:
             raise APIError("the engine ended the request without output", status=500, type="server_error") from None
         except Exception as e:  # noqa: BLE001 - a refused request, or an engine failure
@@ -531,9 +558,12 @@ async def _complete(request: Request, job: _Job, out: _Output, agen: AsyncIterat
         status, error = err.status, err.message
         return err.response(job.request_id)
     finally:
-        await agen.aclose()  # leaves the stream early on a stop string: the engine request is aborted
+        with anyio.move_on_after(10, shield=True):
+            await agen.aclose()  # leaves the stream early on a stop string: the engine request is aborted
+        if not out.done and status == 200:  # cancelled: the client went away
+            status, error = 499, "the client went away"
         _log(job, job.endpoint, status, len(job.prompt_ids), len(out.token_ids),
-             out.finish_reason if status == 200 else "abort", job.t0, error)
+             out.finish_reason if out.done else "error" if status >= 500 else "abort", job.t0, error)
     choice: dict[str, Any] = {"index": 0}
     if job.chat:
         choice["message"] = {"role": "assistant", "content": out.final_text, "refusal": None}

@@ -14,18 +14,14 @@ from fastapi import FastAPI
 from ray import serve
 
 from .config import ClusterConfig
+from . import openai_api
 from .frontend_client import FrontendClient
 from .grpc_server import GrpcEndpoint
 from .serving import ServingState
 
 log = logging.getLogger("epserve.serve")
 app = FastAPI(title="epserve", description="Gemma 4 26B-A4B, expert-parallel on Ray")
-try:  # the OpenAI-compatible routes
-    from . import openai_api
-
-    openai_api_available = True
-except ImportError:  # pragma: no cover - while the module is absent
-    openai_api_available = False
+app.include_router(openai_api.router)  # before @serve.ingress, which freezes a copy of the app
 
 
 def _load_tokenizer(checkpoint: str):
@@ -51,9 +47,6 @@ class Ingress:
         checkpoint = self.cluster_config.checkpoint
         self.state = ServingState(model_name=settings.get("model_name") or ServingState.name_of(checkpoint),
                                   checkpoint=checkpoint, tokenizer=_load_tokenizer(checkpoint))
-        app.state.epserve = self.state
-        if openai_api_available:
-            openai_api.install(app, self.state)
         self.grpc = GrpcEndpoint(self.state, settings.get("grpc_host", "127.0.0.1"),
                                  int(settings.get("grpc_port", 50051)))
         await self.grpc.start()
@@ -69,6 +62,9 @@ class Ingress:
             self.cluster = await asyncio.to_thread(Cluster(self.cluster_config).start)
             client = FrontendClient(self.cluster.frontend)
             self.state.info = await client.model_info()
+            # the served app is Serve's copy of ``app`` (self.app); the OpenAI routes read their state there
+            self.app.state.epserve = await openai_api.OpenAIState.create(client, self.state.model_name,
+                                                                         tokenizer=self.state.tokenizer)
             self.state.client = client
             await self.grpc.set_serving(True)
             log.info("cluster ready: %d shard(s), model %s", self.cluster_config.shards, self.state.model_name)

@@ -56,7 +56,7 @@ class Tokenizer:
         self.eos_token = _token_content(self.config.get("eos_token", "<eos>"))
         self.bos_token_id = backend.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token else None
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
         kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
         self._byte_level = "ByteLevel" in kinds
         self._special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}

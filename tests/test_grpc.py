@@ -159,3 +159,26 @@ def test_text_in_text_out(stub, tiny_model, tiny_dir):
     assert [t for p in pieces for t in p.token_ids] == want
     assert "".join(p.text for p in pieces) == tok.decode(want)
     assert pieces[-1].usage.prompt_tokens == len(tok.encode(prompt))
+
+
+def test_openai_client_through_serve(server, tiny_model, tiny_dir):
+    """The OpenAI-compatible API as Serve's HTTP proxy serves it, driven by the official client."""
+    import openai
+
+    from epserve.cluster.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_checkpoint(tiny_dir)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", timeout=60,
+                           max_retries=0)
+    name = tiny_dir.name
+    assert [m.id for m in client.models.list().data] == [name]
+    prompt = "Experts of the cluster"
+    want = tok.decode(engine_greedy(tiny_model, [tok.encode(prompt)], 10)[0])
+    done = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert done.choices[0].text == want and done.usage.completion_tokens == 10
+    pieces = client.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == want
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="no-such-model", prompt=prompt, max_tokens=4)

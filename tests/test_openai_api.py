@@ -5,6 +5,7 @@ engine's own greedy tokens, decoded with the tokenizer."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http.client
 import json
@@ -127,7 +128,10 @@ def _wait_idle(server, timeout: float = 10.0) -> None:
 # --------------------------------------------------------------------------------------------- completions
 
 
-def test_models(server):
+def test_models(server, tiny_dir):
+    state = asyncio.run(OpenAIState.create(server.state.client, MODEL, checkpoint=str(tiny_dir)))
+    assert (state.max_model_len, state.vocab_size, state.eos_token_ids) == (512, 1024, (1, 106))
+    assert state.tokenizer.has_chat_template
     models = server.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert server.client.models.retrieve(MODEL).id == MODEL
@@ -315,6 +319,31 @@ def test_without_a_chat_template_or_tokenizer(server, reference):
         server.app.state.epserve = state
 
 
+def test_serving_state_duck_type(server):
+    """The Serve ingress sets serving.py's ServingState (limits in ``info``; no client while the cluster
+    starts), not an OpenAIState: the handlers read either."""
+    from epserve.cluster.serving import ServingState
+
+    state = server.state
+    loading = ServingState(model_name=MODEL, checkpoint="unused", tokenizer=server.tokenizer)
+    try:
+        server.app.state.epserve = loading
+        status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "hi"})
+        assert status == 503 and body["error"]["code"] == "model_not_ready"
+        assert [m.id for m in server.client.models.list().data] == [MODEL]
+        loading.client, loading.info = state.client, server.frontend.model_info()
+        r = server.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens <= 3
+        status, body = server.post("/v1/completions", {"model": MODEL, "prompt": [5] * 600})
+        assert status == 400 and "context length 512" in body["error"]["message"]
+        status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] <= 2
+    finally:
+        server.app.state.epserve = state
+    install(server.app, state)  # a second install does not mount the routes twice
+    assert sum(getattr(r, "path", None) == "/v1/completions" for r in server.app.router.routes) == 1
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 
@@ -322,6 +351,7 @@ def test_without_a_chat_template_or_tokenizer(server, reference):
     ("/v1/completions", {"prompt": ""}, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, "prompt", "empty"),
     ("/v1/completions", {"prompt": [5, 99999]}, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [5, 99999], "stream": True}, "prompt", "outside the vocabulary"),
     ("/v1/completions", {"prompt": [5] * 600}, "prompt", "context length 512"),
     ("/v1/completions", {"prompt": [5] * 500, "max_tokens": 100}, "max_tokens", "context length 512"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens"),

@@ -103,7 +103,8 @@ def plan_step(starts: list[int], lengths: list[int], tables: list[dict[str, list
     for kind, window in windows.items():
         table_t = [torch.tensor(t[kind], dtype=torch.long) for t in tables]
 
-        def slots(i, lo, hi):
+        def slots(i, lo, hi, table_t=table_t):
+            """Cache slots of request i's positions [lo, hi), and the positions."""
             p = torch.arange(lo, hi)
             return table_t[i][p // block_size] * block_size + p % block_size, p
 
