@@ -53,6 +53,7 @@ class DispatchStats:
     wait_seconds: float = 0.0  # waiting for the payload and the combine after the dense FFN
     tokens_per_shard: list[int] = field(default_factory=list)
     tokens_per_expert: list[int] = field(default_factory=list)
+    tokens_per_layer_shard: list[list[int]] = field(default_factory=list)  # [layer][shard] rows (balancedness)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class ExpertDispatcher:
         self.shard_of = shard_of.to(device)
         self.first_of_shard = torch.tensor([f for f, _ in self.ranges], device=device)
         self.stats = DispatchStats(tokens_per_shard=[0] * num_shards, tokens_per_expert=[0] * num_experts)
+        self.on_dispatch = self.on_combine = None  # metrics hooks: called with each layer's seconds
 
     def begin_step(self) -> None:
         broadcast_header(OP_STEP, self.device)
@@ -108,11 +110,17 @@ class ExpertDispatcher:
         s.rows += len(tokens)
         s.token_slots += T * K
         s.bytes_dispatched += len(tokens) * (self.hidden * x_TH.element_size() + 2 * K * 4)
+        while len(s.tokens_per_layer_shard) <= layer:
+            s.tokens_per_layer_shard.append([0] * self.num_shards)
         for i, n in enumerate(per_shard):
             s.tokens_per_shard[i] += n
+            s.tokens_per_layer_shard[layer][i] += n
         for e, n in enumerate(torch.bincount(ids_TK.reshape(-1), minlength=len(s.tokens_per_expert)).tolist()):
             s.tokens_per_expert[e] += n
-        s.dispatch_seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        s.dispatch_seconds += elapsed
+        if self.on_dispatch is not None:
+            self.on_dispatch(elapsed)
         pending = _Pending(tokens, rows, works, T, self.hidden)
         return pending if self.overlap else self._finish(pending)
 
@@ -128,12 +136,16 @@ class ExpertDispatcher:
                                p.rows_per_rank, [0] * len(p.rows_per_rank))
         out_TH = torch.zeros(p.T, p.H, dtype=torch.float32, device=self.device)
         out_TH.index_add_(0, p.tokens, partials)  # rows are grouped by shard: shards added in rank order
-        self.stats.wait_seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats.wait_seconds += elapsed
+        if self.on_combine is not None:
+            self.on_combine(elapsed)
         return out_TH
 
 
-def serve_layer(experts, hidden: int, top_k: int, dtype, device, world: int) -> int:
-    """The shard's side of one MoE layer's exchange; returns the rows it computed."""
+def serve_layer(experts, hidden: int, top_k: int, dtype, device, world: int, on_compute=None) -> int:
+    """The shard's side of one MoE layer's exchange; returns the rows it computed. ``on_compute`` (metrics)
+    is called with the seconds the grouped expert compute took."""
     counts = torch.empty(world, dtype=torch.int64, device=device)
     dist.all_to_all_single(counts, torch.zeros(world, dtype=torch.int64, device=device))
     recv = counts.tolist()
@@ -143,6 +155,9 @@ def serve_layer(experts, hidden: int, top_k: int, dtype, device, world: int) -> 
     dist.all_to_all_single(x, torch.empty(0, hidden, dtype=dtype, device=device), recv, zeros)
     dist.all_to_all_single(meta, torch.empty(0, 2 * top_k, dtype=torch.float32, device=device), recv, zeros)
     ids, weights = meta[:, :top_k].long(), meta[:, top_k:]
+    t0 = time.perf_counter()
     out = grouped_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj)
+    if on_compute is not None:
+        on_compute(time.perf_counter() - t0)
     dist.all_to_all_single(torch.empty(0, hidden, dtype=torch.float32, device=device), out, zeros, recv)
     return len(x)

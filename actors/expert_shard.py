@@ -9,6 +9,7 @@ import time
 import torch
 
 from . import dispatch, process_group
+from .metrics import ShardMetrics, report
 from .model.config import ModelConfig
 from .model.loader import load_experts
 
@@ -27,6 +28,7 @@ class ExpertShard:
         self.steps = 0
         self.error: str | None = None
         self._lock = threading.Lock()
+        self._metrics = ShardMetrics(shard)  # Prometheus; see actors/metrics.py
 
     def info(self) -> dict:
         """What this shard holds: its expert range and the bytes resident for it."""
@@ -50,8 +52,12 @@ class ExpertShard:
                     break
                 if op == dispatch.OP_STEP:
                     for experts in self.layers:
-                        self.rows_served += dispatch.serve_layer(experts, H, K, self.dtype, self.device, world)
+                        rows = dispatch.serve_layer(experts, H, K, self.dtype, self.device, world,
+                                                    self._metrics.compute.observe)
+                        self.rows_served += rows
+                        self._metrics.rows.inc(rows)
                     self.steps += 1
+                    self._metrics.steps.inc()
         except Exception as e:  # noqa: BLE001 - reported to the front-end and the driver
             self.error = f"{type(e).__name__}: {e}"
             raise
@@ -64,3 +70,8 @@ class ExpertShard:
 
     def ping(self) -> bool:
         return True
+
+    def metrics(self) -> dict:
+        """This actor's Prometheus metric families and health, for the ingress's scrape target."""
+        return report(self._metrics.registry, shard=self.shard, start_time=self._metrics.start_time,
+                      error=self.error)

@@ -22,6 +22,7 @@ from . import dispatch, process_group
 from .engine.config import EngineConfig
 from .engine.engine import LLMEngine
 from .engine.sampling import SamplingParams
+from .metrics import FrontendMetrics, report
 from .model.attention import WholeSequence
 from .model.loader import load_model
 
@@ -45,6 +46,7 @@ class Frontend:
         if isinstance(engine_config, dict):
             engine_config = EngineConfig(**engine_config)
         self.engine = LLMEngine(self.model, engine_config, experts=self.dispatcher)
+        self._metrics = FrontendMetrics(self.dispatcher, num_shards)  # Prometheus; see actors/metrics.py
         self.num_shards, self.heartbeat_s = num_shards, heartbeat_s
         self.checkpoint = checkpoint
         self._commands: queue.Queue = queue.Queue()
@@ -88,6 +90,7 @@ class Frontend:
         def add():  # registered in the engine thread, before any step can produce output for it
             rid = self.engine.add_request(prompt_ids, sp, request_id)
             self._streams[rid] = out_q
+            self._metrics.on_add(self.engine.requests[rid])
             return rid
 
         rid = await self._call(add)
@@ -102,7 +105,7 @@ class Frontend:
         finally:
             self._streams.pop(rid, None)
             if not finished and not self.error:  # the caller went away: free its blocks at once
-                self._post(lambda: self.engine.abort(rid))
+                self._post(lambda: self._abort(rid))
 
     async def generate(self, prompts: list[list[int]], params: dict | None = None) -> list[dict]:
         """Run prompts to completion as one continuous batch: [{token_ids, finish_reason}] in order."""
@@ -117,7 +120,13 @@ class Frontend:
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
     async def abort(self, request_id: str) -> bool:
-        return await self._call(lambda: self.engine.abort(request_id))
+        return await self._call(lambda: self._abort(request_id))
+
+    def _abort(self, request_id: str) -> bool:  # in the engine thread
+        aborted = self.engine.abort(request_id)
+        if aborted:
+            self._metrics.on_abort(request_id)
+        return aborted
 
     async def score(self, prompt_ids: list[int]) -> torch.Tensor:
         """fp32 logits [T, V] of a whole prompt through the cluster (no KV cache): for parity checks."""
@@ -150,6 +159,10 @@ class Frontend:
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    def metrics(self) -> dict:
+        """This actor's Prometheus metric families and health, for the ingress's scrape target."""
+        return report(self._metrics.registry, ready=self.ready(), error=self.error)
+
     # ---- the engine thread ------------------------------------------------------------------------------
     async def _call(self, fn):
         if self.error:
@@ -174,18 +187,23 @@ class Frontend:
                                      else last_header + self.heartbeat_s):
                 if self.engine.has_unfinished():
                     t0 = time.perf_counter()
-                    for out in self.engine.step():  # the model's begin_step sends the STEP header
+                    outputs = self.engine.step()  # the model's begin_step sends the STEP header
+                    elapsed = time.perf_counter() - t0
+                    self._metrics.on_step(elapsed, self.engine.last_step_tokens, outputs)
+                    for out in outputs:
                         self._deliver(out)
-                    self.step_seconds += time.perf_counter() - t0
+                    self.step_seconds += elapsed
                     last_header = time.monotonic()
                 elif time.monotonic() - last_header >= self.heartbeat_s:
                     if self.dispatcher:
                         dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
                     last_header = time.monotonic()
+                self._metrics.refresh(self.engine)
             if self.dispatcher:
                 dispatch.broadcast_header(dispatch.OP_STOP, self.device)
         except Exception as e:  # noqa: BLE001 - every waiting request learns why
             self.error = f"{type(e).__name__}: {e}"
+            self._metrics.on_engine_error()
             failure = EngineFailure(self.error)
             for q in list(self._streams.values()):
                 self._loop.call_soon_threadsafe(q.put_nowait, failure)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,11 +26,16 @@ def builtin_checkpoint(preset: str = "tiny", seed: int = 0) -> Path:
 
     root = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
     path = root / f"{preset}-seed{seed}"
+    if path.exists() and not (path / "tokenizer.json").exists():  # made by an older version: remake it
+        shutil.rmtree(path)
     if not (path / "config.json").exists():
         print(f"making the built-in '{preset}' checkpoint in {path} ...", file=sys.stderr, flush=True)
         tmp = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
         write_checkpoint(make_preset(preset), tmp, seed=seed)
-        tmp.rename(path)  # atomic: a half-written checkpoint is never picked up
+        try:
+            tmp.rename(path)  # atomic: a half-written checkpoint is never picked up
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -148,13 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="store_true", help="also write weights for the gemma-4-26b-a4b preset")
     p.set_defaults(func=cmd_make_checkpoint)
 
-    p = sub.add_parser("generate", help="generate from token ids in this process")
+    def sampling_options(p, max_tokens):
+        p.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids")
+        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--ignore-eos", action="store_true")
+
+    p = sub.add_parser("generate", help="generate from token ids (several --prompt-ids run as one batch)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
-    p.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated ids; repeat for more prompts")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ignore-eos", action="store_true")
+    sampling_options(p, 16)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--shards", type=int, default=0,
                    help="run through a cluster of N expert-shard actors (default 0: in this process)")
@@ -176,11 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("client", help="send a prompt over gRPC and stream the answer")
     p.add_argument("--address", default="127.0.0.1:50051", help="gRPC host:port")
     p.add_argument("--prompt", help="text (needs a model with a tokenizer)")
-    p.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ignore-eos", action="store_true")
+    sampling_options(p, 32)
     p.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")
     p.set_defaults(func=cmd_client)
 

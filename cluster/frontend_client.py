@@ -4,12 +4,16 @@ which one they talk to."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import AsyncIterator
 
 import ray
 
 from epserve.actors.frontend import Frontend
+
+
+_pending: set[asyncio.Task] = set()  # aborts in flight (kept referenced until done)
 
 
 def _cause(e: Exception) -> Exception:
@@ -51,11 +55,16 @@ class FrontendClient:
                     finished = item["finished"]
                     yield item
         finally:
-            if not finished:
-                try:
-                    await self.abort(request_id)
-                except Exception:  # noqa: BLE001 - the engine may be down; nothing left to free then
-                    pass
+            if not finished:  # not awaited: the caller's task may be being cancelled right now
+                task = asyncio.get_running_loop().create_task(self._abort_quietly(request_id))
+                _pending.add(task)
+                task.add_done_callback(_pending.discard)
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await self.abort(request_id)
+        except Exception:  # noqa: BLE001 - the engine may be down; nothing left to free then
+            pass
 
     async def abort(self, request_id: str) -> bool:
         return await self._call("abort", request_id)

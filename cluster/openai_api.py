@@ -76,8 +76,9 @@ class OpenAIState:
 
 def install(app: FastAPI, state: OpenAIState) -> FastAPI:
     """Mount the API on ``app`` (once) and give it ``state``."""
-    if not any(getattr(r, "endpoint", None) is completions for r in app.router.routes):
+    if not getattr(app, "_epserve_openai_routes", False):
         app.include_router(router)
+        app._epserve_openai_routes = True
     app.state.epserve = state
     return app
 

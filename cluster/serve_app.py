@@ -25,11 +25,19 @@ app.include_router(openai_api.router)  # before @serve.ingress, which freezes a 
 
 
 def _load_tokenizer(checkpoint: str):
-    try:
-        from .tokenizer import Tokenizer
-    except ImportError:  # pragma: no cover
-        return None
+    from .tokenizer import Tokenizer
+
     return Tokenizer.from_checkpoint(checkpoint)
+
+
+def _log_like_serve() -> None:
+    """epserve's loggers (one line per request, with its id) write where the replica's Serve logs go."""
+    ours, serves = logging.getLogger("epserve"), logging.getLogger("ray.serve")
+    ours.setLevel(logging.INFO)
+    for handler in serves.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.propagate = False
 
 
 # Everything the class uses must be defined above it: Serve serializes the class when it is decorated.
@@ -38,6 +46,7 @@ def _load_tokenizer(checkpoint: str):
 @serve.ingress(app)
 class Ingress:
     async def __init__(self, settings: dict | None = None):
+        _log_like_serve()
         settings = dict(settings or {})
         self.cluster_config = ClusterConfig.from_dict(settings.get("cluster", {}))
         if self.cluster_config.checkpoint is None:

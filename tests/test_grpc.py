@@ -182,3 +182,20 @@ def test_openai_client_through_serve(server, tiny_model, tiny_dir):
     assert "".join(p.choices[0].text for p in pieces if p.choices) == want
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="no-such-model", prompt=prompt, max_tokens=4)
+
+
+def test_request_id_is_in_the_response_and_the_server_log(stub):
+    from pathlib import Path
+    import time
+
+    rid = f"trace-{time.time_ns()}"
+    pieces = list(stub.Generate(request(prompt_ids=[5, 6], max_tokens=2, ignore_eos=True, request_id=rid),
+                                timeout=30))
+    assert {p.request_id for p in pieces} == {rid}
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(rid in f.read_text(errors="ignore") for f in logs.rglob("*.log") if f.is_file()):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"request id {rid} not found in the server's logs under {logs}")

@@ -50,6 +50,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self.last_step_tokens = 0  # tokens computed by the last step (metrics)
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -93,6 +94,7 @@ class LLMEngine:
     # ---- stepping ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.last_step_tokens = sum(batch.num_new)
         if not batch:
             return []
         logits, sampling = self.runner.run(batch)

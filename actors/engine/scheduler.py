@@ -5,6 +5,7 @@ prefix-cache hit), so the oldest requests always make progress and the engine ne
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -68,6 +69,8 @@ class Scheduler:
             self.blocks.append(seq, n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n

@@ -31,6 +31,7 @@ class Sequence:
         self.logprobs: list[float] = []
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None  # set by the scheduler (queue-time metric)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,131 @@
+"""One Prometheus scrape target for the whole cluster, served by the Serve ingress replica.
+
+Each actor keeps its own ``CollectorRegistry`` (``epserve.actors.metrics``) and answers ``metrics()`` with its
+collected metric families. ``ClusterCollector`` is a prometheus_client collector that, on every scrape, sends
+that call to the Frontend and every ExpertShard of the cluster at once (one Ray actor call each, bounded by
+``timeout_s``), merges the families by name and adds what only the ingress knows:
+
+* ``epserve:frontend_up``: the Frontend answered and its engine thread runs without error;
+* ``epserve:shard_up{shard}``: the shard answered and its collective loop has not failed;
+* ``epserve:shard_restarts_total{shard}``: new incarnations of a shard seen (its actor start time changed
+  between two scrapes: a Ray restart or a replacement by the cluster).
+
+``MetricsEndpoint`` owns that collector's registry. The ingress replica (``cluster/serve_app.py``) starts it:
+with ``metrics_port`` set (``epserve serve --metrics-port P``, ``metrics_port`` in ``deploy/serve.yaml``) it
+serves http://<metrics_host>:P/metrics from prometheus_client's own threaded HTTP server, and the same text
+is served at ``/metrics`` of the Serve HTTP app. Starting it in the replica rather than in the driver means
+``serve run deploy/serve.yaml`` exposes it too, and the target lives on the node of the ingress replica: one
+target per node that runs an ingress replica (with the one replica of today, one per cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import ray
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.registry import Collector
+
+from epserve.actors.metrics import counter, gauge, merge
+
+log = logging.getLogger("epserve.metrics")
+__all__ = ["CONTENT_TYPE_LATEST", "ClusterCollector", "MetricsEndpoint"]
+
+
+class ClusterCollector(Collector):
+    def __init__(self, timeout_s: float = 5.0):
+        self.cluster = None  # a launcher.Cluster once it is up
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # concurrent scrapes: one at a time (restart detection keeps state)
+        self._start_times: dict[int, float] = {}
+        self._restarts: dict[int, int] = {}
+
+    def collect(self):
+        with self._lock:
+            return self._collect()
+
+    def _collect(self) -> list:
+        cluster = self.cluster
+        frontend = getattr(cluster, "frontend", None)
+        shards = list(getattr(cluster, "shards", None) or []) if frontend is not None else []
+        reports = self._ask([frontend, *shards] if frontend is not None else [])
+        front, shard_reports = (reports[0], reports[1:]) if reports else (None, [])
+        up, restarts = {}, {}
+        for i, rep in enumerate(shard_reports):
+            up[(str(i),)] = 1.0 if rep is not None and rep.get("error") is None else 0.0
+            if rep is not None:
+                seen = self._start_times.get(i)
+                if seen is not None and rep["start_time"] != seen:
+                    self._restarts[i] = self._restarts.get(i, 0) + 1
+                self._start_times[i] = rep["start_time"]
+            restarts[(str(i),)] = self._restarts.get(i, 0)
+        own = [
+            gauge("frontend_up", "1 if the Frontend answered and its engine runs without error.",
+                  {(): 1.0 if front is not None and front.get("ready") else 0.0}, []),
+            gauge("shard_up", "1 if the expert shard answered and its collective loop has not failed.", up,
+                  ["shard"]),
+            counter("shard_restarts", "New incarnations of the shard's actor seen by the ingress.", restarts,
+                    ["shard"]),
+        ]
+        return merge([rep["families"] for rep in reports if rep is not None] + [own])
+
+    def _ask(self, actors: list) -> list[dict | None]:
+        """Every actor's ``metrics()`` report, asked at once; None for an actor that failed or was late."""
+        refs = []
+        for actor in actors:
+            try:
+                refs.append(actor.metrics.remote())
+            except Exception:  # noqa: BLE001 - a dead handle is a down actor
+                refs.append(None)
+        pending = [r for r in refs if r is not None]
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=self.timeout_s)
+        reports = []
+        for ref in refs:
+            try:
+                reports.append(ray.get(ref, timeout=0) if ref is not None else None)
+            except Exception as e:  # noqa: BLE001 - dead, restarting, or slower than timeout_s
+                log.debug("metrics call failed: %s", e)
+                reports.append(None)
+        return reports
+
+
+class MetricsEndpoint:
+    """The ingress replica's scrape target: ``start()`` serves http://host:port/metrics when a port is set
+    (0 picks a free one); ``render()`` is the same text for the Serve app's ``/metrics`` route."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 5.0):
+        self.collector = ClusterCollector(timeout_s)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self.host, self.port = host, port
+        self._server = None
+
+    @property
+    def cluster(self):
+        return self.collector.cluster
+
+    @cluster.setter
+    def cluster(self, cluster) -> None:
+        self.collector.cluster = cluster
+
+    def start(self) -> "MetricsEndpoint":
+        if self.port is not None and self._server is None:
+            self._server, _ = start_http_server(int(self.port), self.host, self.registry)
+            self.port = self._server.server_port
+            log.info("Prometheus metrics on %s", self.url)
+        return self
+
+    @property
+    def url(self) -> str | None:
+        return f"http://{self.host}:{self.port}/metrics" if self._server is not None else None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
