@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from epserve.actors.metrics import counter, gauge, merge
 
 log = logging.getLogger("epserve.metrics")
-__all__ = ["CONTENT_TYPE_LATEST", "ClusterCollector", "MetricsEndpoint"]
+__all__ = ["ClusterCollector", "MetricsEndpoint", "metrics_response"]
 
 
 class ClusterCollector(Collector):
@@ -129,3 +129,12 @@ class MetricsEndpoint:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+async def metrics_response(endpoint: MetricsEndpoint):
+    """The Serve app's ``/metrics`` route: the same text as the metrics port, rendered off the event loop."""
+    import asyncio
+
+    from fastapi.responses import Response
+
+    return Response(await asyncio.to_thread(endpoint.render), media_type=CONTENT_TYPE_LATEST)

@@ -17,6 +17,7 @@ from .config import ClusterConfig
 from . import openai_api
 from .frontend_client import FrontendClient
 from .grpc_server import GrpcEndpoint
+from .metrics import MetricsEndpoint, metrics_response
 from .serving import ServingState
 
 log = logging.getLogger("epserve.serve")
@@ -60,6 +61,9 @@ class Ingress:
                                  int(settings.get("grpc_port", 50051)))
         await self.grpc.start()
         log.info("gRPC endpoint on %s:%d (NOT_SERVING until the cluster is ready)", self.grpc.host, self.grpc.port)
+        # Prometheus: the whole cluster as one target (cluster/metrics.py); a port only when settings ask
+        self.metrics_endpoint = MetricsEndpoint(settings.get("metrics_host", "127.0.0.1"),
+                                                settings.get("metrics_port")).start()
         self.cluster = None
         self.error: str | None = None
         self._bringup = asyncio.get_running_loop().create_task(self._start_cluster())
@@ -69,6 +73,7 @@ class Ingress:
 
         try:
             self.cluster = await asyncio.to_thread(Cluster(self.cluster_config).start)
+            self.metrics_endpoint.cluster = self.cluster
             client = FrontendClient(self.cluster.frontend)
             self.state.info = await client.model_info()
             # the served app is Serve's copy of ``app`` (self.app); the OpenAI routes read their state there
@@ -94,10 +99,16 @@ class Ingress:
     async def stats(self) -> dict:
         return await self.state.client.stats() if self.state.ready else {}
 
+    @app.get("/metrics")
+    async def prometheus_metrics(self):
+        return await metrics_response(self.metrics_endpoint)
+
     def grpc_address(self) -> str:
         return f"{self.grpc.host}:{self.grpc.port}"
 
     async def __del__(self):
+        if getattr(self, "metrics_endpoint", None) is not None:
+            await asyncio.to_thread(self.metrics_endpoint.stop)
         if getattr(self, "grpc", None) is not None:
             await self.grpc.stop(1.0)
         if getattr(self, "cluster", None) is not None:
@@ -107,7 +118,7 @@ class Ingress:
 
 def build_app(args: dict | None = None):
     """Serve application builder (``import_path: epserve.cluster.serve_app:build_app``). ``args``: cluster
-    (ClusterConfig fields), grpc_host, grpc_port, model_name."""
+    (ClusterConfig fields), grpc_host, grpc_port, model_name, metrics_host, metrics_port (Prometheus)."""
     return Ingress.bind(dict(args or {}))
 
 
@@ -123,6 +134,11 @@ class LocalServer:
     @property
     def grpc_target(self) -> str:
         return f"{self.settings.get('grpc_host', '127.0.0.1')}:{self.settings.get('grpc_port', 50051)}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        port = self.settings.get("metrics_port")
+        return f"http://{self.settings.get('metrics_host', '127.0.0.1')}:{port}/metrics" if port else None
 
     def start(self, timeout_s: float = 900.0) -> "LocalServer":
         import ray

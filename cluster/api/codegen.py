@@ -1,8 +1,9 @@
 """Generates the Python modules of the gRPC API from proto/ (``python -m epserve.cluster.api.codegen``).
 
 The modules are committed, so that a plain install can import them; a test regenerates them and fails when
-the committed ones are stale. protoc writes ``from epserve.v1 import inference_pb2`` into the service
-module; it is rewritten to a relative import, since the modules live in ``epserve.cluster.api``.
+the committed ones are stale. protoc names the module ``epserve.v1.inference_pb2`` (after the .proto path);
+the modules live in ``epserve.cluster.api``, so the service module's import and the messages' module name
+are rewritten to match.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def generate(proto_root: Path = PROTO_ROOT) -> dict[str, str]:
         out = {}
         for name in MODULES:
             text = (Path(tmp) / "epserve" / "v1" / name).read_text()
-            out[name] = text.replace("from epserve.v1 import inference_pb2", "from . import inference_pb2")
+            out[name] = (text.replace("from epserve.v1 import inference_pb2", "from . import inference_pb2")
+                         # the messages' __module__, so that they pickle (Serve's gRPC proxy, Ray)
+                         .replace("'epserve.v1.inference_pb2'", "'epserve.cluster.api.inference_pb2'"))
         return out
 
 
