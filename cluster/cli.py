@@ -87,6 +87,7 @@ def _serve_settings(args) -> dict:
 
 
 def _install_sigterm() -> None:
+    """SIGTERM stops like Ctrl-C. Installed after ray.init, which sets a handler of its own that aborts."""
     import signal
 
     def stop(signum, frame):
@@ -98,10 +99,10 @@ def _install_sigterm() -> None:
 def cmd_serve(args) -> int:
     from .serve_app import LocalServer
 
-    _install_sigterm()
     server = LocalServer(_serve_settings(args), args.host, args.http_port, args.address)
     try:
         server.start()
+        _install_sigterm()
         print(f"epserve is serving: gRPC on {server.grpc_target} (epserve.v1.Inference, health, reflection); "
               f"OpenAI HTTP on http://{args.host}:{args.http_port}/v1 . Ctrl-C to stop.", flush=True)
         while True:
@@ -130,9 +131,9 @@ def cmd_demo(args) -> int:
     from . import client
     from .serve_app import LocalServer
 
-    _install_sigterm()
     args.checkpoint, args.address = None, None
     with LocalServer(_serve_settings(args), args.host, args.http_port) as server:
+        _install_sigterm()
         print(f"server up: gRPC {server.grpc_target}, OpenAI HTTP http://{args.host}:{args.http_port}/v1",
               flush=True)
         print(f"prompt: {args.prompt!r}\nanswer (streamed):", flush=True)

@@ -16,15 +16,22 @@ serves http://<metrics_host>:P/metrics from prometheus_client's own threaded HTT
 is served at ``/metrics`` of the Serve HTTP app. Starting it in the replica rather than in the driver means
 ``serve run deploy/serve.yaml`` exposes it too, and the target lives on the node of the ingress replica: one
 target per node that runs an ingress replica (with the one replica of today, one per cluster).
+
+Both always answer in the classic text format (0.0.4), whatever the scraper's Accept header asks:
+prometheus_client 0.26's OpenMetrics output turns the colon of ``epserve:`` into ``_`` in sample lines but
+not in their HELP/TYPE lines (prometheus/client_python#1177), which Prometheus, asking for OpenMetrics
+first, cannot ingest.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import ray
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from epserve.actors.metrics import counter, gauge, merge
@@ -112,8 +119,10 @@ class MetricsEndpoint:
 
     def start(self) -> "MetricsEndpoint":
         if self.port is not None and self._server is None:
-            self._server, _ = start_http_server(int(self.port), self.host, self.registry)
+            self._server = make_server(self.host, int(self.port), _text_format(make_wsgi_app(self.registry)),
+                                       ThreadingWSGIServer, handler_class=_QuietHandler)
             self.port = self._server.server_port
+            threading.Thread(target=self._server.serve_forever, name="epserve-metrics", daemon=True).start()
             log.info("Prometheus metrics on %s", self.url)
         return self
 
@@ -129,6 +138,20 @@ class MetricsEndpoint:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _text_format(app):
+    """The WSGI app without content negotiation: the classic text format (see the module's docstring)."""
+
+    def text_only(environ, start_response):
+        return app({k: v for k, v in environ.items() if k != "HTTP_ACCEPT"}, start_response)
+
+    return text_only
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # no line per scrape
+        pass
 
 
 async def metrics_response(endpoint: MetricsEndpoint):

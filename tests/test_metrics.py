@@ -100,7 +100,7 @@ def alert_rules() -> list[dict]:
 
 
 def metric_names(text: str) -> set[str]:
-    return set(re.findall(r"epserve:[a-z_]+", text))
+    return set(re.findall(r"epserve:[a-z0-9_]+", text))
 
 
 def base_name(name: str) -> str:
@@ -198,6 +198,9 @@ class Prometheus:
             time.sleep(0.25)
         raise AssertionError(f"{expr} = {got} after {timeout_s:.0f}s, want {want}\n{self.log_tail()}")
 
+    def targets(self) -> list:
+        return [(t["scrapeUrl"], t["health"], t["lastError"]) for t in self.api("targets")["activeTargets"]]
+
     def log_tail(self) -> str:
         return "\n".join(self.log.read_text().splitlines()[-15:]) if self.log.exists() else ""
 
@@ -238,7 +241,7 @@ def prometheus(server, tmp_path_factory):
             except (OSError, AssertionError):
                 pass
             assert proc.poll() is None, f"prometheus exited:\n{prom.log_tail()}"
-            assert time.monotonic() < deadline, f"prometheus did not scrape {target}:\n{prom.log_tail()}"
+            assert time.monotonic() < deadline, f"prometheus did not scrape {target}: {prom.targets()}"
             time.sleep(0.25)
         yield prom
     finally:
