@@ -156,8 +156,7 @@ class FrontendMetrics:
             if live.first_token is None:
                 live.first_token = now
                 self.ttft.observe(now - live.seq.arrival_time)
-                first_scheduled = getattr(live.seq, "first_scheduled_time", None) or now
-                self.queue.observe(max(first_scheduled - live.seq.arrival_time, 0.0))
+                self.queue.observe(max((live.seq.first_scheduled_time or now) - live.seq.arrival_time, 0.0))
                 self.prompt_tokens.inc(out.num_prompt_tokens)
             else:
                 self.itl.observe((now - live.last_token) / max(n, 1))

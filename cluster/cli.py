@@ -83,7 +83,8 @@ def cmd_generate(args) -> int:
 def _serve_settings(args) -> dict:
     cluster = {"checkpoint": str(args.checkpoint) if args.checkpoint else None, "shards": args.shards,
                "address": args.address}
-    return {"cluster": cluster, "grpc_host": args.host, "grpc_port": args.grpc_port}
+    return {"cluster": cluster, "grpc_host": args.host, "grpc_port": args.grpc_port,
+            "metrics_host": args.host, "metrics_port": getattr(args, "metrics_port", 0) or None}
 
 
 def _install_sigterm() -> None:
@@ -105,6 +106,8 @@ def cmd_serve(args) -> int:
         _install_sigterm()
         print(f"epserve is serving: gRPC on {server.grpc_target} (epserve.v1.Inference, health, reflection); "
               f"OpenAI HTTP on http://{args.host}:{args.http_port}/v1 . Ctrl-C to stop.", flush=True)
+        if server.metrics_url:
+            print(f"Prometheus metrics on {server.metrics_url} (also /metrics on the HTTP port)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -181,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     server_options(p)
+    p.add_argument("--metrics-port", type=int, default=9477,
+                   help="Prometheus scrape target for the whole cluster, on --host (0: none; /metrics on the "
+                        "HTTP port either way)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="send a prompt over gRPC and stream the answer")

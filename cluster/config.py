@@ -24,7 +24,9 @@ class ClusterConfig:
     frontend_threads: int | None = None  # torch threads of the front-end (None: torch's default)
     shard_threads: int = 1
     collective_timeout_s: float = 60.0  # deadline of every collective: a dead peer is an error, not a hang
-    overlap_dense_ffn: bool = True  # run the dense FFN while the experts' all-to-all is in flight
+    # Run the dense FFN while the experts' all-to-all is in flight. None: on with GPUs, off on CPU-only
+    # clusters, where the shards already use every core while the front-end waits (docs/performance.md)
+    overlap_dense_ffn: bool | None = None
     heartbeat_s: float = 1.0  # idle front-end pings the shards this often (must be well under the timeout)
     start_timeout_s: float = 600.0  # placement, weight loading and process-group wiring
     engine: EngineConfig = field(default_factory=EngineConfig)

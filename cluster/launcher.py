@@ -66,7 +66,7 @@ class Cluster:
             cfg.checkpoint, i, cfg.shards, cfg.shard_threads) for i in range(cfg.shards)]
         self.frontend = ray.remote(Frontend).options(**opts(0, FRONTEND_NAME, 1000)).remote(
             cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s,
-            cfg.overlap_dense_ffn)
+            use_gpu if cfg.overlap_dense_ffn is None else cfg.overlap_dense_ffn)
         backend = "nccl" if use_gpu else "gloo"
         host, port = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s), timeout=cfg.start_timeout_s)
         self._progress(f"joining the {backend} process group ({world} ranks, store at {host}:{port})")

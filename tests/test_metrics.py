@@ -8,8 +8,10 @@
   expression and every alert expression is evaluated through Prometheus' HTTP API and returns data, and the
   scraped values are checked exactly: token and request counters against what the gRPC client received,
   per-expert and per-shard counts against an independent count of the router's choices (the same prompts
-  through the in-process engine with a recording expert executor). Last, a killed shard shows as down, the
-  engine error is counted and the ShardDown alert goes pending.
+  through the in-process engine with a recording expert executor). Then a cancelled request counts as
+  aborted, and last a killed shard shows as down, the engine error is counted, EngineErrors fires and
+  ShardDown goes pending.
+* A shard actor restarted by Ray is counted in ``epserve:shard_restarts_total`` by the ingress's collector.
 
 Grafana's own variables are replaced for Prometheus: ``$__rate_interval`` by 1m, ``$__range`` by 5m.
 """
@@ -140,6 +142,43 @@ def test_dashboard_uses_the_datasource_variable_and_shows_every_metric():
     assert any(n == "epserve:shard_balancedness" for _, n in kinds)
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_a_restarted_shard_is_counted(ray_session, tiny_dir):
+    """Ray restarts a shard actor (max_restarts): the ingress's collector sees a new incarnation."""
+    from types import SimpleNamespace
+
+    from epserve.actors.expert_shard import ExpertShard
+    from epserve.actors.frontend import Frontend
+    from epserve.cluster.metrics import MetricsEndpoint
+
+    frontend = ray.remote(Frontend).options(num_cpus=0.1).remote(str(tiny_dir), 0)
+    shards = [ray.remote(ExpertShard).options(num_cpus=0.1, max_restarts=1, max_task_retries=0).remote(
+        str(tiny_dir), i, 2) for i in range(2)]
+    endpoint = MetricsEndpoint(timeout_s=30)
+    endpoint.cluster = SimpleNamespace(frontend=frontend, shards=shards)
+
+    def scrape() -> dict[str, float]:
+        return {f"{s.name}{s.labels}": s.value for fam in endpoint.collector.collect() for s in fam.samples
+                if s.name in ("epserve:shard_up", "epserve:shard_restarts_total", "epserve:frontend_up")}
+
+    try:
+        first = scrape()
+        assert first["epserve:shard_up{'shard': '1'}"] == 1.0
+        assert first["epserve:shard_restarts_total{'shard': '1'}"] == 0.0
+        assert first["epserve:frontend_up{}"] == 0.0  # its engine thread was never started
+        ray.kill(shards[1], no_restart=False)
+        deadline, now = time.monotonic() + 60, first
+        while now["epserve:shard_restarts_total{'shard': '1'}"] == 0:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.5)
+            now = scrape()
+        assert now["epserve:shard_up{'shard': '1'}"] == 1.0  # back, as a new incarnation
+        assert now["epserve:shard_restarts_total{'shard': '1'}"] == 1.0
+        assert now["epserve:shard_restarts_total{'shard': '0'}"] == 0.0
+    finally:
+        for actor in [frontend, *shards]:
+            ray.kill(actor, no_restart=True)
 
 
 # ------------------------------------------------------------------------------------------ live cluster
@@ -298,6 +337,7 @@ def load(server, prometheus, tiny_model):
                                       minlength=cfg.num_experts).tolist()}
 
 
+@needs_prometheus
 def test_every_dashboard_and_alert_expression_evaluates(prometheus, load):
     assert load["load_s"] < 50, "the balancedness window (60 s) must still hold the whole load"
     empty, nan = [], []
@@ -334,6 +374,7 @@ def test_every_dashboard_and_alert_expression_evaluates(prometheus, load):
     assert {base_name(n) for n in scraped} == set(METRICS) | set(UNSHOWN), "the documented list is complete"
 
 
+@needs_prometheus
 def test_token_and_request_counters_equal_what_was_served(prometheus, load):
     P = prometheus
     requests = load["requests"]
@@ -367,6 +408,7 @@ def test_token_and_request_counters_equal_what_was_served(prometheus, load):
     assert P.by_label("epserve:shard_restarts_total", "shard") == {"0": 0.0, "1": 0.0}
 
 
+@needs_prometheus
 def test_expert_and_shard_counts_equal_the_routers_choices(prometheus, load):
     P, cfg, rows = prometheus, load["cfg"], load["rows"]
     per_expert = P.by_label("epserve:expert_tokens_total", "expert")
@@ -384,6 +426,25 @@ def test_expert_and_shard_counts_equal_the_routers_choices(prometheus, load):
     assert P.value("epserve:shard_balancedness") == pytest.approx(load["balancedness"], rel=1e-12)
 
 
+@needs_prometheus
+def test_a_cancelled_request_is_counted_as_aborted(server, prometheus, load):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[7, 8, 9]), sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)),
+            timeout=60)
+        received = 0
+        for piece in call:
+            received += len(piece.token_ids)
+            if received >= 2:
+                call.cancel()
+                break
+    prometheus.wait_for('epserve:request_success_total{finished_reason="abort"}', 1.0)
+    prometheus.wait_for("epserve:num_requests_running", 0.0)
+    assert prometheus.value("epserve:e2e_request_latency_seconds_count") == len(load["requests"]) + 1
+    assert prometheus.value("epserve:generation_tokens_total") >= load["generated"] + received
+
+
+@needs_prometheus
 def test_a_killed_shard_is_down_the_engine_error_counted_and_the_alert_pending(server, prometheus, load):
     ray.kill(ray.get_actor("epserve-shard-1", namespace="epserve"), no_restart=True)
     prometheus.wait_for('epserve:shard_up{shard="1"}', 0.0)
@@ -399,3 +460,4 @@ def test_a_killed_shard_is_down_the_engine_error_counted_and_the_alert_pending(s
             break
         assert time.monotonic() < deadline, f"alerts: {alerts}"
         time.sleep(0.5)
+
