@@ -1,7 +1,7 @@
 """Expert parallelism over ``torch.distributed``: the front-end's dispatcher and the shard's side of it.
 
 Ranks: 0 is the front-end, 1..N the expert shards; shard s owns experts [first_s, first_s + count_s) of every
-MoE layer. Each step begins with a broadcast header from rank 0 (run a step, idle heartbeat, or stop); a
+MoE layer. Each step begins with a header from rank 0 (run a step, idle heartbeat, or stop); a
 step then runs one exchange per MoE layer, and every rank joins every collective, with zero rows if it has
 none:
 
@@ -36,8 +36,12 @@ def expert_ranges(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 def broadcast_header(op: int, device) -> int:
-    header = torch.tensor([op], dtype=torch.int64, device=device)
-    dist.broadcast(header, src=0)
+    """Rank 0's ``op`` to every rank (the others pass OP_IDLE = 0). An all-reduce rather than a broadcast,
+    because a broadcast's root need not wait for its receivers: this way every header, the idle heartbeat
+    too, waits for every rank, and a stalled shard is noticed within the collective deadline even while
+    the front-end has no work."""
+    header = torch.tensor([op if dist.get_rank() == 0 else OP_IDLE], dtype=torch.int64, device=device)
+    dist.all_reduce(header)
     return int(header.item())
 
 

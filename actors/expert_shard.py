@@ -1,8 +1,14 @@
 """The ExpertShard actor: owns experts [first, first + count) of every MoE layer and serves the front-end's
-per-layer exchanges (``dispatch.serve_layer``) until told to stop, or until a collective fails."""
+per-layer exchanges (``dispatch.serve_layer``) until told to stop, or until a collective fails.
+
+A failed ``serve`` (a peer died or stalled: the collective deadline ran out) leaves the process group and
+raises; the shard keeps its experts and waits for the cluster's supervisor to ``join`` it into a new group
+and call ``serve`` again. A shard restarted by Ray (or recreated) reloads its experts in ``__init__``.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -32,13 +38,16 @@ class ExpertShard:
 
     def info(self) -> dict:
         """What this shard holds: its expert range and the bytes resident for it."""
-        resident = sum(t.numel() * t.element_size() for e in self.layers for t in (e.gate_up_proj, e.down_proj))
+        tensors = [t for e in self.layers for t in (e.gate_up_proj, e.down_proj)]
+        resident = sum(t.numel() * t.element_size() for t in tensors)
+        held = str(tensors[0].dtype).replace("torch.", "") if tensors else None  # bf16 on CPU: see moe.expert_dtype
         return {"shard": self.shard, "first": self.first, "count": self.count, "device": str(self.device),
-                "resident_expert_bytes": resident, "loaded_bytes": self.load_report.bytes,
-                "loaded_tensors": self.load_report.tensors}
+                "resident_expert_bytes": resident, "expert_dtype": held, "loaded_bytes": self.load_report.bytes,
+                "loaded_tensors": self.load_report.tensors, "pid": os.getpid()}
 
     def join(self, world_size: int, backend: str, host: str, port: int, timeout_s: float) -> bool:
         process_group.join(self.shard + 1, world_size, backend, host, port, timeout_s)
+        self.error = None  # a new group: the last loop's failure is over
         return True
 
     def serve(self) -> dict:

@@ -5,6 +5,15 @@ One engine thread owns the model, the engine and the process group; everything e
 command queue (add, abort, score) and gets results back through asyncio queues, so the actor's async
 methods (called by the servers, possibly many at once) never block on the model. While there is no work,
 the engine thread sends the shards an idle heartbeat before the collective deadline runs out.
+
+Failures: when a step or a heartbeat fails (a shard died, or a collective ran past its deadline), a
+``supervised`` front-end (the cluster's, see cluster/supervisor.py) suspends instead of failing: it stops
+stepping, puts every running request back in the waiting queue to be recomputed from the tokens it already
+has (the failed step's KV is incomplete; nothing of it was sampled), leaves the process group so that the
+peers' collectives fail at once, and tells the supervisor (``watch`` returns). Requests keep their output
+streams: once the supervisor has rebuilt the process group and called ``start`` again, they continue where
+they were, so their clients see a pause and the same tokens. ``fail`` ends the suspension with an error
+instead: every request in flight, and every later one, gets ``EngineFailure`` with the reason.
 """
 
 from __future__ import annotations
@@ -28,12 +37,14 @@ from .model.loader import load_model
 
 
 class EngineFailure(RuntimeError):
-    """The engine stopped (a collective failed or a peer died); requests in flight are ended with it."""
+    """The engine stopped for good (a collective failed or a peer died, and no recovery followed, or the
+    front-end itself was lost); requests in flight are ended with it. Retriable: the cluster may be back."""
 
 
 class Frontend:
     def __init__(self, checkpoint: str, num_shards: int, engine_config: EngineConfig | dict | None = None,
-                 threads: int | None = None, heartbeat_s: float = 1.0, overlap: bool = True):
+                 threads: int | None = None, heartbeat_s: float = 1.0, overlap: bool = True,
+                 supervised: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
@@ -53,7 +64,10 @@ class Frontend:
         self._streams: dict[str, asyncio.Queue] = {}
         self._thread: threading.Thread | None = None
         self._store = None
-        self.error: str | None = None
+        self.error: str | None = None  # the engine stopped for good
+        self.supervised = supervised  # a failed collective suspends the engine (else: error)
+        self.suspended: str | None = None  # why the engine waits for a new process group
+        self._suspension: asyncio.Event | None = None  # set when the engine suspends (see watch)
         self.step_seconds = 0.0
 
     # ---- wiring -----------------------------------------------------------------------------------------
@@ -67,9 +81,39 @@ class Frontend:
         return True
 
     async def start(self) -> bool:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="epserve-engine", daemon=True)
-        self._thread.start()
+        """Start the engine thread (after ``join``), or resume a suspended one (after a new ``join``)."""
+        # a fresh event before the engine can run (and fail) again, so that the next failure sets it; the
+        # previous one is set, so that no earlier watch stays pending
+        previous, self._suspension = self._suspension, asyncio.Event()
+        if previous is not None:
+            previous.set()
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="epserve-engine", daemon=True)
+            self._thread.start()
+            return True
+        return await self._call(self._resume)
+
+    async def watch(self) -> str:
+        """Returns why, once the engine has suspended after a failure (the supervisor's notification)."""
+        await self._suspension.wait()
+        return self.suspended or self.error or "the engine stopped"
+
+    async def suspend(self, reason: str) -> bool:
+        """Suspend the engine now (the supervisor saw a peer die first); returns once no step runs. False
+        for a front-end whose engine never started (a new incarnation: it holds no requests)."""
+        if self._thread is None:
+            return False
+        return await self._call(lambda: self._suspend(reason))
+
+    async def fail(self, message: str) -> bool:
+        """Give up: end every request, and refuse later ones, with ``EngineFailure(message)``."""
+        if self._thread is None:  # nothing runs yet: only later requests to refuse
+            self.error = message
+            return True
+        return await self._call(lambda: self._suspend(message) and self._end(message))
+
+    def ping(self) -> bool:
         return True
 
     async def stop(self) -> bool:
@@ -147,7 +191,8 @@ class Frontend:
                 "kv_blocks_used": e.blocks.num_used(), "steps": e.num_steps, "preemptions":
                 e.scheduler.num_preemptions, "prefix_hit_tokens": e.blocks.stats.hit_tokens,
                 "prefix_queried_tokens": e.blocks.stats.queried_tokens, "step_seconds": self.step_seconds,
-                "dispatch": asdict(d), "error": self.error}
+                "dispatch": asdict(d), "error": self.error,
+                "suspended": self.suspended}
 
     def model_info(self) -> dict:
         c = self.model.cfg
@@ -157,7 +202,8 @@ class Frontend:
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
 
     def ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return self._thread is not None and self._thread.is_alive() and self.error is None \
+            and self.suspended is None
 
     def metrics(self) -> dict:
         """This actor's Prometheus metric families and health, for the ingress's scrape target."""
@@ -181,36 +227,76 @@ class Frontend:
             self._loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _run(self) -> None:
-        last_header = time.monotonic()
+        self._last_header = time.monotonic()
         try:
-            while self._run_commands(wait_until=None if self.engine.has_unfinished()
-                                     else last_header + self.heartbeat_s):
-                if self.engine.has_unfinished():
-                    t0 = time.perf_counter()
-                    outputs = self.engine.step()  # the model's begin_step sends the STEP header
-                    elapsed = time.perf_counter() - t0
-                    self._metrics.on_step(elapsed, self.engine.last_step_tokens, outputs)
-                    for out in outputs:
-                        self._deliver(out)
-                    self.step_seconds += elapsed
-                    last_header = time.monotonic()
-                elif time.monotonic() - last_header >= self.heartbeat_s:
-                    if self.dispatcher:
-                        dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
-                    last_header = time.monotonic()
+            while self.error is None:
+                try:
+                    if not self._run_commands(self._wait_until()):
+                        break
+                    if not self.suspended:
+                        self._step_or_heartbeat()
+                except Exception as e:  # noqa: BLE001 - a failed collective (or step): suspend, or stop
+                    if not self.supervised:
+                        raise
+                    self._suspend(f"{type(e).__name__}: {e}")
                 self._metrics.refresh(self.engine)
-            if self.dispatcher:
+            if self.dispatcher and self.error is None and not self.suspended:
                 dispatch.broadcast_header(dispatch.OP_STOP, self.device)
         except Exception as e:  # noqa: BLE001 - every waiting request learns why
-            self.error = f"{type(e).__name__}: {e}"
             self._metrics.on_engine_error()
-            failure = EngineFailure(self.error)
-            for q in list(self._streams.values()):
-                self._loop.call_soon_threadsafe(q.put_nowait, failure)
-            self._fail_commands(failure)
+            self._end(f"{type(e).__name__}: {e}")
         finally:
             if self.dispatcher:
                 process_group.leave()
+            if self.error:  # commands queued while the engine ended
+                self._fail_commands(EngineFailure(self.error))
+
+    def _wait_until(self) -> float | None:
+        """How long the command queue may block: not at all while there is work; until the next heartbeat
+        is due while idle; a heartbeat's time at most while suspended (nothing to send then)."""
+        if self.suspended:
+            return time.monotonic() + self.heartbeat_s
+        return None if self.engine.has_unfinished() else self._last_header + self.heartbeat_s
+
+    def _step_or_heartbeat(self) -> None:
+        if self.engine.has_unfinished():
+            t0 = time.perf_counter()
+            outputs = self.engine.step()  # the model's begin_step sends the STEP header
+            elapsed = time.perf_counter() - t0
+            self._metrics.on_step(elapsed, self.engine.last_step_tokens, outputs)
+            for out in outputs:
+                self._deliver(out)
+            self.step_seconds += elapsed
+            self._last_header = time.monotonic()
+        elif time.monotonic() - self._last_header >= self.heartbeat_s:
+            if self.dispatcher:
+                dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
+            self._last_header = time.monotonic()
+
+    def _suspend(self, reason: str) -> bool:  # in the engine thread
+        if self.suspended is None:
+            self.suspended = reason
+            self._metrics.on_engine_error()
+            self.engine.scheduler.preempt_all()  # recomputed from their tokens once the group is back
+            if self.dispatcher:
+                process_group.leave()  # the peers' pending collectives fail now, not at their deadline
+            self._loop.call_soon_threadsafe(lambda: self._suspension.set())  # the event of this run
+        return True
+
+    def _resume(self) -> bool:  # in the engine thread, after a new join
+        self.suspended = None
+        self._last_header = time.monotonic()
+        return True
+
+    def _end(self, message: str) -> bool:  # in the engine thread: every request fails, the thread exits
+        self.error = message
+        self._metrics.on_requests_failed()
+        failure = EngineFailure(message)
+        for q in list(self._streams.values()):
+            self._loop.call_soon_threadsafe(q.put_nowait, failure)
+        self._fail_commands(failure)
+        self._loop.call_soon_threadsafe(lambda: self._suspension.set())
+        return True
 
     def _run_commands(self, wait_until: float | None) -> bool:
         """Run every queued command (a burst of requests joins one batch); when idle, wait for one until the
@@ -227,8 +313,9 @@ class Frontend:
             fn, fut = command
             try:
                 fut.set_result(fn())
-            except torch.distributed.DistError:
-                raise  # the process group is broken: the engine stops
+            except torch.distributed.DistError as e:
+                fut.set_exception(e)
+                raise  # the process group is broken: the engine suspends or stops
             except Exception as e:  # noqa: BLE001 - a bad command fails its caller, not the engine
                 fut.set_exception(e)
             wait_until = None  # after the first command, only drain what is already queued

@@ -168,7 +168,11 @@ class FrontendMetrics:
         self._finish(request_id, "abort", time.monotonic())
 
     def on_engine_error(self) -> None:
+        """The engine stopped on an error (its requests may still resume: see ``on_requests_failed``)."""
         self.engine_errors.inc()
+
+    def on_requests_failed(self) -> None:
+        """Every live request ended with the engine's failure."""
         now = time.monotonic()
         for rid in list(self._live):
             self._finish(rid, "error", now)

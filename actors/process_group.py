@@ -2,7 +2,9 @@
 
 Rank 0 opens a TCPStore on port 0 (the OS picks a free port: no race between clusters on one machine) and
 tells the driver its address; the other ranks join with it. gloo on CPUs, NCCL when every rank has a GPU.
-The timeout bounds every collective, so a dead or stalled peer surfaces as an error, not a hang.
+The timeout bounds every collective, so a dead or stalled peer surfaces as an error, not a hang. A group
+whose collective failed is not repaired: every rank leaves it, and all of them join a new one on a new store
+(``join`` destroys the old group first), which is how the cluster recovers from a lost rank.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Shared pieces of the benchmark scripts: checkpoints, workloads and the docs/performance.md writer."""
+"""Shared pieces of the benchmark scripts: checkpoints, workloads and the writer of docs sections."""
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PERFORMANCE_MD = ROOT / "docs" / "performance.md"
+RELIABILITY_MD = ROOT / "docs" / "reliability.md"
 
 
 def checkpoint(preset: str, layout: str = "released", seed: int = 0) -> Path:
@@ -38,14 +40,21 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def write_section(heading: str, body: str) -> None:
-    """Replace (or append) the section ``## heading`` of docs/performance.md."""
-    PERFORMANCE_MD.parent.mkdir(exist_ok=True)
-    text = PERFORMANCE_MD.read_text() if PERFORMANCE_MD.exists() else "# Performance\n"
+def write_section(heading: str, body: str, path: Path = PERFORMANCE_MD) -> None:
+    """Replace (or append) the section ``## heading`` of a docs file (docs/performance.md unless ``path``),
+    leaving its other sections as they are."""
+    path.parent.mkdir(exist_ok=True)
+    text = path.read_text() if path.exists() else f"# {path.stem.capitalize()}\n"
     section = f"## {heading}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    PERFORMANCE_MD.write_text(text.rstrip() + "\n")
+    path.write_text(text.rstrip() + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def git_revision() -> str:

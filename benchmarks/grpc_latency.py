@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
@@ -22,16 +21,10 @@ import grpc  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from common import ROOT, git_revision, machine  # noqa: E402
+from common import ROOT, free_port, git_revision, machine  # noqa: E402
 
 from epserve.cluster.api import inference_pb2 as pb  # noqa: E402
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed(fn, calls: int) -> dict:

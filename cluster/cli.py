@@ -83,8 +83,33 @@ def cmd_generate(args) -> int:
 def _serve_settings(args) -> dict:
     cluster = {"checkpoint": str(args.checkpoint) if args.checkpoint else None, "shards": args.shards,
                "address": args.address}
-    return {"cluster": cluster, "grpc_host": args.host, "grpc_port": args.grpc_port,
-            "metrics_host": args.host, "metrics_port": getattr(args, "metrics_port", 0) or None}
+    settings = {"cluster": cluster, "grpc_host": args.host, "grpc_port": args.grpc_port,
+                "metrics_host": args.host, "metrics_port": getattr(args, "metrics_port", 0) or None}
+    if getattr(args, "drain_s", None) is not None:
+        settings["drain_s"] = args.drain_s
+    if bool(getattr(args, "tls_cert", None)) != bool(getattr(args, "tls_key", None)):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if getattr(args, "tls_cert", None):
+        settings.update(tls_cert_file=os.path.abspath(args.tls_cert), tls_key_file=os.path.abspath(args.tls_key))
+    return settings | _auth_settings(getattr(args, "auth_token_file", None))
+
+
+def _auth_settings(token_file: str | None) -> dict:
+    """Where the server's replica finds the bearer token: the file, or else EPSERVE_AUTH_TOKEN when this
+    process has it (a Ray cluster started here passes its environment on). Never the value itself: the app's
+    settings are stored by Ray and shown by its dashboard. Checked here, so that a bad source fails at once."""
+    from .security import TOKEN_ENV, load_token
+
+    settings = {"auth_token_file": os.path.abspath(token_file)} if token_file else \
+        {"auth_token_env": TOKEN_ENV} if os.environ.get(TOKEN_ENV) else {}
+    load_token(settings.get("auth_token_file"), settings.get("auth_token_env"))
+    return settings
+
+
+def _client_token(token_file: str | None) -> str | None:
+    from .security import TOKEN_ENV, load_token
+
+    return load_token(token_file) if token_file else os.environ.get(TOKEN_ENV) or None
 
 
 def _install_sigterm() -> None:
@@ -97,21 +122,35 @@ def _install_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _ignore_signals() -> None:
+    """While shutting down (bounded by --drain-s): a second Ctrl-C / SIGTERM must not cut the cleanup short."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def cmd_serve(args) -> int:
     from .serve_app import LocalServer
 
-    server = LocalServer(_serve_settings(args), args.host, args.http_port, args.address)
+    settings = _serve_settings(args)
+    server = LocalServer(settings, args.host, args.http_port, args.address)
+    scheme = "https" if settings.get("tls_cert_file") else "http"
     try:
         server.start()
         _install_sigterm()
-        print(f"epserve is serving: gRPC on {server.grpc_target} (epserve.v1.Inference, health, reflection); "
-              f"OpenAI HTTP on http://{args.host}:{args.http_port}/v1 . Ctrl-C to stop.", flush=True)
+        print(f"epserve is serving: gRPC on {server.grpc_target} (epserve.v1.Inference, health, reflection"
+              f"{', TLS' if scheme == 'https' else ''}); OpenAI HTTP on {scheme}://{args.host}:{args.http_port}/v1"
+              f"{' (bearer token required)' if 'auth_token_file' in settings or 'auth_token_env' in settings else ''}"
+              f" . Ctrl-C to stop.", flush=True)
         if server.metrics_url:
             print(f"Prometheus metrics on {server.metrics_url} (also /metrics on the HTTP port)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down ...", file=sys.stderr, flush=True)
+        _ignore_signals()
+        print(f"shutting down: draining requests in flight (up to {args.drain_s:g} s) ...", file=sys.stderr,
+              flush=True)
     finally:
         server.shutdown()
     return 0
@@ -122,12 +161,19 @@ def cmd_client(args) -> int:
 
     req = client.request(args.prompt, args.prompt_ids[0] if args.prompt_ids else None, args.max_tokens,
                          args.temperature, args.seed, args.ignore_eos)
-    pieces = client.stream(args.address, req, args.timeout)
+    pieces = client.stream(args.address, req, args.timeout, ca_file=args.tls_ca,
+                           token=_client_token(args.auth_token_file))
     last = pieces[-1] if pieces else None
     if last is not None:
         print(f"[request {last.request_id}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
               f"generated tokens]", file=sys.stderr)
     return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
 
 
 def cmd_demo(args) -> int:
@@ -187,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9477,
                    help="Prometheus scrape target for the whole cluster, on --host (0: none; /metrics on the "
                         "HTTP port either way)")
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C: refuse new requests and let those in flight finish for up to this "
+                        "long, then end them with UNAVAILABLE / 503 (default 30)")
+    p.add_argument("--tls-cert", help="PEM certificate (chain): gRPC over TLS and HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--auth-token-file", help="require this file's bearer token on every inference call (or set "
+                                             "EPSERVE_AUTH_TOKEN); health checks stay open")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="send a prompt over gRPC and stream the answer")
@@ -194,7 +247,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="text (needs a model with a tokenizer)")
     sampling_options(p, 32)
     p.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")
+    p.add_argument("--tls-ca", help="connect over TLS, verifying the server against this PEM certificate")
+    p.add_argument("--auth-token-file", help="send this file's bearer token (default: EPSERVE_AUTH_TOKEN if set)")
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("bench", help="drive a workload against a server on 127.0.0.1 or an in-process engine")
+    p.add_argument("--target", help="grpc://127.0.0.1:50051 (ours) or http://127.0.0.1:8000 (any OpenAI-compatible "
+                                    "server); default: an engine in this process (--shards N: a cluster)")
+    p.add_argument("--checkpoint", help="for the in-process engine (default: the built-in tiny model)")
+    p.add_argument("--shards", type=int, default=0, help="in-process target: N expert-shard actors (0: none)")
+    p.add_argument("--model", help="OpenAI model name (default: the server's first model)")
+    p.add_argument("--requests", type=int, default=64, help="requests per run")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--random-lengths", action="store_true", help="lengths uniform in [len/2, 3*len/2]")
+    p.add_argument("--concurrency", type=_ids, default=[64],
+                   help="requests in flight; a comma-separated list runs a sweep (default 64)")
+    p.add_argument("--rate", type=float, help="open loop: Poisson arrivals at this many requests/s")
+    p.add_argument("--duration-s", type=float, help="stop sending after this many seconds per run")
+    p.add_argument("--warmup", type=int, default=2, help="short requests sent first, not measured")
+    p.add_argument("--vocab-size", type=int, help="prompt ids are drawn below this (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a PNG of throughput and latency against concurrency here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="start a local cluster, answer one prompt, stop")
     p.add_argument("--prompt", default="The expert-parallel cluster says")

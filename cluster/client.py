@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -24,13 +25,30 @@ def request(prompt: str | None = None, prompt_ids: list[int] | None = None, max_
     return req
 
 
-def stream(target: str, req: pb.GenerateRequest, timeout_s: float = 120.0, out=sys.stdout):
+def channel(target: str, ca_file: str | None = None) -> grpc.Channel:
+    """Plaintext, or TLS verifying the server against the PEM certificate(s) in ``ca_file``."""
+    if ca_file is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(ca_file).read_bytes()))
+
+
+def auth_metadata(token: str | None) -> tuple:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def stream(target: str, req: pb.GenerateRequest, timeout_s: float = 120.0, out=sys.stdout,
+           ca_file: str | None = None, token: str | None = None):
     """Print text pieces (or token ids when the model has no tokenizer) as they come; return the pieces."""
     pieces = []
-    with grpc.insecure_channel(target) as channel:
-        for piece in pb_grpc.InferenceStub(channel).Generate(req, timeout=timeout_s):
+    with channel(target, ca_file) as ch:
+        stub, metadata = pb_grpc.InferenceStub(ch), auth_metadata(token)
+        # asked, not guessed from a piece: with a tokenizer a piece's text is empty while it holds back the
+        # bytes of a character that the next token completes
+        as_text = req.WhichOneof("input") == "text" or stub.ModelInfo(
+            pb.ModelInfoRequest(), timeout=timeout_s, metadata=metadata).has_tokenizer
+        for piece in stub.Generate(req, timeout=timeout_s, metadata=metadata):
             pieces.append(piece)
-            out.write(piece.text if piece.text else "".join(f" {t}" for t in piece.token_ids))
+            out.write(piece.text if as_text else "".join(f" {t}" for t in piece.token_ids))
             out.flush()
     out.write("\n")
     return pieces

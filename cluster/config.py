@@ -3,6 +3,7 @@ on a local Ray cluster started on demand."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from epserve.actors.engine.config import EngineConfig
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # the launcher sizes these itself
 
 
 @dataclass
@@ -21,14 +23,27 @@ class ClusterConfig:
     placement: str = "PACK"  # placement-group strategy; STRICT_SPREAD puts every actor on its own node
     device: str = "auto"  # auto: one GPU per actor when the cluster has enough, else CPU
     cpus_per_actor: float = 0.2  # on CPU-only clusters: a front-end and 4 shards start on one core
+    # Custom Ray resources added to the front-end's placement bundle and to each shard's, so that each actor
+    # lands on a node that advertises its role (the Helm chart's {"frontend": 1} / {"expert": 1}). Empty: any
+    # node with a free CPU (and GPU)
+    frontend_resources: dict[str, float] = field(default_factory=dict)
+    shard_resources: dict[str, float] = field(default_factory=dict)
     frontend_threads: int | None = None  # torch threads of the front-end (None: torch's default)
     shard_threads: int = 1
-    collective_timeout_s: float = 60.0  # deadline of every collective: a dead peer is an error, not a hang
+    # Deadline of every collective: a stalled peer is detected within it, never a hang. It must stay well
+    # above the longest legitimate gap between two collectives (one layer's compute on the slowest rank)
+    collective_timeout_s: float = 10.0
     # Run the dense FFN while the experts' all-to-all is in flight. None: on with GPUs, off on CPU-only
     # clusters, where the shards already use every core while the front-end waits (docs/performance.md)
     overlap_dense_ffn: bool | None = None
     heartbeat_s: float = 1.0  # idle front-end pings the shards this often (must be well under the timeout)
     start_timeout_s: float = 600.0  # placement, weight loading and process-group wiring
+    # Recovery (cluster/supervisor.py): more than max_failures failures within failure_window_s end in a
+    # clean error instead of another recovery; 0 turns recovery off (the first failure is final)
+    max_failures: int = 3
+    failure_window_s: float = 600.0
+    probe_timeout_s: float = 3.0  # an actor that does not answer a ping within this is stalled: it is killed
+    recovery_timeout_s: float = 300.0  # restarting (reloading) actors and rejoining, per recovery attempt
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
@@ -42,6 +57,13 @@ class ClusterConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0 < self.heartbeat_s < self.collective_timeout_s / 2:
             raise ValueError("heartbeat_s must be positive and under half of collective_timeout_s")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+        for name in ("failure_window_s", "probe_timeout_s", "recovery_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("frontend_resources", "shard_resources"):
+            _check_resources(name, getattr(self, name))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ClusterConfig":
@@ -58,3 +80,14 @@ class ClusterConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_resources(name: str, resources) -> None:
+    if not isinstance(resources, dict):
+        raise ValueError(f"{name} must be a mapping of Ray resource names to amounts, got {resources!r}")
+    for key, amount in resources.items():
+        if not isinstance(key, str) or not key or key in BUILTIN_RESOURCES:
+            raise ValueError(f"{name}: {key!r} is not a custom Ray resource name (CPU and GPU are set by the "
+                             f"launcher)")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < math.inf:
+            raise ValueError(f"{name}[{key!r}] must be a positive number, got {amount!r}")

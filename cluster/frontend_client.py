@@ -1,6 +1,10 @@
 """How the servers reach the engine: a Frontend actor of the cluster, or a Frontend object in this process
 (``num_shards=0``). Both are driven through the same async API, so the gRPC and OpenAI servers do not care
-which one they talk to."""
+which one they talk to.
+
+A Frontend actor that dies takes the requests it held with it: their calls end with ``EngineFailure`` and a
+message that says so (the servers answer UNAVAILABLE: retriable, since the cluster restarts the front-end).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,18 @@ from typing import AsyncIterator
 
 import ray
 
-from epserve.actors.frontend import Frontend
+from epserve.actors.frontend import EngineFailure, Frontend
+
+FRONTEND_LOST = ("the front-end was lost with this request (it is being restarted; the request's progress is "
+                 "gone): retry it")
 
 
 _pending: set[asyncio.Task] = set()  # aborts in flight (kept referenced until done)
+
+
+class Draining(RuntimeError):
+    """The server is shutting down: the request was refused, or ended when the drain time ran out (gRPC
+    UNAVAILABLE, HTTP 503: retriable elsewhere or later)."""
 
 
 def _cause(e: Exception) -> Exception:
@@ -26,6 +38,13 @@ class FrontendClient:
     def __init__(self, frontend):
         self.frontend = frontend
         self.local = isinstance(frontend, Frontend)
+        self.accepting = True  # False once draining: new streams raise Draining
+        self._live: dict[object, asyncio.Future] = {}  # per stream in flight: its pending next item
+        self._ended: set[object] = set()  # streams that the drain ends
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
 
     async def _call(self, method: str, *args):
         if self.local:
@@ -35,30 +54,76 @@ class FrontendClient:
             return await getattr(self.frontend, method).remote(*args)
         except ray.exceptions.RayTaskError as e:
             raise _cause(e) from None
+        except ray.exceptions.RayActorError:
+            raise EngineFailure(FRONTEND_LOST) from None
 
     async def stream(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[dict]:
         """One dict per engine step: request_id, new_token_ids, new_logprobs, finished, finish_reason,
         num_prompt_tokens, num_output_tokens. Leaving early (cancel, disconnect) aborts the request."""
+        if not self.accepting:
+            raise Draining("the server is shutting down: retry on another replica or later")
         finished = False
+        items = self.frontend.stream(prompt_ids, params, request_id) if self.local else \
+            self._remote_stream(prompt_ids, params, request_id)
         try:
-            if self.local:
-                async for item in self.frontend.stream(prompt_ids, params, request_id):
-                    finished = item["finished"]
-                    yield item
-            else:
-                gen = self.frontend.stream.options(num_returns="streaming").remote(prompt_ids, params, request_id)
-                async for ref in gen:
-                    try:
-                        item = await ref
-                    except ray.exceptions.RayTaskError as e:
-                        raise _cause(e) from None
-                    finished = item["finished"]
-                    yield item
+            async for item in self._until_drained(items):
+                finished = item["finished"]
+                yield item
         finally:
             if not finished:  # not awaited: the caller's task may be being cancelled right now
                 task = asyncio.get_running_loop().create_task(self._abort_quietly(request_id))
                 _pending.add(task)
                 task.add_done_callback(_pending.discard)
+
+    async def _until_drained(self, items: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        """``items``, each awaited as a future of its own that ``drain`` can cancel: a stream still in flight
+        when the drain time runs out ends with Draining (its engine request is then aborted)."""
+        key, it = object(), items.__aiter__()
+        try:
+            while True:
+                self._live[key] = step = asyncio.ensure_future(it.__anext__())
+                try:
+                    item = await step
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if key in self._ended:
+                        raise Draining("the server shut down before the request finished: retry it") from None
+                    raise
+                yield item
+        finally:
+            self._live.pop(key, None)
+            self._ended.discard(key)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new streams, wait up to ``timeout_s`` for those in flight to finish, and end the rest with
+        Draining. Returns how many were ended."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._live and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self._live.items())
+        for key, step in left:
+            self._ended.add(key)
+            step.cancel()
+        return len(left)
+
+    async def _remote_stream(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[dict]:
+        gen = self.frontend.stream.options(num_returns="streaming").remote(prompt_ids, params, request_id)
+        exhausted = False
+        try:
+            async for ref in gen:
+                try:
+                    yield await ref
+                except ray.exceptions.RayTaskError as e:
+                    raise _cause(e) from None
+            exhausted = True
+        except ray.exceptions.RayActorError:
+            raise EngineFailure(FRONTEND_LOST) from None
+        finally:
+            if not exhausted:  # left early: else the actor's side of the stream would wait for items forever
+                ray.cancel(gen)
 
     async def _abort_quietly(self, request_id: str) -> None:
         try:

@@ -5,6 +5,12 @@ It runs inside the Serve ingress replica rather than behind Serve's gRPC proxy: 
 a grpc.aio server in a replica answers a unary call in 2.5-6 ms and supports health and reflection
 natively, while Serve's proxy costs 13-15 ms per call and needs extra work for standard health checks
 (docs/grpc.md has the numbers and the command).
+
+Every request is checked field by field (cluster/validation.py, shared with the OpenAI API) before it reaches
+the engine: INVALID_ARGUMENT with a message that starts with the field (``sampling.top_p: ...``), also for a
+request that does not parse. Refusals keep their meaning (cluster/statuses.py): RESOURCE_EXHAUSTED when the
+engine's waiting queue is full, UNAVAILABLE while starting, recovering or draining. Optionally the port speaks
+TLS only, and every call but health checks needs the bearer token (``Guard``; cluster/security.py).
 """
 
 from __future__ import annotations
@@ -18,47 +24,67 @@ from grpc_reflection.v1alpha import reflection
 
 from epserve.actors.engine.sampling import RequestError
 
+from . import statuses, validation
 from .api import inference_pb2 as pb
 from .api import inference_pb2_grpc as pb_grpc
+from .security import BearerToken, TLSFiles
 from .serving import ServingState, new_request_id
 
 SERVICE = "epserve.v1.Inference"
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "seed", "min_tokens")
 log = logging.getLogger("epserve.grpc")
 
 
-def sampling_dict(s: pb.SamplingParams) -> dict:
+def sampling_fields(s: pb.SamplingParams) -> dict:
     """The engine's SamplingParams fields from the message (unset fields keep the engine's defaults)."""
-    out = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_k", "top_p", "seed",
-                                               "min_tokens") if s.HasField(name)}
+    out = {name: getattr(s, name) for name in OPTIONAL_SAMPLING if s.HasField(name)}
     out.update(stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
     return out
+
+
+def field_names(request: pb.GenerateRequest) -> dict[str, str]:
+    """The engine's field names -> the message's (the prompt is whichever input is set)."""
+    sampling = {f: f"sampling.{f}" for f in OPTIONAL_SAMPLING + ("stop_token_ids",)}
+    return {"prompt": request.WhichOneof("input") or "input", **sampling}
 
 
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, state: ServingState):
         self.state = state
 
-    async def _prompt(self, request, context) -> list[int]:
+    def _checked(self, request) -> tuple[str, list[int] | str, dict]:
+        """(request id, prompt token ids or text, sampling params) of a valid request; RequestError naming the
+        message's field otherwise."""
+        limits = validation.Limits.of(self.state.info)
         kind = request.WhichOneof("input")
-        if kind is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input: set token_ids or text")
-        if kind == "text":
-            if self.state.tokenizer is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    "input.text: this model has no tokenizer; send token_ids")
-            return self.state.tokenizer.encode(request.text)
-        return list(request.token_ids.ids)
+        try:
+            rid = validation.request_id(request.request_id) if request.request_id else new_request_id()
+            if kind is None:
+                raise RequestError("input", "set token_ids or text")
+            if kind == "text" and self.state.tokenizer is None:
+                raise RequestError("text", "this model has no tokenizer; send token_ids")
+            prompt = validation.text(request.text, limits) if kind == "text" else \
+                validation.token_ids(list(request.token_ids.ids), limits)
+            return rid, prompt, validation.sampling(limits, **sampling_fields(request.sampling))
+        except RequestError as e:
+            raise validation.renamed(e, field_names(request)) from None
 
     async def _stream(self, request, context):
+        if self.state.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere or later")
         if not self.state.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the cluster is starting or recovering; retry")
-        rid = request.request_id or new_request_id()
-        prompt = await self._prompt(request, context)
+        try:
+            rid, prompt, params = self._checked(request)
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if isinstance(prompt, str):
+            prompt = self.state.tokenizer.encode(prompt)
         detok = self.state.tokenizer.detokenizer() if self.state.tokenizer is not None else None
         t0, n_out, reason = time.monotonic(), 0, None
         try:
-            async for item in self.state.client.stream(prompt, sampling_dict(request.sampling), rid):
+            async for item in self.state.client.stream(prompt, params, rid):
                 n_out = item["num_output_tokens"]
                 reason = item["finish_reason"]
                 text = detok.step(item["new_token_ids"]) if detok else ""
@@ -71,13 +97,15 @@ class InferenceService(pb_grpc.InferenceServicer):
                     msg.usage.prompt_tokens = item["num_prompt_tokens"]
                     msg.usage.completion_tokens = n_out
                 yield msg
-        except RequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception as e:  # noqa: BLE001 - the engine failed or restarts: retriable
-            if isinstance(e, (grpc.aio.AbortError,)):
-                raise
-            log.warning("request %s failed: %s", rid, e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is unavailable: {_short(e)}")
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 - refused by the engine, or the engine failed or restarts
+            status = statuses.of(e)
+            if status is None:  # the engine failed or restarts: retriable
+                log.warning("request %s failed: %s", rid, e)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is unavailable: {_short(e)}")
+            message = validation.renamed(e, field_names(request)) if isinstance(e, RequestError) else e
+            await context.abort(status.grpc, str(message))
         finally:
             log.info("request %s prompt_tokens=%d output_tokens=%d finish=%s %.3fs", rid, len(prompt), n_out,
                      reason or "cancelled", time.monotonic() - t0)
@@ -115,21 +143,94 @@ def _short(e: Exception) -> str:
     return text[-1][:300] if text else type(e).__name__
 
 
+class _Malformed:
+    """What a request that does not parse as its message becomes, so that the call gets INVALID_ARGUMENT
+    (grpc answers UNKNOWN for a deserializer's exception)."""
+
+    def __init__(self, error: Exception):
+        self.message = f"the request is not a valid message: {error}"
+
+
+class Guard(grpc.aio.ServerInterceptor):
+    """Every call but health checks needs the bearer token (when there is one): UNAUTHENTICATED otherwise.
+    Requests to the Inference service that do not parse get INVALID_ARGUMENT."""
+
+    OPEN = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: BearerToken | None):
+        self.token = token
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if self.token is not None and not details.method.startswith(self.OPEN):
+            metadata = dict(details.invocation_metadata or ())
+            if not self.token.accepts(metadata.get("authorization")):
+                return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                 "missing or wrong bearer token (metadata authorization: Bearer <token>)")
+        if details.method.startswith(f"/{SERVICE}/"):
+            return _tolerant(handler)
+        return handler
+
+
+def _behaviour(handler) -> str:
+    return ("stream" if handler.request_streaming else "unary") + "_" + \
+        ("stream" if handler.response_streaming else "unary")
+
+
+def _refusing(handler, code: grpc.StatusCode, details: str):
+    async def refuse(request, context):
+        await context.abort(code, details)
+
+    return handler._replace(**{_behaviour(handler): refuse})
+
+
+def _tolerant(handler):
+    """The handler of a unary-request method, with a request that does not parse answered INVALID_ARGUMENT."""
+    parse, kind = handler.request_deserializer, _behaviour(handler)
+    behaviour = getattr(handler, kind)
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's
+            return _Malformed(e)
+
+    if handler.response_streaming:
+        async def checked(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            async for response in behaviour(request, context):
+                yield response
+    else:
+        async def checked(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await behaviour(request, context)
+
+    return handler._replace(request_deserializer=deserialize, **{kind: checked})
+
+
 class GrpcEndpoint:
-    """The grpc.aio server: the Inference service, health (NOT_SERVING until ``set_serving``), reflection."""
+    """The grpc.aio server: the Inference service, health (NOT_SERVING until ``set_serving``, and again once
+    draining), reflection; TLS and a bearer token when given."""
 
     def __init__(self, state: ServingState, host: str = "127.0.0.1", port: int = 50051,
-                 max_message_bytes: int = 4 << 20):
+                 max_message_bytes: int = 4 << 20, tls: TLSFiles | None = None, token: BearerToken | None = None):
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=[Guard(token)])
+        self.state = state
         pb_grpc.add_InferenceServicer_to_server(InferenceService(state), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME,
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = self.server.add_secure_port(address, tls.server_credentials()) if tls else \
+            self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.host = host
@@ -139,6 +240,7 @@ class GrpcEndpoint:
         await self.server.start()
 
     async def set_serving(self, serving: bool) -> None:
+        serving = serving and not self.state.draining
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE):
             await self.health.set(service, status)

@@ -2,7 +2,10 @@
 and a Frontend actor, one process group over them, and the shards' collective loops.
 
 Every actor is named in the ``epserve`` namespace (``epserve-frontend``, ``epserve-shard-<i>``) so that
-operators and tests can find them with ``ray.get_actor``.
+operators and tests can find them with ``ray.get_actor``. Actors are created with ``max_restarts=-1``: Ray
+restarts one that dies (its constructor reloads the weights), and the cluster's Supervisor
+(cluster/supervisor.py) rebuilds the process group around it; the Supervisor's failure limit, not Ray's,
+decides when to stop. Rank r of the process group is ``actor(r)``: 0 the front-end, i + 1 shard i.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from epserve.actors.expert_shard import ExpertShard
 from epserve.actors.frontend import Frontend
 
 from .config import ClusterConfig
+from .supervisor import Supervisor
 
 NAMESPACE = "epserve"
 log = logging.getLogger("epserve.cluster")
@@ -31,13 +35,23 @@ def shard_name(i: int) -> str:
 FRONTEND_NAME = "epserve-frontend"
 
 
+def bundles(cfg: ClusterConfig, cpus: float, use_gpu: bool) -> list[dict[str, float]]:
+    """The placement group's bundle per rank: what the rank's actor asks for (CPU, and a GPU), plus its
+    role's custom resources, which the actor itself does not ask for: reserving them in the bundle is what
+    puts the bundle, and so the actor (also a recreated one), on a node of that role."""
+    base = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
+    return [{**base, **cfg.frontend_resources}] + [{**base, **cfg.shard_resources} for _ in range(cfg.shards)]
+
+
 class Cluster:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, on_change=None):
         self.config = config
+        self.on_change = on_change  # called when the cluster starts or stops serving (see Supervisor)
         self.frontend = None
         self.shards: list = []
         self.serve_refs: list = []
         self.pg = None
+        self.supervisor: Supervisor | None = None
         self._started_ray = False
 
     # ---- bring-up ---------------------------------------------------------------------------------------
@@ -48,35 +62,82 @@ class Cluster:
 
             cfg.checkpoint = str(builtin_checkpoint())
         self._connect()
-        use_gpu = self._use_gpu()
+        self.use_gpu = self._use_gpu()
+        self.backend = "nccl" if self.use_gpu else "gloo"
         world = cfg.shards + 1
-        cpus = 1.0 if use_gpu else cfg.cpus_per_actor
-        bundle = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
-        self._progress(f"placing {world} actors ({'1 GPU' if use_gpu else f'{cpus} CPU'} each, {cfg.placement})")
-        self.pg = placement_group([bundle] * world, strategy=cfg.placement)
+        self.cpus = 1.0 if self.use_gpu else cfg.cpus_per_actor  # per actor
+        where = "1 GPU" if self.use_gpu else f"{self.cpus} CPU"
+        roles = "".join(f", {role} {res}" for role, res in (("front-end", cfg.frontend_resources),
+                                                            ("shards", cfg.shard_resources)) if res)
+        self._progress(f"placing {world} actors ({where} each, {cfg.placement}{roles})")
+        self.pg = placement_group(bundles(cfg, self.cpus, self.use_gpu), strategy=cfg.placement)
         ray.get(self.pg.ready(), timeout=cfg.start_timeout_s)
-
-        def opts(i, name, concurrency):
-            return dict(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=1 if use_gpu else 0,
-                        max_concurrency=concurrency, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                            self.pg, placement_group_bundle_index=i))
-
         self._progress(f"loading experts on {cfg.shards} shard(s) and the rest on the front-end")
-        self.shards = [ray.remote(ExpertShard).options(**opts(i + 1, shard_name(i), 4)).remote(
-            cfg.checkpoint, i, cfg.shards, cfg.shard_threads) for i in range(cfg.shards)]
-        self.frontend = ray.remote(Frontend).options(**opts(0, FRONTEND_NAME, 1000)).remote(
-            cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s,
-            use_gpu if cfg.overlap_dense_ffn is None else cfg.overlap_dense_ffn)
-        backend = "nccl" if use_gpu else "gloo"
-        host, port = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s), timeout=cfg.start_timeout_s)
-        self._progress(f"joining the {backend} process group ({world} ranks, store at {host}:{port})")
-        joins = [self.frontend.join.remote(backend, host, port, cfg.collective_timeout_s)]
-        joins += [s.join.remote(world, backend, host, port, cfg.collective_timeout_s) for s in self.shards]
-        ray.get(joins, timeout=cfg.start_timeout_s)
-        self.serve_refs = [s.serve.remote() for s in self.shards]
+        self.shards = [self._create(rank) for rank in range(1, world)]
+        self.frontend = self._create(0)
+        # every rank has loaded its weights before any joins: the rendezvous then takes well under its deadline
+        ray.get([self.actor(rank).ping.remote() for rank in range(world)], timeout=cfg.start_timeout_s)
+        self._progress(f"joining the {self.backend} process group ({world} ranks)")
+        self.connect(cfg.start_timeout_s)
         ray.get(self.frontend.start.remote(), timeout=cfg.start_timeout_s)
+        self.supervisor = Supervisor(self, self.on_change).start()
         self._progress("ready")
         return self
+
+    def connect(self, timeout_s: float) -> None:
+        """One process group over every rank, on a new store at the front-end; starts the shards' loops."""
+        cfg = self.config
+        world = cfg.shards + 1
+        host, port = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s), timeout=timeout_s)
+        joins = [self.frontend.join.remote(self.backend, host, port, cfg.collective_timeout_s)]
+        joins += [s.join.remote(world, self.backend, host, port, cfg.collective_timeout_s) for s in self.shards]
+        # every join settles (each within the store's deadline) before a failure is raised: a retry must not
+        # find a rank still joining this group
+        if ray.wait(joins, num_returns=len(joins), timeout=timeout_s)[1]:
+            raise TimeoutError(f"the ranks did not join the process group within {timeout_s:.0f} s")
+        ray.get(joins)
+        self.serve_refs = [s.serve.remote() for s in self.shards]
+
+    # ---- the actors, by rank ----------------------------------------------------------------------------
+    def actor(self, rank: int):
+        return self.frontend if rank == 0 else self.shards[rank - 1]
+
+    @staticmethod
+    def name(rank: int) -> str:
+        return FRONTEND_NAME if rank == 0 else shard_name(rank - 1)
+
+    @staticmethod
+    def role(rank: int) -> str:
+        return "the front-end" if rank == 0 else f"shard {rank - 1}"
+
+    def is_registered(self, rank: int) -> bool:
+        """Whether the rank's name still resolves (a dead actor that Ray restarts keeps it)."""
+        try:
+            ray.get_actor(self.name(rank), namespace=NAMESPACE)
+            return True
+        except ValueError:
+            return False
+
+    def recreate(self, rank: int) -> None:
+        """A new actor for a rank that is gone for good, under the same name, in the same bundle."""
+        if rank == 0:
+            self.frontend = self._create(0)
+        else:
+            self.shards[rank - 1] = self._create(rank)
+
+    def _create(self, rank: int):
+        cfg = self.config
+        options = dict(name=self.name(rank), namespace=NAMESPACE, max_restarts=-1,
+                       num_cpus=self.cpus, num_gpus=1 if self.use_gpu else 0,
+                       max_concurrency=1000 if rank == 0 else 4,
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg,
+                                                                            placement_group_bundle_index=rank))
+        if rank > 0:
+            return ray.remote(ExpertShard).options(**options).remote(cfg.checkpoint, rank - 1, cfg.shards,
+                                                                      cfg.shard_threads)
+        overlap = self.use_gpu if cfg.overlap_dense_ffn is None else cfg.overlap_dense_ffn
+        return ray.remote(Frontend).options(**options).remote(
+            cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s, overlap, supervised=True)
 
     def _connect(self) -> None:
         if ray.is_initialized():
@@ -112,6 +173,9 @@ class Cluster:
     # ---- shutdown ---------------------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the engine (the shards leave their loops), then remove actors and placement group."""
+        if self.supervisor is not None:  # first: stopping is not a failure
+            self.supervisor.stop(timeout_s)
+            self.supervisor = None
         if self.frontend is not None:
             try:
                 ray.get(self.frontend.stop.remote(), timeout=timeout_s)

@@ -19,8 +19,10 @@ them; other unknown fields are ignored.
 Every request gets an id (``cmpl-...`` / ``chatcmpl-...``), used as the engine's request id, returned as the
 response's ``id`` and in the ``x-request-id`` header, and logged on the ``epserve.http`` logger (one line per
 request). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400
-``invalid_request_error`` for a bad request (``param`` names the field), 500 ``server_error`` when the engine
-fails.
+``invalid_request_error`` for a bad request (``param`` names the field; the field checks are cluster/
+validation.py's, shared with the gRPC API), 401 without the bearer token (when the server has one), 413 for
+a body over ``max_body_bytes``, 429 when the engine's waiting queue is full, 503 while the model loads or the
+server drains, 500 ``server_error`` when the engine fails.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from epserve.actors.engine.sampling import RequestError, SamplingParams
+from epserve.actors.engine.sampling import RequestError
 
+from . import statuses, validation
+from .security import BearerToken
 from .tokenizer import ChatTemplateError, Tokenizer
 
 if TYPE_CHECKING:
@@ -48,7 +52,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("epserve.http")
 router = APIRouter()
 
-SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed accepts
+MAX_BODY_BYTES = 4 << 20  # as the gRPC endpoint's message limit
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 
 @dataclass
@@ -62,16 +67,25 @@ class OpenAIState:
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int | None = None  # for early validation; the engine validates again
     created: int = field(default_factory=lambda: int(time.time()))
+    token: BearerToken | None = None  # when set, every route needs ``Authorization: Bearer <token>``
+    draining: bool = False  # shutting down: new requests get 503
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    @property
+    def limits(self) -> validation.Limits:
+        return validation.Limits(self.vocab_size if self.vocab_size is not None else 1 << 62,
+                                 self.max_model_len or 1 << 62, self.eos_token_ids)
 
     @classmethod
     async def create(cls, client: FrontendClient, model_name: str, checkpoint: str | None = None,
-                     tokenizer: Tokenizer | None = None) -> OpenAIState:
-        """Fill in the limits from ``client.model_info()``; the tokenizer from ``checkpoint`` unless given."""
+                     tokenizer: Tokenizer | None = None, **options) -> OpenAIState:
+        """Fill in the limits from ``client.model_info()``; the tokenizer from ``checkpoint`` unless given;
+        ``options``: token, max_body_bytes."""
         info = await client.model_info()
         if tokenizer is None and checkpoint is not None:
             tokenizer = Tokenizer.from_checkpoint(checkpoint)
         return cls(client, tokenizer, model_name, int(info["max_model_len"]), tuple(info["eos_token_ids"]),
-                   int(info["vocab_size"]))
+                   int(info["vocab_size"]), **options)
 
 
 def install(app: FastAPI, state: OpenAIState) -> FastAPI:
@@ -88,29 +102,42 @@ def install(app: FastAPI, state: OpenAIState) -> FastAPI:
 
 class APIError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 type: str = "invalid_request_error"):  # noqa: A002 - OpenAI's name
+                 type: str = "invalid_request_error", headers: dict | None = None):  # noqa: A002 - OpenAI's name
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+        self.headers = headers or {}
+
+    @classmethod
+    def of(cls, status: statuses.Status, message: str, param: str | None = None, **kw) -> APIError:
+        return cls(message, param, status=status.http, code=status.code, type=status.type, **kw)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, request_id: str | None = None) -> JSONResponse:
-        headers = {"x-request-id": request_id} if request_id else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {**self.headers, **({"x-request-id": request_id} if request_id else {})}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
+
+
+def _request_error(e: RequestError, prompt_param: str = "prompt") -> APIError:
+    """400, ``param`` = the field (the engine's ``prompt`` is this endpoint's prompt_param)."""
+    param = prompt_param if e.field == "prompt" else e.field
+    message = str(e)
+    if param != e.field and message.startswith("prompt:"):
+        message = f"{param} (prompt):" + message[len("prompt:"):]
+    return APIError(message, param)
 
 
 def _engine_error(e: BaseException, prompt_param: str = "prompt") -> APIError:
-    """An exception from the engine as an API error: a RequestError (possibly inside a RayTaskError) is the
-    client's fault (400, param = its field); anything else is the server's (500)."""
+    """An exception from the engine as an API error: a refusal (a RequestError, possibly inside a
+    RayTaskError: 400; a full queue: 429; draining: 503) or the server's failure (500)."""
     cause = getattr(e, "cause", None)
-    err = cause if isinstance(cause, RequestError) else e if isinstance(e, RequestError) else None
-    if err is not None:
-        param = prompt_param if err.field == "prompt" else err.field
-        message = str(err)
-        if param != err.field and message.startswith("prompt:"):
-            message = f"{param} (prompt):" + message[len("prompt:"):]
-        return APIError(message, param)
+    err = cause if isinstance(cause, Exception) and statuses.of(cause) else e
+    status = statuses.of(err)
+    if isinstance(err, RequestError):
+        return _request_error(err, prompt_param)
+    if status is not None:
+        return APIError.of(status, str(err))
     return APIError(f"the engine failed: {type(e).__name__}: {cause or e}", status=500, type="server_error")
 
 
@@ -128,7 +155,7 @@ def _int(body: dict, name: str, default=None):
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not _is_int(v):
-        raise APIError(f"{name} must be an integer, got {json.dumps(v)}", name)
+        raise APIError(f"{name} must be an integer, got {_shown(v)}", name)
     return v
 
 
@@ -136,9 +163,18 @@ def _float(body: dict, name: str, default=None):
     v = body.get(name)
     if v is None:
         return default
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool)) or not math.isfinite(v):
-        raise APIError(f"{name} must be a finite number, got {json.dumps(v)}", name)
+    try:
+        finite = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise APIError(f"{name} must be a finite number, got {_shown(v)}", name)
     return float(v)
+
+
+def _shown(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _bool(body: dict, name: str, default: bool = False) -> bool:
@@ -146,7 +182,7 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise APIError(f"{name} must be true or false, got {json.dumps(v)}", name)
+        raise APIError(f"{name} must be true or false, got {_shown(v)}", name)
     return v
 
 
@@ -158,6 +194,8 @@ def _stop_strings(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise APIError("stop must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters", "stop")
     return [s for s in stop if s]
 
 
@@ -189,24 +227,17 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
 
 def _sampling(body: dict, state: OpenAIState, max_tokens: int, logprobs: bool) -> dict:
     top_k = _int(body, "top_k", 0)
-    seed = _int(body, "seed")
-    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-        raise APIError(f"seed must be in [-2**63, 2**64), got {seed}", "seed")
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
         raise APIError("stop_token_ids must be a list of token ids", "stop_token_ids")
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=_float(body, "temperature", 1.0), top_p=_float(body, "top_p", 1.0),
-        top_k=0 if top_k == -1 else top_k,  # vLLM's -1 = off
-        seed=seed, stop_token_ids=list(stop_ids), ignore_eos=_bool(body, "ignore_eos"),
-        min_tokens=_int(body, "min_tokens", 0), logprobs=logprobs)
     try:
-        params.validate(state.vocab_size if state.vocab_size is not None else 1 << 62)
+        return validation.sampling(
+            state.limits, max_tokens=max_tokens, temperature=_float(body, "temperature", 1.0),
+            top_p=_float(body, "top_p", 1.0), top_k=0 if top_k == -1 else top_k,  # vLLM's -1 = off
+            seed=_int(body, "seed"), stop_token_ids=list(stop_ids), ignore_eos=_bool(body, "ignore_eos"),
+            min_tokens=_int(body, "min_tokens", 0), logprobs=logprobs)
     except RequestError as e:
         raise APIError(str(e), e.field) from None
-    return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
-            "top_p": params.top_p, "seed": params.seed, "stop_token_ids": params.stop_token_ids,
-            "ignore_eos": params.ignore_eos, "min_tokens": params.min_tokens, "logprobs": params.logprobs}
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -342,10 +373,11 @@ _STARTED = int(time.time())
 
 
 def _state(request: Request, need_client: bool = True) -> OpenAIState:
-    """The served state as an OpenAIState. ``app.state.epserve`` may be an OpenAIState or any object with
-    ``model_name``, ``tokenizer``, ``client`` (None while the model loads: 503) and the limits either as
-    attributes or in an ``info`` dict (``FrontendClient.model_info()``), like cluster/serving.py's
-    ServingState."""
+    """The served state as an OpenAIState, once the caller has shown the bearer token (when there is one):
+    401 otherwise; 503 while draining or, with ``need_client``, while the model loads. ``app.state.epserve``
+    may be an OpenAIState or any object with ``model_name``, ``tokenizer``, ``client`` (None while the model
+    loads) and the limits either as attributes or in an ``info`` dict (``FrontendClient.model_info()``), like
+    cluster/serving.py's ServingState (``token`` and ``draining`` optional)."""
     state = getattr(request.app.state, "epserve", None)
     if state is None:
         raise APIError("the server is not set up (app.state.epserve is missing)", status=503, type="server_error")
@@ -358,19 +390,34 @@ def _state(request: Request, need_client: bool = True) -> OpenAIState:
 
         state = OpenAIState(getattr(state, "client", None), getattr(state, "tokenizer", None), state.model_name,
                             pick("max_model_len"), tuple(pick("eos_token_ids") or ()), pick("vocab_size"),
-                            getattr(state, "created", _STARTED))
+                            getattr(state, "created", _STARTED), getattr(state, "token", None),
+                            bool(getattr(state, "draining", False)))
+    if state.token is not None and not state.token.accepts(request.headers.get("authorization")):
+        raise APIError.of(statuses.UNAUTHENTICATED, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                          headers={"www-authenticate": "Bearer"})
+    if state.draining and need_client:
+        raise APIError.of(statuses.UNAVAILABLE, "the server is shutting down: retry elsewhere or later")
     if state.client is None and need_client:
         raise APIError("the model is still loading: try again shortly", status=503, type="server_error",
                        code="model_not_ready")
     return state
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _json_body(request: Request, limit: int) -> dict:
+    """The body as a JSON object; 413 past ``limit`` bytes (from the header, or as it streams in)."""
+    too_large = APIError.of(statuses.TOO_LARGE, f"the request body is larger than {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise too_large
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(f"the request body is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise APIError(f"the request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     return body
@@ -414,20 +461,25 @@ def _completion_prompt(body: dict, state: OpenAIState) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        if not prompt:
-            raise APIError("prompt is empty", "prompt")
-        if state.tokenizer is None:
+        if state.tokenizer is None and prompt:
             raise APIError("this model has no tokenizer: send the prompt as a list of token ids", "prompt")
-        return state.tokenizer.encode(prompt, add_bos=_bool(body, "add_special_tokens", True))
+        text = _checked(validation.text, prompt, state.limits, "prompt")
+        return state.tokenizer.encode(text, add_bos=_bool(body, "add_special_tokens", True))
     if isinstance(prompt, list) and all(_is_int(t) for t in prompt):
-        if not prompt:
-            raise APIError("prompt is empty", "prompt")
-        return list(prompt)
+        return _checked(validation.token_ids, prompt, state.limits, "prompt")
     if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
         raise APIError("batched prompts are not supported: send one prompt per request", "prompt")
     if prompt is None:
         raise APIError("prompt is required", "prompt")
     raise APIError("prompt must be a string, a list of token ids, or a list of one of those", "prompt")
+
+
+def _checked(check, *args):
+    """A validation.py check, its RequestError as a 400."""
+    try:
+        return check(*args)
+    except RequestError as e:
+        raise _request_error(e) from None
 
 
 def _chat_messages(body: dict) -> list[dict]:
@@ -452,7 +504,7 @@ def _chat_messages(body: dict) -> list[dict]:
             content = "".join(texts)
         if not isinstance(content, str):
             raise APIError(f"messages[{i}].content must be a string or a list of text parts", "messages")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _checked(validation.unicode, content, f"messages[{i}].content")})
     return out
 
 
@@ -473,7 +525,7 @@ async def _handle(request: Request, chat: bool) -> Response:
     prompt_tokens = 0
     try:
         state = _state(request)
-        body = await _json_body(request)
+        body = await _json_body(request, state.max_body_bytes)
         _check_model(body, state)
         _refuse_unsupported(body, chat)
         stream = _bool(body, "stream")
@@ -490,7 +542,8 @@ async def _handle(request: Request, chat: bool) -> Response:
                 text = tok.apply_chat_template(_chat_messages(body), add_generation_prompt=True)
             except ChatTemplateError as e:
                 raise APIError(f"messages: {e}", "messages") from None
-            prompt_ids = tok.encode(text, add_bos=False)  # the template writes <bos>
+            prompt_ids = tok.encode(_checked(validation.text, text, state.limits, "messages"),
+                                    add_bos=False)  # the template writes <bos>
             logprobs = _bool(body, "logprobs")
             if _int(body, "top_logprobs", 0):
                 raise APIError("top_logprobs is not supported (only the chosen tokens' logprobs)", "top_logprobs")

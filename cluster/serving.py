@@ -1,5 +1,6 @@
 """What both servers (gRPC and OpenAI HTTP) share: the engine client, the tokenizer, the model's name and
-limits, and readiness. One object per ingress replica; ``client`` is None until the cluster is ready."""
+limits, readiness, the bearer token and whether the server drains. One object per ingress replica;
+``client`` is None until the cluster is ready."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ class ServingState:
     tokenizer: object | None = None  # cluster.tokenizer.Tokenizer when the checkpoint has one
     client: object | None = None  # cluster.frontend_client.FrontendClient once ready
     info: dict = field(default_factory=dict)  # Frontend.model_info()
+    token: object | None = None  # cluster.security.BearerToken when inference calls need one
+    draining: bool = False  # shutting down: new requests are refused (UNAVAILABLE / 503)
 
     @property
     def ready(self) -> bool:

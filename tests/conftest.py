@@ -17,7 +17,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
-import math  # noqa: E402
+import dataclasses  # noqa: E402
+import math
 import shutil
 import types
 
@@ -93,12 +94,27 @@ def random_ids(vocab: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(seed))
 
 
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of ``prompt`` (eos ignored). Random weights can make near-ties, where
+    a difference within the parity tolerance may legitimately pick the other token: this asserts that the top-2
+    margin of the reference logits exceeds the tolerance at every generated position (on failure, pick another
+    prompt or seed, never a looser check)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    logits = torch.stack(out.logits)[:, 0].float()  # [new, V]
+    top2 = logits.topk(2, dim=-1).values
+    margin, allowed = (top2[:, 0] - top2[:, 1]).min().item(), REL_TOL * logits.abs().max().item()
+    assert margin > allowed, f"near-tie in the reference (top-2 margin {margin:.2e} <= {allowed:.2e})"
+    return out.sequences[0, len(prompt):].tolist()
+
+
 @pytest.fixture(scope="session")
 def tools():
     """The helpers above, for the test modules (no ``import conftest``)."""
     return types.SimpleNamespace(
         our_logits=our_logits, hf_logits=hf_logits, parity_error=parity_error, assert_parity=assert_parity,
-        hf_load=hf_load, randomize_hf_=randomize_hf_, random_ids=random_ids, REL_TOL=REL_TOL,
+        hf_load=hf_load, randomize_hf_=randomize_hf_, random_ids=random_ids, hf_greedy=hf_greedy, REL_TOL=REL_TOL,
     )
 
 
@@ -128,6 +144,13 @@ def tiny_sharded_dir(tmp_path_factory, tiny_cfg):
 
 
 @pytest.fixture(scope="session")
+def shared_expert_dir(tmp_path_factory, tiny_cfg):
+    """The tiny preset with a separate shared expert of width 192 in every layer (the released model has none)."""
+    cfg = dataclasses.replace(tiny_cfg, shared_expert_intermediate_size=192)
+    return write_checkpoint(cfg, tmp_path_factory.mktemp("tiny-shared-expert"), seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     return load_model(tiny_dir)
 
@@ -147,10 +170,45 @@ def broken_copy(tmp_path, tiny_dir):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray head for the whole run (every port on 127.0.0.1), shut down at the end."""
+    """One local Ray head for the whole run (every port on 127.0.0.1), shut down at the end. It advertises the
+    role resources of the Helm chart's pods, enough for one 2-shard cluster that asks for them."""
     import ray
 
     ray.init(namespace="epserve", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
+             resources={"frontend": 1, "expert": 2}, runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate valid for 127.0.0.1 and localhost, and its private key: PEM file paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (folder / "key.pem").chmod(0o600)
+    return types.SimpleNamespace(cert=str(folder / "cert.pem"), key=str(folder / "key.pem"))

@@ -4,6 +4,7 @@ how config.json is parsed (multimodal nesting / text-only, both full-layer forms
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from transformers import (
 
 from epserve.actors.model.checkpoint import preset, write_checkpoint
 from epserve.actors.model.config import FULL, SLIDING, ConfigError, ModelConfig
+from epserve.actors.model.gemma4 import Gemma4Model, count_text_parameters
 from epserve.actors.model.loader import load_model
 
 PROMPT = 80  # > the tiny preset's window (32)
@@ -109,6 +111,57 @@ def test_config_only_checkpoint(tmp_path):
     assert ModelConfig.from_json(out) == preset("gemma-4-26b-a4b")
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["do_sample"] is False and gen["eos_token_id"] == [1, 106]
+
+
+def test_bench_preset_is_the_released_layer_shapes_on_two_layers(tmp_path):
+    """The benchmark preset: every layer's shapes are the released model's, with one sliding and one full layer,
+    a 32768-id vocabulary, stored in bf16 (config only here: its weights are 3.5 GB)."""
+    cfg = preset("bench")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.vocab_size) == (2816, 2, 16, 32768)
+    assert cfg.layer_types == (SLIDING, FULL)
+    assert (cfg.sliding.head_dim, cfg.sliding.num_kv_heads, cfg.sliding.window) == (256, 8, 1024)
+    assert (cfg.full.head_dim, cfg.full.num_kv_heads, cfg.full.k_eq_v) == (512, 2, True)
+    assert (cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, cfg.intermediate_size) == (128, 8, 704, 2112)
+    assert cfg.shared_expert_intermediate_size == 0
+    released = preset("gemma-4-26b-a4b")
+    with torch.device("meta"):
+        bench_layers, released_layers = Gemma4Model(cfg).layers, Gemma4Model(released).layers
+    shapes = lambda layer: {k: t.shape for k, t in layer.state_dict().items()}  # noqa: E731
+    assert shapes(bench_layers[0]) == shapes(released_layers[0])  # sliding
+    assert shapes(bench_layers[1]) == shapes(released_layers[5])  # full
+    # stored bf16 (the command writes with the default dtype), computed in fp32: about 6.5 GiB in memory
+    assert inspect.signature(write_checkpoint).parameters["dtype"].default is torch.bfloat16
+    text = json.loads((write_checkpoint(cfg, tmp_path, weights=False) / "config.json").read_text())["text_config"]
+    assert text["dtype"] == "bfloat16"
+    assert round(count_text_parameters(cfg) * 4 / 2**30, 1) == 6.5
+
+
+def test_shared_expert_variant(shared_expert_dir, tiny_dir, tiny_cfg, tools):
+    """A config with shared_expert_intermediate_size > 0: exactly three more tensors per layer, loaded, wired
+    as DecoderLayer's docstring says (reads pre_feedforward_layernorm_2's output, summed with the routed
+    experts before post_feedforward_layernorm_2), and it changes the output."""
+    H, I = tiny_cfg.hidden_size, 192
+    extra = set(_keys(shared_expert_dir).items()) - set(_keys(tiny_dir).items())
+    assert {(k, s) for k, (s, _) in extra} == {
+        (f"model.language_model.layers.{L}.shared_expert.{name}.weight", shape)
+        for L in range(tiny_cfg.num_layers) for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)),
+                                                                 ("down_proj", (H, I)))}
+    assert json.loads((shared_expert_dir / "config.json").read_text())["text_config"][
+        "shared_expert_intermediate_size"] == I
+    model = load_model(shared_expert_dir)
+    layer = model.layers[1]
+    seen = {}
+    for name in ("pre_feedforward_layernorm_2", "shared_expert", "experts", "post_feedforward_layernorm_2"):
+        getattr(layer, name).register_forward_hook(
+            lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
+    ids = tools.random_ids(tiny_cfg.vocab_size, 40, seed=5)
+    logits = tools.our_logits(model, ids)
+    assert torch.equal(seen["shared_expert"][0], seen["pre_feedforward_layernorm_2"][1])
+    assert torch.equal(seen["post_feedforward_layernorm_2"][0], seen["experts"][1] + seen["shared_expert"][1])
+    for layer in model.layers:
+        layer.shared_expert.down_proj.weight.zero_()
+    diff, allowed = tools.parity_error(logits, tools.our_logits(model, ids))
+    assert diff > 100 * allowed, "the shared expert hardly changes the logits: the check would not see it missing"
 
 
 def test_unknown_preset_and_layout_are_rejected(tmp_path, tiny_cfg):

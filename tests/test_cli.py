@@ -9,6 +9,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
+from epserve.actors.model.checkpoint import preset
+from epserve.actors.model.loader import load_model
+from epserve.cluster.cli import builtin_checkpoint
+
 EPSERVE = [sys.executable, "-m", "epserve.cluster.cli"]
 
 
@@ -16,7 +20,7 @@ def run(*args, check=True):
     return subprocess.run([*EPSERVE, *map(str, args)], capture_output=True, text=True, timeout=300, check=check)
 
 
-def test_generate_matches_transformers_greedy(tiny_dir):
+def test_generate_matches_transformers_greedy(tiny_dir, tools):
     prompts = [[2, 17, 300, 42], [5, 6, 7, 8, 9, 10, 11] * 7, [100]]
     args = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
     out = run("generate", "--checkpoint", tiny_dir, *args, "--max-tokens", 32, "--ignore-eos", "--json")
@@ -25,13 +29,7 @@ def test_generate_matches_transformers_greedy(tiny_dir):
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32,
                                                attn_implementation="eager").eval()
     for prompt, line in zip(prompts, lines):
-        with torch.no_grad():
-            r = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                             eos_token_id=None, output_scores=True, return_dict_in_generate=True)
-        scores = torch.stack(r.scores)[:, 0]
-        top2 = scores.topk(2, dim=-1).values
-        assert (top2[:, 0] - top2[:, 1]).min() > 1e-5 * scores.abs().max(), "near-tie: pick another prompt"
-        assert line == {"token_ids": r.sequences[0, len(prompt):].tolist(), "finish_reason": "length"}
+        assert line == {"token_ids": tools.hf_greedy(ref, prompt, 32), "finish_reason": "length"}
 
 
 def test_make_checkpoint_presets(tmp_path):
@@ -50,3 +48,16 @@ def test_errors_are_one_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
     bad = run("generate", "--prompt-ids", "1,x", check=False)
     assert bad.returncode == 2 and "comma-separated token ids" in bad.stderr
+
+
+def test_builtin_checkpoint_is_made_once_then_reused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EPSERVE_CACHE", str(tmp_path))
+    path = builtin_checkpoint()
+    assert path == tmp_path / "tiny-seed0" and "making the built-in 'tiny' checkpoint" in capsys.readouterr().err
+    files = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-seed0"]  # the temporary directory was renamed
+    assert builtin_checkpoint() == path
+    assert capsys.readouterr().err == ""  # nothing made again ...
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == files  # ... or rewritten
+    assert load_model(path).cfg == preset("tiny")  # complete: every tensor is there

@@ -4,6 +4,7 @@ gloo process group, checked against the in-process engine and transformers."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -18,11 +19,13 @@ from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.model.attention import WholeSequence
 from epserve.actors.model.gemma4 import LocalExperts
 from epserve.actors.model.loader import load_model
+from epserve.actors.model.moe import expert_dtype
 from epserve.cluster.config import ClusterConfig
-from epserve.cluster.launcher import Cluster, shard_name
+from epserve.cluster.launcher import Cluster, bundles, shard_name
 
 PROMPTS = [[2, 17, 300, 42], [5, 6, 7, 8, 9] * 12, [100], list(range(3, 90))]
 PARAMS = {"max_tokens": 12, "ignore_eos": True}
+ROLES = {"frontend_resources": {"frontend": 1}, "shard_resources": {"expert": 1}}  # what the Helm chart asks
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,10 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down
         for info, (first, count) in zip(cluster.shard_info(), expert_ranges(cfg.num_experts, shards)):
             assert (info["first"], info["count"]) == (first, count)
-            assert info["resident_expert_bytes"] == count * per_expert * cfg.num_layers * 4  # fp32
+            # bf16 on disk: held as bf16 where the native CPU kernel serves fp32 compute, else widened to fp32
+            held = expert_dtype(torch.bfloat16, torch.float32, "cpu")
+            assert info["expert_dtype"] == str(held).replace("torch.", "")
+            assert info["resident_expert_bytes"] == count * per_expert * cfg.num_layers * held.itemsize
             assert info["loaded_bytes"] == count * per_expert * cfg.num_layers * 2  # bf16 on disk
             assert ray.get_actor(shard_name(info["shard"]), namespace="epserve") is not None
         assert cluster.stats()["kv_blocks_used"] == 0
@@ -129,15 +135,46 @@ def test_step_with_idle_shards_completes(ray_session, half_routed_dir):
     assert [o["token_ids"] for o in outs] == [w.token_ids for w in want]
 
 
-def test_dead_shard_is_an_error_not_a_hang(ray_session, tiny_dir):
+def test_dead_shard_without_recovery_is_an_error_not_a_hang(ray_session, tiny_dir):
     cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=2, collective_timeout_s=10,
-                                    heartbeat_s=0.5)).start()
+                                    heartbeat_s=0.5, max_failures=0)).start()
     try:
         assert cluster.generate([[5, 6, 7]], PARAMS)[0]["finish_reason"] == "length"
         ray.kill(cluster.shards[1], no_restart=True)
-        with pytest.raises(ray.exceptions.RayTaskError, match="EngineFailure"):
+        with pytest.raises(ray.exceptions.RayTaskError, match="EngineFailure.*more than the 0 allowed"):
             ray.get(cluster.frontend.generate.remote([[5, 6, 7]], {"max_tokens": 200, "ignore_eos": True}),
                     timeout=60)
         assert not ray.get(cluster.frontend.ready.remote())
+        assert not cluster.supervisor.serving and "shard 1" in cluster.supervisor.failed
     finally:
         cluster.shutdown()
+
+
+def test_bundles_add_each_roles_resources():
+    cfg = ClusterConfig(shards=3, **ROLES)
+    gpu = {"CPU": 1.0, "GPU": 1}
+    assert bundles(cfg, 1.0, True) == [gpu | {"frontend": 1}] + [gpu | {"expert": 1}] * 3
+    assert bundles(ClusterConfig(shards=3), 0.2, False) == [{"CPU": 0.2}] * 4  # any node (deploy/serve.yaml)
+
+
+@pytest.mark.parametrize("resources, words", [
+    ({"GPU": 1}, "'GPU' is not a custom Ray resource"), ({"": 1}, "'' is not a custom"),
+    ({"expert": 0}, "must be a positive number"), ({"expert": float("nan")}, "positive number"),
+    ({"expert": "1"}, "positive number"), (["expert"], "must be a mapping")])
+def test_role_resources_are_checked(resources, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ClusterConfig(shard_resources=resources)
+
+
+def test_placement_group_reserves_the_role_resources(ray_session, tiny_dir, reference):
+    """The session's head advertises the chart's role resources, one cluster's worth: the placement group
+    reserves all of them, bundle 0 the front-end's and each shard bundle one expert, and the actors in those
+    bundles serve."""
+    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=2, **ROLES)) as cluster:
+        table = ray.util.placement_group_table(cluster.pg)
+        free = ray.available_resources()
+        outs = cluster.generate(PROMPTS[:2], PARAMS)
+    assert table["state"] == "CREATED"
+    assert list(table["bundles"].values()) == [{"CPU": 0.2, "frontend": 1.0}] + [{"CPU": 0.2, "expert": 1.0}] * 2
+    assert free.get("frontend", 0) == free.get("expert", 0) == 0
+    assert [o["token_ids"] for o in outs] == reference[0][:2]

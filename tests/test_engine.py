@@ -11,8 +11,8 @@ from epserve.actors.engine.config import EngineConfig
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampler import filtered_probs, sample
 from epserve.actors.engine.sampling import RequestError, SamplingParams
-from epserve.actors.engine.sequence import Sequence
-from epserve.actors.model.config import SLIDING
+from epserve.actors.engine.sequence import Sequence, Status
+from epserve.actors.model.config import FULL, SLIDING
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
@@ -39,22 +39,14 @@ def batch_run(tiny_model):
     return prompts, params, engine.generate(prompts, params), engine
 
 
-def test_batch_equals_alone_and_transformers(tiny_model, hf_model, batch_run):
+def test_batch_equals_alone_and_transformers(tiny_model, hf_model, batch_run, tools):
     prompts, params, together, _ = batch_run
     assert tiny_model.cfg.sliding.window < 600  # windows are exercised
     for prompt, p, out in zip(prompts, params, together):
         alone = LLMEngine(tiny_model).generate([prompt], p)[0]
         assert alone.token_ids == out.token_ids
         assert len(out.token_ids) == p.max_tokens and out.finish_reason == "length"
-        with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=p.max_tokens, do_sample=False,
-                                    eos_token_id=None, min_new_tokens=p.max_tokens, output_scores=True,
-                                    return_dict_in_generate=True)
-        scores = torch.stack(ref.scores)[:, 0]  # [new, V]
-        top2 = scores.topk(2, dim=-1).values
-        margin = (top2[:, 0] - top2[:, 1]).min().item()
-        assert margin > 1e-5 * scores.abs().max().item(), "near-tie in the reference: pick another seed"
-        assert ref.sequences[0, len(prompt):].tolist() == out.token_ids
+        assert tools.hf_greedy(hf_model, prompt, p.max_tokens) == out.token_ids
 
 
 def test_chunked_prefill_equals_one_shot(tiny_model):
@@ -99,12 +91,72 @@ def test_blocks_all_free_after_finish_and_abort(tiny_model):
            for n in (10, 70, 200)]
     for _ in range(5):
         engine.step()
-    assert engine.blocks.num_used() > 0
+    seq, pools = engine.requests[ids[1]], engine.blocks.pools
+    # the blocks only this request holds (the others share its prompt's prefix through the prefix cache)
+    own = sum(pools[kind].refs[b] == 1 for kind, table in seq.block_tables.items() for b in table if b >= 0)
+    used = engine.blocks.num_used()
+    assert own > 0
     assert engine.abort(ids[1]) and not engine.abort(ids[1])
+    assert engine.blocks.num_used() == used - own  # at once, not at the next step
     engine.abort("no-such-request")
     while engine.has_unfinished():
         engine.step()
     assert engine.blocks.num_used() == 0
+
+
+def test_request_that_can_never_fit_the_sliding_cache_is_refused(tiny_model):
+    """Plenty of full-layer blocks (1024 tokens) but 2 sliding blocks: a 100-token prompt prefilled in one
+    chunk needs 7 at once on the sliding layers, so it could never run, however long it waited."""
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks={FULL: 64, SLIDING: 2}, max_num_batched_tokens=128))
+    with pytest.raises(RequestError, match="can never fit the KV cache: it needs 7 KV blocks of 16 tokens on "
+                                           "sliding_attention layers, the cache has 2"):
+        engine.add_request(list(range(3, 103)), SamplingParams(max_tokens=10))
+    assert engine.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"  # 15 tokens: one block
+
+
+def test_preemption_picks_the_most_recently_admitted(tiny_model):
+    """Six full blocks for three requests admitted one step apart, two blocks each. The OLDEST one (29-token
+    prompt) is the first to need a third block: the newest is preempted for it, not the one asking."""
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks={FULL: 6, SLIDING: 30}, enable_prefix_caching=False))
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    seqs = []
+    for prompt in (list(range(3, 32)), list(range(100, 120)), list(range(200, 220))):
+        seqs.append(engine.requests[engine.add_request(prompt, params)])
+        engine.step()
+        assert seqs[-1].status is Status.RUNNING  # admitted in this step: the admission order is seqs
+    oldest, middle, newest = seqs
+    while engine.scheduler.num_preemptions == 0:
+        engine.step()
+    assert newest.status is Status.WAITING and newest.num_computed == 0 and newest.block_tables == {}
+    assert oldest.status is middle.status is Status.RUNNING
+    assert len(oldest.block_tables[FULL]) == 3 and oldest.num_computed > 2 * engine.config.block_size
+    while engine.has_unfinished():
+        engine.step()
+    assert all(len(s.output_ids) == 20 for s in seqs) and engine.blocks.num_used() == 0
+
+
+def test_failed_admission_counts_nothing_and_keeps_the_lru_order(tiny_model):
+    """The head of the waiting queue is tried every step while memory is short: until it is admitted, the
+    prefix-cache counters must not grow and the free blocks' LRU order must not change."""
+    engine = LLMEngine(tiny_model, EngineConfig(num_blocks={FULL: 14, SLIDING: 40}))
+    stats, full = engine.blocks.stats, engine.blocks.pools[FULL]
+    cached = list(range(3, 67))  # 4 full blocks, left in the prefix cache
+    engine.generate([cached, list(range(200, 232))], SamplingParams(max_tokens=1))
+    assert (stats.queried_tokens, stats.hit_tokens) == (64 + 32, 0)
+    lru = list(full.free)
+    # a 120-token prompt takes 8 of the 14 blocks for its whole run; the second request would reuse the 4
+    # cached blocks but needs 4 new ones too, and only 6 - 4 are left: it waits until the first finishes
+    big = engine.add_request(list(range(300, 420)), SamplingParams(max_tokens=8, ignore_eos=True))
+    waiting = engine.requests[engine.add_request(cached + list(range(500, 550)), SamplingParams(max_tokens=1))]
+    for _ in range(7):
+        engine.step()
+        assert waiting.status is Status.WAITING and big in engine.requests
+        assert (stats.queried_tokens, stats.hit_tokens) == (64 + 32 + 120, 0)
+        assert list(full.free) == lru[8:]  # the 8 oldest were handed out, nothing else moved
+    while engine.has_unfinished():
+        engine.step()
+    assert waiting.num_cached_prefix == 64 and engine.scheduler.num_preemptions == 0
+    assert (stats.queried_tokens, stats.hit_tokens) == (64 + 32 + 120 + 114, 64)
 
 
 def test_long_request_holds_bounded_sliding_blocks(tiny_model):

@@ -4,11 +4,16 @@ real gRPC on 127.0.0.1, a stock health client and a stock reflection client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
+import urllib.request
 
 import grpc
 import pytest
 import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from epserve.actors.engine.config import EngineConfig
@@ -28,14 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(ray_session, tiny_dir):
+@contextlib.contextmanager
+def tiny_server(tiny_dir, **cluster):
+    """The Serve app over the tiny checkpoint (a front-end and 2 shards) on the session's Ray cluster, with
+    ``cluster`` settings on top; shut down on exit."""
     settings = {"cluster": {"checkpoint": str(tiny_dir), "shards": 2,
-                            "engine": {"max_model_len": MAX_LEN, "max_num_seqs": 64}},
+                            "engine": {"max_model_len": MAX_LEN, "max_num_seqs": 64}, **cluster},
                 "grpc_port": free_port()}
     srv = LocalServer(settings, "127.0.0.1", free_port()).start(timeout_s=300)
-    yield srv
-    srv.shutdown()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_dir):
+    with tiny_server(tiny_dir) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +67,24 @@ def engine_greedy(model, prompts, max_tokens):
 
 def kv_blocks_used() -> int:
     return ray.get(ray.get_actor("epserve-frontend", namespace="epserve").stats.remote())["kv_blocks_used"]
+
+
+def assert_blocks_freed(within_s: float = 5.0) -> None:
+    """Every KV block is free within a few engine steps (an abort is queued when its stream goes away)."""
+    deadline = time.monotonic() + within_s
+    while kv_blocks_used() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kv_blocks_used() == 0
+
+
+def finished_requests(server) -> dict[str, float]:
+    """epserve:request_success_total by finish reason, as the server's /metrics says."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {s.labels["finished_reason"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "epserve:request_success" for s in family.samples if s.name.endswith("_total")}
 
 
 def test_health_goes_not_serving_then_serving_and_reflection(server):
@@ -79,16 +112,23 @@ def test_streamed_tokens_equal_engine(stub, tiny_model):
 
 
 def test_64_concurrent_streams_and_10_cancelled(server, tiny_model):
+    """64 streams at once. 10 ask for LONG tokens (eos ignored) and are cancelled after 2: the engine aborts
+    them (counted as aborted, not as run to their length) and their blocks are free as soon as the other 54
+    are done, long before they could have run to the end; the 54 get the engine's tokens."""
     prompts = [[3 + i, 7, 11 + (i * 13) % 900] + [i % 50 + 3] * (i % 20) for i in range(64)]
-    want = engine_greedy(tiny_model, prompts, 16)
     cancelled = set(range(0, 64, 7)[:10])
+    completed = [i for i in range(64) if i not in cancelled]
+    want = dict(zip(completed, engine_greedy(tiny_model, [prompts[i] for i in completed], 16)))
+    long = MAX_LEN - 32  # room for every prompt here
+    before = finished_requests(server)
 
     async def run():
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
             stub = pb_grpc.InferenceStub(channel)
 
             async def one(i):
-                call = stub.Generate(request(prompt_ids=prompts[i], max_tokens=16, ignore_eos=True), timeout=120)
+                call = stub.Generate(request(prompt_ids=prompts[i], max_tokens=long if i in cancelled else 16,
+                                             ignore_eos=True), timeout=120)
                 tokens = []
                 async for piece in call:
                     tokens += piece.token_ids
@@ -105,48 +145,169 @@ def test_64_concurrent_streams_and_10_cancelled(server, tiny_model):
             assert got is None or isinstance(got, asyncio.CancelledError)
         else:
             assert got == want[i], f"request {i}"
-    for _ in range(50):  # aborts land within a step or two
-        if kv_blocks_used() == 0:
-            break
-        asyncio.run(asyncio.sleep(0.1))
-    assert kv_blocks_used() == 0
+    assert_blocks_freed()
+    after = finished_requests(server)
+    assert {r: after[r] - before[r] for r in ("abort", "length")} == {"abort": 10, "length": 54}
 
 
+def sampled(ids=(5,), **sampling) -> pb.GenerateRequest:
+    """A request with the given SamplingParams fields (including the ones request() has no argument for)."""
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(ids)), sampling=pb.SamplingParams(**sampling))
+
+
+INT32_MAX = (1 << 31) - 1
+NAN, INF = float("nan"), float("inf")
+# (request, the field the message must start with, words it must hold): every field of GenerateRequest
 BAD = [
-    (pb.GenerateRequest(), "input: set token_ids or text"),
-    (request(prompt_ids=[]), "prompt: is empty"),
-    (request(prompt_ids=[5, 5000]), "outside the vocabulary"),
-    (request(prompt_ids=[5] * (MAX_LEN + 10)), "exceeds the context length"),
-    (request(prompt_ids=[5], max_tokens=0), "max_tokens"),
-    (request(prompt_ids=[5], max_tokens=-3), "max_tokens"),
-    (request(prompt_ids=[5], temperature=-0.5), "temperature"),
-    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5]), sampling=pb.SamplingParams(top_p=0.0)), "top_p"),
-    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5]), sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
-    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5]), sampling=pb.SamplingParams(top_k=-1)), "top_k"),
-    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5]), sampling=pb.SamplingParams(stop_token_ids=[-4])),
-     "stop_token_ids"),
+    (pb.GenerateRequest(), "input", "set token_ids or text"),
+    (request(prompt_ids=[]), "token_ids", "is empty"),
+    (request(prompt_ids=[-1]), "token_ids", "outside the vocabulary"),
+    (request(prompt_ids=[5, 1024]), "token_ids", "outside the vocabulary"),
+    (request(prompt_ids=[INT32_MAX]), "token_ids", "outside the vocabulary"),
+    (request(prompt_ids=[5] * MAX_LEN), "token_ids", "exceeds the context length"),
+    (request(prompt_ids=[5] * (MAX_LEN + 10)), "token_ids", "exceeds the context length"),
+    (request(""), "text", "is empty"),
+    (request("x" * (16 * MAX_LEN + 1)), "text", "characters"),
+    (request("x" * 600), "text", "exceeds the context length"),  # tokenizes to too many tokens
+    (request(prompt_ids=[5], request_id="two words"), "request_id", "visible ASCII"),
+    (request(prompt_ids=[5], request_id="line\nbreak"), "request_id", "visible ASCII"),
+    (request(prompt_ids=[5], request_id="r" * 129), "request_id", "128"),
+    (request(prompt_ids=[5], request_id="caf\u00e9"), "request_id", "visible ASCII"),
+    (request(prompt_ids=[5], max_tokens=0), "sampling.max_tokens", ">= 1"),
+    (request(prompt_ids=[5], max_tokens=-3), "sampling.max_tokens", ">= 1"),
+    (request(prompt_ids=[5], max_tokens=MAX_LEN), "sampling.max_tokens", "no room"),
+    (request(prompt_ids=[5], max_tokens=INT32_MAX), "sampling.max_tokens", "no room"),
+    (request(prompt_ids=[5] * 500, max_tokens=20), "sampling.max_tokens", "exceeds the context length"),
+    (request(prompt_ids=[5], temperature=-0.5), "sampling.temperature", ">= 0"),
+    (sampled(temperature=NAN), "sampling.temperature", "finite"),
+    (sampled(temperature=INF), "sampling.temperature", "finite"),
+    (sampled(temperature=-INF), "sampling.temperature", "finite"),
+    (sampled(top_p=0.0), "sampling.top_p", "(0, 1]"),
+    (sampled(top_p=1.5), "sampling.top_p", "(0, 1]"),
+    (sampled(top_p=-0.1), "sampling.top_p", "(0, 1]"),
+    (sampled(top_p=NAN), "sampling.top_p", "(0, 1]"),
+    (sampled(top_k=-1), "sampling.top_k", ">= 0"),
+    (sampled(min_tokens=-1), "sampling.min_tokens", "[0, max_tokens]"),
+    (sampled(max_tokens=4, min_tokens=5), "sampling.min_tokens", "[0, max_tokens]"),
+    (sampled(stop_token_ids=[-4]), "sampling.stop_token_ids", "outside the vocabulary"),
+    (sampled(stop_token_ids=[1024]), "sampling.stop_token_ids", "outside the vocabulary"),
+    (sampled(stop_token_ids=[7] * 257), "sampling.stop_token_ids", "at most 256"),
 ]
 
 
-@pytest.mark.parametrize("req,message", BAD)
-def test_bad_requests_are_invalid_argument(stub, req, message):
-    with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(req, timeout=30))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in err.value.details()
+def still_serving(stub) -> None:
     ok = list(stub.Generate(request(prompt_ids=[5, 6], max_tokens=2, ignore_eos=True), timeout=30))
-    assert sum(len(p.token_ids) for p in ok) == 2  # still serving
+    assert sum(len(p.token_ids) for p in ok) == 2
+
+
+@pytest.mark.parametrize("req,field,words", BAD)
+def test_bad_requests_are_invalid_argument_naming_the_field(stub, req, field, words):
+    for call in (lambda: list(stub.Generate(req, timeout=30)), lambda: stub.Complete(req, timeout=30)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"{field}: ") and words in err.value.details(), err.value.details()
+    still_serving(stub)
+
+
+def raw_generate(channel, data: bytes):
+    """Generate with ``data`` as the request's wire bytes, whatever they are."""
+    return channel.unary_stream("/epserve.v1.Inference/Generate")(data, timeout=30)
+
+
+def test_requests_that_do_not_parse_are_invalid_argument_and_oversized_ones_refused(server, stub):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        for data, words in ((b"\xff\xff\xff", "not a valid message"), (b"\x1a\x02\xc3\x28", "UTF-8")):
+            with pytest.raises(grpc.RpcError) as err:
+                list(raw_generate(channel, data))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # over the 4 MiB receive limit
+            list(stub.Generate(request("x" * (5 << 20)), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    still_serving(stub)
+
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+INT32 = st.integers(-(1 << 31), INT32_MAX)
+FLOAT32 = st.floats(width=32)  # NaN and infinities included
+
+
+def _mixed(plausible, extreme, absent: int = 6, valid: int = 4, wild: int = 1):
+    """A field's value: absent (None here), plausible or extreme, in these proportions."""
+    return st.sampled_from(["absent"] * absent + ["valid"] * valid + ["wild"] * wild).flatmap(
+        lambda kind: st.none() if kind == "absent" else plausible if kind == "valid" else extreme)
+
+
+SAMPLING = {"max_tokens": (st.integers(1, 4), INT32), "temperature": (st.floats(0, 2), FLOAT32),
+            "top_k": (st.integers(0, 50), INT32), "top_p": (st.floats(0.05, 1), FLOAT32),
+            "seed": (st.integers(0, 1000), st.integers(-(1 << 63), (1 << 63) - 1)),
+            "min_tokens": (st.integers(0, 1), INT32)}
+IDS = st.lists(st.integers(0, 1023), min_size=1, max_size=12)
+
+
+@st.composite
+def generate_requests(draw) -> pb.GenerateRequest:
+    """Any GenerateRequest: each field mostly absent or plausible, sometimes extreme, so that many are valid."""
+    req = pb.GenerateRequest(request_id=draw(_mixed(st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True),
+                                                    st.text(max_size=140))) or "")
+    kind = draw(st.sampled_from(["token_ids"] * 5 + ["text"] * 3 + ["none"]))
+    if kind == "token_ids":
+        req.token_ids.ids.extend(draw(_mixed(IDS, st.one_of(st.lists(INT32, max_size=12),
+                                                            st.integers(0, MAX_LEN + 4).map(lambda n: [7] * n)),
+                                             absent=0, valid=8)) or [])
+    elif kind == "text":
+        req.text = draw(st.text(max_size=64))
+    s = req.sampling
+    for name, (plausible, extreme) in SAMPLING.items():
+        value = draw(_mixed(plausible, extreme))
+        if value is not None:
+            setattr(s, name, value)
+    s.stop_token_ids.extend(draw(_mixed(st.lists(st.integers(0, 1023), max_size=4), st.lists(INT32, max_size=4)))
+                            or [])
+    s.ignore_eos, s.logprobs = draw(st.booleans()), draw(st.booleans())
+    return req
+
+
+def first_answer(call) -> grpc.StatusCode:
+    """OK once the first piece has come (then the call is cancelled), or the error's code."""
+    try:
+        next(iter(call), None)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+    finally:
+        call.cancel()
+
+
+def test_any_request_message_gets_an_answer_or_invalid_argument(server, stub):
+    @FUZZ
+    @given(generate_requests())
+    def answered(req):
+        code = first_answer(stub.Generate(req, timeout=30))
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, req)
+
+    answered()
+    still_serving(stub)
+
+
+def test_any_request_bytes_get_an_answer_or_invalid_argument(server, stub):
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        @FUZZ
+        @given(st.binary(max_size=48))
+        def answered(data):
+            code = first_answer(raw_generate(channel, data))
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, data)
+
+        answered()
+    still_serving(stub)
 
 
 def test_deadline_is_honoured_and_frees_blocks(stub):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(request(prompt_ids=[5, 6, 7], max_tokens=400, ignore_eos=True), timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(50):
-        if kv_blocks_used() == 0:
-            break
-        asyncio.run(asyncio.sleep(0.1))
-    assert kv_blocks_used() == 0
+    assert_blocks_freed()
 
 
 def test_text_in_text_out(stub, tiny_model, tiny_dir):
@@ -186,7 +347,6 @@ def test_openai_client_through_serve(server, tiny_model, tiny_dir):
 
 def test_request_id_is_in_the_response_and_the_server_log(stub):
     from pathlib import Path
-    import time
 
     rid = f"trace-{time.time_ns()}"
     pieces = list(stub.Generate(request(prompt_ids=[5, 6], max_tokens=2, ignore_eos=True, request_id=rid),

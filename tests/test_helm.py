@@ -1,7 +1,7 @@
 """The Helm chart (helm/epserve), rendered by the real Helm v4 engine (PyPI helm-python-sdk) with no cluster.
 
-* several value sets (1, 8 and 16 expert shards; monitoring on and off; PVC, host path, CPU-only) render and
-  pass ``helm lint --strict``;
+* several value sets (1, 8 and 16 expert shards, each with monitoring on and off; PVC, host path, CPU-only)
+  render and pass ``helm lint --strict``;
 * every manifest validates: built-in kinds with kubernetes-validate (strict: unknown fields fail), CRD kinds
   (RayService, PodMonitor, ServiceMonitor, PrometheusRule) with jsonschema against the CRDs' openAPIV3Schema in
   ../shared/k8s/crds/ (read at test time, made strict the same way; skipped when that folder is absent);
@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from epserve.cluster.config import ClusterConfig
+
 helm_python = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the test extra)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 jsonschema = pytest.importorskip("jsonschema")
@@ -40,6 +42,9 @@ RELEASE, NAMESPACE = "gemma", "llm"
 # what the chart adds to deploy/serve.yaml's application by default (serve.ingress.pinToHead)
 INGRESS_PIN = {"name": "Ingress",
                "ray_actor_options": {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}}}
+# ... and to its cluster settings, always: each actor's placement bundle asks for its role's resource, which
+# only the chart's pods advertise (deploy/serve.yaml is for any Ray cluster, so it asks for none)
+ROLE_RESOURCES = {"frontend_resources": {"frontend": 1}, "shard_resources": {"expert": 1}}
 
 MONITORING_ON = {"monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                                 "serviceMonitor": {"enabled": True},
@@ -49,13 +54,14 @@ MONITORING_ON = {"monitoring": {"podMonitor": {"enabled": True, "labels": {"rele
                                    "clientFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
                                    "dashboardFrom": [{"podSelector": {"matchLabels": {"role": "admin"}}}]}}
 PVC = {"model": {"path": "gemma-4-26b-a4b", "source": {"persistentVolumeClaim": {"claimName": "gemma-weights"}}}}
+TLS_AUTH = {"tls": {"secretName": "epserve-tls"}, "auth": {"tokenSecret": {"name": "epserve-api", "key": "api-token"}},
+            "serve": {"drainSeconds": 60}}
 
-VALUE_SETS = {
-    "defaults": {},
-    "shards-1": {"cluster": {"shards": 1}},
-    "shards-8": {**PVC, "cluster": {"shards": 8}},
-    "shards-8-one-pod": {**PVC, "cluster": {"shards": 8}, "expert": {"shardsPerPod": 8}},
-    "shards-16-monitoring": {
+# 1, 8 and 16 expert shards, each with monitoring off and on (``-monitoring``); then other layouts
+SHARD_SETS = {
+    1: {"cluster": {"shards": 1}},
+    8: {**PVC, "cluster": {"shards": 8}},
+    16: {
         "model": {"path": "gemma-4-26b-a4b", "source": {"persistentVolumeClaim": {"claimName": "gemma-weights"}},
                   "fetch": {"enabled": True, "tokenSecret": {"name": "hf-token"}}},
         "cluster": {"shards": 16, "extra": {"collective_timeout_s": 120.0, "engine": {"max_num_seqs": 64}}},
@@ -65,8 +71,14 @@ VALUE_SETS = {
         "serve": {"modelName": "gemma-4-26b-a4b", "metricsPort": 9000},
         "rayService": {"upgradeStrategy": "None"},
         "extraEnv": [{"name": "NCCL_DEBUG", "value": "WARN"}],
-        "imagePullSecrets": [{"name": "registry"}],
-        **MONITORING_ON},
+        "imagePullSecrets": [{"name": "registry"}]},
+}
+VALUE_SETS = {
+    "defaults": {},
+    **{f"shards-{n}{'-monitoring' if on else ''}": {**values, **(MONITORING_ON if on else {})}
+       for n, values in SHARD_SETS.items() for on in (False, True)},
+    "shards-8-one-pod": {**PVC, "cluster": {"shards": 8}, "expert": {"shardsPerPod": 8}},
+    "tls-auth-monitoring": {**PVC, **TLS_AUTH, **MONITORING_ON},
     "cpu-hostpath-monitoring": {
         "gpu": {"enabled": False}, "cluster": {"shards": 4, "device": "cpu"},
         "model": {"path": "gemma", "source": {"hostPath": {"path": "/var/lib/models"}},
@@ -199,8 +211,6 @@ def test_manifests_validate(chart, crd_schemas, name):
 def test_serve_config_validates_against_ray_serve_schema(chart, name):
     from ray.serve.schema import ServeDeploySchema
 
-    from epserve.cluster.config import ClusterConfig
-
     config = serve_config(render(chart, VALUE_SETS[name]))
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
@@ -209,10 +219,18 @@ def test_serve_config_validates_against_ray_serve_schema(chart, name):
     assert cluster.address is None
 
 
-def test_serve_config_is_deploy_serve_yaml(chart):
-    """Default values: deploy/serve.yaml's content, plus the documented pin of the ingress replica to the head
-    (the one thing the chart adds, while deploy/serve.yaml has no such pin)."""
+def deploy_serve_yaml_with_role_resources() -> dict:
     expected = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    cluster = expected["applications"][0]["args"]["cluster"]
+    assert not set(ROLE_RESOURCES) & set(cluster), "deploy/serve.yaml must run on any Ray cluster"
+    cluster.update(ROLE_RESOURCES)
+    return expected
+
+
+def test_serve_config_is_deploy_serve_yaml(chart):
+    """Default values: deploy/serve.yaml's content plus the documented differences: the role resources, and
+    the pin of the ingress replica to the head where deploy/serve.yaml has none."""
+    expected = deploy_serve_yaml_with_role_resources()
     app = expected["applications"][0]
     if "deployments" not in app:
         app["deployments"] = [INGRESS_PIN]
@@ -220,7 +238,7 @@ def test_serve_config_is_deploy_serve_yaml(chart):
 
 
 def test_serve_config_without_pin_is_deploy_serve_yaml(chart):
-    expected = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    expected = deploy_serve_yaml_with_role_resources()
     expected["applications"][0].pop("deployments", None)
     assert serve_config(render(chart, {"serve": {"ingress": {"pinToHead": False}}})) == expected
 
@@ -239,17 +257,16 @@ def test_model_and_cluster_settings_reach_the_serve_config(chart):
     config = serve_config(render(chart, VALUE_SETS["shards-16-monitoring"]))
     args = config["applications"][0]["args"]
     assert args["cluster"] == {"checkpoint": "/models/gemma-4-26b-a4b", "shards": 16, "placement": "PACK",
-                               "device": "auto", "collective_timeout_s": 120.0, "engine": {"max_num_seqs": 64}}
+                               "device": "auto", "collective_timeout_s": 120.0, "engine": {"max_num_seqs": 64},
+                               **ROLE_RESOURCES}
     assert args["model_name"] == "gemma-4-26b-a4b"
     assert (args["metrics_host"], args["metrics_port"]) == ("0.0.0.0", 9000)
 
 
 def test_cluster_extra_accepts_exactly_the_other_cluster_config_fields():
-    from epserve.cluster.config import ClusterConfig
-
     schema = json.loads((CHART / "values.schema.json").read_text())
     extra = set(schema["properties"]["cluster"]["properties"]["extra"]["properties"])
-    managed = {"checkpoint", "shards", "placement", "device", "address"}
+    managed = {"checkpoint", "shards", "placement", "device", "address", *ROLE_RESOURCES}
     assert extra == {f.name for f in fields(ClusterConfig)} - managed
 
 
@@ -275,12 +292,30 @@ def test_groups_gpus_and_role_resources(chart, shards, per_pod, pods):
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == gpus
         # the custom Ray resource, shell-quoted as KubeRay passes it to `ray start --resources`
-        quoted = group["rayStartParams"]["resources"]
-        assert quoted == f'"{{\\"{name}\\": {gpus}}}"'
-        assert json.loads(shlex.split(quoted)[0]) == {name: gpus}
+        assert group["rayStartParams"]["resources"] == f'"{{\\"{name}\\": {gpus}}}"'
+        assert advertised(group) == {name: gpus}
     assert 1 + pods * per_pod >= shards + 1  # device auto: one GPU per actor
     for spec in (head, *groups.values()):
         assert all(isinstance(v, str) for v in spec["rayStartParams"].values())
+
+
+def advertised(group: dict) -> dict:
+    """The custom Ray resources a worker group's pods advertise (rayStartParams, shell-quoted JSON)."""
+    return json.loads(shlex.split(group["rayStartParams"]["resources"])[0])
+
+
+@pytest.mark.parametrize("per_pod", [1, 8])
+def test_placement_asks_for_the_resources_the_pods_advertise(chart, per_pod):
+    """The role resources in the Serve config's cluster settings are the ones the worker groups advertise, in
+    amounts that fill them: the front-end pod holds the front-end's bundle, each expert pod per_pod shard
+    bundles (so the placement group fits exactly, and no actor lands on another role's pod or the head)."""
+    docs = render(chart, {"cluster": {"shards": 16}, "expert": {"shardsPerPod": per_pod}})
+    groups = {g["groupName"]: advertised(g)
+              for g in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    cluster = ClusterConfig.from_dict(serve_config(docs)["applications"][0]["args"]["cluster"])
+    assert cluster.frontend_resources == groups["frontend"]
+    assert {name: amount * per_pod for name, amount in cluster.shard_resources.items()} == groups["expert"]
+    assert not set(groups["frontend"]) & set(groups["expert"])  # a shard's bundle never fits the front-end pod
 
 
 def test_pod_labels_are_stable(chart):
@@ -319,6 +354,37 @@ def test_grpc_service_reaches_the_ingress_replica(chart):
     assert head_ports[http["targetPort"]] == 8000
     notes = docs["epserve/templates/NOTES.txt"]
     assert f"{RELEASE}-epserve-ingress.{NAMESPACE}.svc:50051" in notes and "8265" in notes
+
+
+def notes(chart, values: dict) -> str:
+    return render(chart, values)["epserve/templates/NOTES.txt"]
+
+
+def test_notes_say_how_to_reach_grpc(chart):
+    text = notes(chart, {})
+    assert f"grpcurl -plaintext {RELEASE}-epserve-ingress.{NAMESPACE}.svc:50051 grpc.health.v1.Health/Check" in text
+    assert f"port-forward svc/{RELEASE}-epserve-ingress 50051:50051" in text
+    assert 'epserve client --address 127.0.0.1:50051 --prompt "Hello"\n' in text
+    protected = notes(chart, {**PVC, **TLS_AUTH})  # the client needs the CA and the token
+    assert '--prompt "Hello" --tls-ca ca.pem --auth-token-file token\n' in protected
+    assert "grpcurl -cacert ca.pem" in protected and "Secret epserve-api (key api-token)" in protected
+
+
+def test_notes_say_how_to_reach_the_grafana_dashboard(chart):
+    assert "set monitoring.grafanaDashboards.enabled=true" in notes(chart, {})  # off: how to turn it on
+    docs = render(chart, MONITORING_ON)
+    text = docs["epserve/templates/NOTES.txt"]
+    maps = [m for m in manifests(docs) if m["kind"] == "ConfigMap"]
+    assert maps and "grafanaDashboards.enabled=true" not in text
+    for cm in maps:  # the ConfigMap the sidecar picks up, and the dashboard's own title and URL
+        ((_, dashboard),) = cm["data"].items()
+        board = json.loads(dashboard)
+        assert f'"{board["title"]}": ConfigMap {cm["metadata"]["name"]} in {cm["metadata"]["namespace"]}' in text
+        assert f"/d/{board['uid']}" in text and "dashboard sidecar" in text
+    # without the ServiceMonitor the dashboard would stay empty: the notes say so
+    only_dashboards = {"monitoring": {"grafanaDashboards": {"enabled": True}}}
+    assert "monitoring.serviceMonitor.enabled=true" in notes(chart, only_dashboards)
+    assert "monitoring.serviceMonitor.enabled=true" not in text
 
 
 def test_model_source_and_fetch(chart):
@@ -383,9 +449,48 @@ def test_values_hold_no_secret():
         else:
             yield path, node
 
+    references = (".model.fetch.tokenSecret.", ".auth.tokenSecret.", ".tls.secretName")  # names of Secrets
     for path, _value in walk(values):
         if re.search(r"token|password|secret|apikey|api_key", path, re.I):
-            assert path.startswith(".model.fetch.tokenSecret."), f"{path} looks like a secret value"
+            assert path.startswith(references), f"{path} looks like a secret value"
+
+
+def test_tls_and_auth_come_from_mounted_secrets(chart):
+    """TLS on: the Secret is mounted in every Ray pod and both the gRPC endpoint and Serve's HTTP proxy read
+    its files; auth on: the token Secret is mounted as a file whose path (never the token) is in the app's
+    settings; worker pods probe Serve's proxy over HTTPS."""
+    from ray.serve.schema import ServeDeploySchema
+
+    docs = render(chart, {**PVC, **TLS_AUTH})
+    config = serve_config(docs)
+    ServeDeploySchema.model_validate(config)
+    args = config["applications"][0]["args"]
+    assert (args["tls_cert_file"], args["tls_key_file"]) == ("/etc/epserve/tls/tls.crt", "/etc/epserve/tls/tls.key")
+    assert (config["http_options"]["ssl_certfile"], config["http_options"]["ssl_keyfile"]) == (
+        args["tls_cert_file"], args["tls_key_file"])
+    assert args["auth_token_file"] == "/etc/epserve/auth/token" and args["drain_s"] == 60
+    for group, template in pod_templates(docs).items():
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "epserve-tls"
+        assert volumes["auth"]["secret"] == {"secretName": "epserve-api", "defaultMode": 0o440,
+                                             "items": [{"key": "api-token", "path": "token"}]}
+        (container,) = template["spec"]["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/epserve/tls", "readOnly": True}
+        assert mounts["auth"] == {"name": "auth", "mountPath": "/etc/epserve/auth", "readOnly": True}
+        assert not any("TOKEN" in e["name"] for e in container.get("env", [])), group
+        probe = container.get("readinessProbe")
+        assert (probe is not None) == (group != "head"), group
+        if probe:
+            assert "https://localhost:8000/-/healthz" in probe["exec"]["command"][-1]
+    grpc_port = next(p for p in one(docs, "Service")["spec"]["ports"] if p["name"] == "grpc")
+    assert "appProtocol" not in grpc_port  # not h2c (cleartext) any more
+    plain = render(chart, {})  # off by default: no mounts, no TLS or auth settings, KubeRay's own probes
+    args = serve_config(plain)["applications"][0]["args"]
+    assert not {"tls_cert_file", "tls_key_file", "auth_token_file"} & set(args)
+    for template in pod_templates(plain).values():
+        assert not {"tls", "auth"} & {v["name"] for v in template["spec"]["volumes"]}
+        assert "readinessProbe" not in template["spec"]["containers"][0]
 
 
 # --------------------------------------------------------------------------------------------- bad values
@@ -414,12 +519,21 @@ def test_values_hold_no_secret():
     ({"cluster": {"extra": {"address": "auto"}}}, "at '/cluster/extra': additional properties 'address' not allowed"),
     ({"cluster": {"extra": {"shard_treads": 2}}}, "additional properties 'shard_treads' not allowed"),
     ({"cluster": {"placement": "PACKED"}}, "at '/cluster/placement'"),
+    ({"cluster": {"placement": "STRICT_PACK"}}, "cluster.placement STRICT_PACK puts every actor on one node"),
+    ({"cluster": {"extra": {"shard_resources": {"gpu-node": 1}}}},
+     "additional properties 'shard_resources' not allowed"),
+    ({"cluster": {"extra": {"max_failures": -1}}}, "at '/cluster/extra/max_failures': minimum: got -1, want 0"),
+    ({"cluster": {"extra": {"probe_timeout_s": 0}}}, "at '/cluster/extra/probe_timeout_s'"),
     ({"head": {"resources": {"limits": None}}}, "at '/head/resources': missing property 'limits'"),
     ({"expert": {"resources": {"requests": {"cpu": None}}}}, "at '/expert/resources/requests': missing property 'cpu'"),
     ({"securityContext": {"allowPrivilegeEscalation": True}}, "at '/securityContext/allowPrivilegeEscalation'"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "at '/podSecurityContext/runAsNonRoot'"),
     ({"serve": {"grpcPort": 8000}}, "at '/serve/grpcPort'"),
     ({"serve": {"metricsPort": 50051}}, "serve.metricsPort and serve.grpcPort must differ"),
+    ({**TLS_AUTH, "serve": {"metricsPort": None}, "monitoring": {"serviceMonitor": {"enabled": True}}},
+     "set serve.metricsPort (a plaintext metrics port) for the ServiceMonitor"),
+    ({"auth": {"tokenSecret": {"name": "api", "token": "abc"}}},
+     "at '/auth/tokenSecret': additional properties 'token' not allowed"),
 ])
 def test_bad_values_fail_with_a_clear_message(chart, values, message):
     assert message in render_error(chart, values)  # what `helm install` / `helm template` say

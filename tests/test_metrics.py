@@ -247,7 +247,8 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_dir):
     settings = {"cluster": {"checkpoint": str(tiny_dir), "shards": 2, "collective_timeout_s": 10,
-                            "heartbeat_s": 0.5, "engine": {"max_model_len": 512}},
+                            "heartbeat_s": 0.5, "max_failures": 0,  # a killed shard stays down
+                            "engine": {"max_model_len": 512}},
                 "grpc_port": free_port(), "metrics_port": free_port()}
     srv = LocalServer(settings, "127.0.0.1", free_port()).start(timeout_s=300)
     yield srv

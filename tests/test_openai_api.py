@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager
 import openai
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from fastapi import FastAPI
 
 from epserve.actors.engine.config import EngineConfig
@@ -374,14 +376,54 @@ def test_serving_state_duck_type(server):
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "a"}]}, "messages", "tool"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens", "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, "messages", "context"),
+    # every other field, and values that once reached the engine or the tokenizer in a shape they refuse
+    ("/v1/completions", {"prompt": "hi", "temperature": 10 ** 400}, "temperature", "finite"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature", "finite"),
+    ("/v1/completions", {"prompt": "hi", "top_p": float("nan")}, "top_p", "finite"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -2}, "top_k", ">= 0"),
+    ("/v1/completions", {"prompt": "hi", "seed": 1 << 70}, "seed", "2**64"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1.5}, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 512}, "max_tokens", "no room"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 17}, "stop", "at most 16"),
+    ("/v1/completions", {"prompt": "hi", "stop": "s" * 257}, "stop", "at most 256 characters"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": "7"}, "stop_token_ids", "list of token ids"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [7] * 257}, "stop_token_ids", "at most 256"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [1024]}, "stop_token_ids", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt", "not valid Unicode"),
+    ("/v1/completions", {"prompt": "x" * (16 * 512 + 1)}, "prompt", "characters"),
+    ("/v1/completions", {"prompt": [5, True]}, "prompt", "prompt must be"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": "usage"}, "stream_options", "object"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 5}, "logprobs", "0 or 1"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": "true"}, "ignore_eos", "true or false"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo", "not supported"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1}}, "logit_bias", "not supported"),
+    ("/v1/chat/completions", {"messages": "hello"}, "messages", "non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"content": "a"}]}, "messages", "with a role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
+     "text content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfff"}]}, "messages[0].content",
+     "not valid Unicode"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs", "not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens", ">= 1"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format",
+     "text"),
 ])
 def test_bad_requests_are_400_in_openai_shape(server, path, body, param, words, http_log):
     status, resp = server.post(path, {"model": MODEL, **body} if "model" not in body else body)
     assert status == 400, resp
     err = resp["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
-    assert err["param"] == param and words in err["message"], err
+    assert err["param"] == param and words in err["message"] and param in err["message"], err
     assert any("status=400" in r.getMessage() and "finish_reason=error" in r.getMessage() for r in http_log.records)
+    _still_serving(server)
+
+
+def _still_serving(server) -> None:
+    status, body = server.post("/v1/completions", {"model": MODEL, "prompt": [5, 6], "max_tokens": 2,
+                                                   "ignore_eos": True})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2, body
 
 
 def test_malformed_json_and_the_openai_client_errors(server):
@@ -411,3 +453,114 @@ def test_client_disconnect_mid_stream_aborts_the_request(server, http_log):
     assert int(line.split("output_tokens=")[1].split()[0]) < 480
     _wait_idle(server)
     assert server.frontend.engine.kv_usage == 0.0
+
+
+def test_oversized_and_deeply_nested_bodies(server):
+    limit = openai_api.MAX_BODY_BYTES
+    # a declared length over the limit: refused before any of the body is read (so none is sent here)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {limit + 1}\r\n\r\n".encode())
+        head = sock.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413") and "request_too_large" in head, head[:300]
+    # no declared length (chunked): counted as it arrives, refused once past the limit
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    chunks = [b"[" * (1 << 20)] * (limit >> 20) + [b"["]
+    conn.request("POST", "/v1/completions", iter(chunks), {"content-type": "application/json"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    status, resp = server.post("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert status == 400 and "not valid JSON" in resp["error"]["message"]
+    _still_serving(server)
+
+
+def test_bearer_token_and_draining(server):
+    from epserve.cluster.security import BearerToken
+
+    state = server.state
+    body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 2}
+    try:
+        server.app.state.epserve = dataclasses.replace(state, token=BearerToken("s3cret"))
+        for path, payload in (("/v1/completions", body), ("/v1/models", None)):
+            req = urllib.request.Request(server.base + path, data=payload and json.dumps(payload).encode(),
+                                         headers={"content-type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            assert e.value.code == 401 and e.value.headers["www-authenticate"] == "Bearer"
+        authed = openai.OpenAI(base_url=server.base + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert authed.completions.create(**body).usage.completion_tokens == 2
+        with pytest.raises(openai.AuthenticationError):
+            server.client.completions.create(**body)  # api_key "unused"
+        server.app.state.epserve = dataclasses.replace(state, draining=True)
+        status, resp = server.post("/v1/completions", body)
+        assert status == 503 and "shutting down" in resp["error"]["message"]
+        assert [m.id for m in server.client.models.list().data] == [MODEL]  # still describes the model
+    finally:
+        server.app.state.epserve = state
+    _still_serving(server)
+
+
+# --------------------------------------------------------------------------------------------- fuzzing
+
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                 max_size=3), max_leaves=6)
+
+
+def _mixed(plausible, absent: int, valid: int, anything: int = 1):
+    """A field's value: absent (None here), plausible, or any JSON at all, in these proportions."""
+    return st.sampled_from(["absent"] * absent + ["valid"] * valid + ["any"] * anything).flatmap(
+        lambda kind: st.none() if kind == "absent" else plausible if kind == "valid" else JSON)
+
+
+COMMON = {"model": st.just(MODEL), "temperature": st.floats(0, 2),
+          "top_p": st.floats(0.05, 1), "top_k": st.integers(-1, 50), "seed": st.integers(-(1 << 63), 1 << 63),
+          "stop": st.lists(st.text(max_size=3), max_size=3), "stop_token_ids": st.lists(st.integers(0, 1023),
+                                                                                        max_size=3),
+          "min_tokens": st.integers(0, 1), "ignore_eos": st.booleans(), "stream": st.booleans(),
+          "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "n": st.just(1),
+          "skip_special_tokens": st.booleans(), "return_token_ids": st.booleans()}
+PROMPTS = st.one_of(st.text(min_size=1, max_size=40), st.lists(st.integers(0, 1023), min_size=1, max_size=8))
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                                           "content": st.text(max_size=30)}), min_size=1, max_size=3)
+
+
+def _bodies(required: dict, optional: dict):
+    """Bodies whose every field is mostly absent or plausible, sometimes anything: many are valid. The
+    length is nearly always there and small: a default one would take seconds (chat: the whole context)."""
+    fields = {**{k: _mixed(v, 1, 8) for k, v in required.items()}, "max_tokens": _mixed(st.integers(1, 4), 0, 9),
+              **{k: _mixed(v, 6, 4) for k, v in {**COMMON, **optional}.items()}}
+    return st.fixed_dictionaries(fields).map(lambda d: {k: v for k, v in d.items() if v is not None})
+
+
+@pytest.mark.parametrize("path, required, optional", [
+    ("/v1/completions", {"prompt": PROMPTS}, {"logprobs": st.integers(0, 1), "echo": st.just(False)}),
+    ("/v1/chat/completions", {"messages": MESSAGES}, {"logprobs": st.booleans()}),
+])
+def test_any_json_body_gets_an_answer_or_a_400(server, path, required, optional):
+    @FUZZ
+    @given(st.one_of(_bodies(required, optional), JSON))
+    def answered(body):
+        status, resp = server.post(path, json.dumps(body).encode()) if not isinstance(body, dict) or \
+            not body.get("stream") else _streamed(server, path, body)
+        assert status in (200, 400), (status, resp, body)
+        if status == 400:
+            assert resp["error"]["type"] == "invalid_request_error" and resp["error"]["message"]
+
+    answered()
+    _wait_idle(server)
+    _still_serving(server)
+
+
+def _streamed(server, path: str, body: dict) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        r = conn.getresponse()
+        raw = r.read()
+        return r.status, json.loads(raw) if r.status != 200 else {"events": raw.count(b"data: ")}
+    finally:
+        conn.close()

@@ -133,24 +133,32 @@ class BlockManager:
             for j in range(len(table), end_blocks):
                 table.append(pool.allocate() if j >= first_needed else DROPPED)
 
-    def admit(self, seq: Sequence) -> None:
-        """New block tables for a waiting request, reusing its cached prefix; sets ``num_computed``."""
-        seq.block_tables = {kind: [] for kind in self.pools}
+    def admit(self, seq: Sequence, budget: int) -> int:
+        """Admit a waiting request if its cached prefix and its first chunk (at most ``budget`` tokens) fit now:
+        new block tables reusing the cached prefix, ``num_computed`` set, blocks for the chunk, the prefix
+        counters updated. Returns the chunk's tokens; 0 if it does not fit, and then nothing has changed (no
+        counter, no LRU position), as the scheduler asks again every step while memory is short."""
         hashes = self._block_hashes(seq)
         hit = self._longest_hit(seq, hashes) if self.prefix_caching else 0
         bs = self.block_size
+        n = min(seq.num_tokens - hit * bs, budget)
+        new_blocks = -(-(hit * bs + n) // bs) - hit
+        reused = {}
         for kind, pool in self.pools.items():
             first = self._first_needed(kind, hit * bs)
-            for j in range(hit):
-                if j < first:
-                    seq.block_tables[kind].append(DROPPED)
-                else:
-                    block = pool.lookup(hashes[j], self._tokens(seq, j))
-                    pool.share(block)
-                    seq.block_tables[kind].append(block)
+            reused[kind] = [pool.lookup(hashes[j], self._tokens(seq, j)) for j in range(first, hit)]
+            leaving_free = sum(pool.refs[block] == 0 for block in reused[kind])  # cached, held by nobody
+            if new_blocks + leaving_free > pool.num_free:
+                return 0
+        for kind, pool in self.pools.items():
+            for block in reused[kind]:
+                pool.share(block)
+            seq.block_tables[kind] = [DROPPED] * (hit - len(reused[kind])) + reused[kind]
         seq.num_computed = seq.num_cached_prefix = hit * bs
         self.stats.queried_tokens += seq.num_tokens
         self.stats.hit_tokens += hit * bs
+        self.append(seq, n)
+        return n
 
     def _tokens(self, seq: Sequence, j: int) -> tuple:
         return tuple(seq.token_ids[j * self.block_size : (j + 1) * self.block_size])

@@ -14,8 +14,13 @@ class EngineConfig:
     num_blocks: dict[str, int] | None = None  # explicit blocks per attention kind (overrides the budget)
     max_model_len: int | None = None  # prompt + output tokens; default: what the full-layer cache can hold
     enable_prefix_caching: bool = True
+    # Requests that may wait for a running slot (beyond the max_num_seqs running ones); more are refused at
+    # once (Overloaded), so that a burst costs the servers a bounded amount of memory. None: no limit
+    max_waiting: int | None = 256
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"EngineConfig.max_waiting must be >= 0 or None, got {self.max_waiting}")

@@ -11,7 +11,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .sampler import sample
-from .sampling import RequestError, SamplingParams
+from .sampling import Overloaded, RequestError, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
@@ -71,6 +71,7 @@ class LLMEngine:
         why = self.blocks.fits_ever(total, self.config.max_num_batched_tokens)
         if why:
             raise RequestError("prompt", f"request can never fit the KV cache: it {why}")
+        self._check_queue()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError("request_id", f"{request_id!r} is already running")
@@ -79,6 +80,14 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _check_queue(self) -> None:
+        """Refuse a request that would wait beyond ``max_waiting`` (counted past the free running slots, so
+        that a burst which fits the batch is never refused for arriving before the next step)."""
+        limit = self.config.max_waiting
+        if limit is not None and len(self.requests) >= self.config.max_num_seqs + limit:
+            raise Overloaded(f"the server is at capacity ({self.config.max_num_seqs} requests running and "
+                             f"{limit} waiting): retry later")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks; False if it is not (or no longer) known."""

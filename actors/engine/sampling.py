@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Temperatures below this sample greedily (as vLLM does): dividing the logits by less can overflow to inf
+SAMPLING_EPS = 1e-5
 
 
 class RequestError(ValueError):
@@ -14,6 +18,11 @@ class RequestError(ValueError):
 
     def __reduce__(self):  # crosses process boundaries (Ray) with its field intact
         return type(self), (self.field, self.message)
+
+
+class Overloaded(RuntimeError):
+    """The engine's waiting queue is full: the request is refused now, to be retried later (gRPC
+    RESOURCE_EXHAUSTED, HTTP 429), rather than queued without bound."""
 
 
 @dataclass
@@ -30,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     def validate(self, vocab_size: int) -> None:
         def check(ok, name, message):
@@ -38,7 +47,8 @@ class SamplingParams:
                 raise RequestError(name, message)
 
         check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
-        check(self.temperature >= 0.0 and self.temperature == self.temperature, "temperature", "must be >= 0")
+        check(math.isfinite(self.temperature) and self.temperature >= 0.0, "temperature",
+              "must be a finite number >= 0")
         check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = off)")
         check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",

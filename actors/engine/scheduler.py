@@ -60,13 +60,9 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget and not preempted and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            self.blocks.admit(seq)
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.can_append(seq, n):
-                self.blocks.free(seq)
-                seq.num_computed = 0
+            n = self.blocks.admit(seq, budget)
+            if not n:  # it does not fit yet: it keeps the head of the queue, and nothing was touched
                 break
-            self.blocks.append(seq, n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             if seq.first_scheduled_time is None:
@@ -83,6 +79,12 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def preempt_all(self) -> None:
+        """Preempt every running request, to be recomputed from the tokens it has (after a failed step, whose
+        KV is incomplete). Newest first, so that the waiting queue keeps admission order."""
+        for seq in reversed(list(self.running)):
+            self._preempt(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a request (done, stopped or aborted) and free its blocks at once."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import AttentionShape, ModelConfig
-from .layers import RMSNorm, apply_rope, rms_norm
+from .layers import Linear, RMSNorm, apply_rope, rms_norm
 
 
 def masked_attention(q, k, v, q_pos, k_pos, window: int | None):
@@ -60,10 +60,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.shape = shape = cfg.attention(layer)
         H, N, G, D = cfg.hidden_size, cfg.num_heads, shape.num_kv_heads, shape.head_dim
-        self.q_proj = nn.Linear(H, N * D, bias=False)
-        self.k_proj = nn.Linear(H, G * D, bias=False)
-        self.v_proj = None if shape.k_eq_v else nn.Linear(H, G * D, bias=False)
-        self.o_proj = nn.Linear(N * D, H, bias=False)
+        self.q_proj = Linear(H, N * D)
+        self.k_proj = Linear(H, G * D)
+        self.v_proj = None if shape.k_eq_v else Linear(H, G * D)
+        self.o_proj = Linear(N * D, H)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps

@@ -15,7 +15,7 @@ from torch import nn
 
 from .attention import Attention, AttentionContext
 from .config import FULL, SLIDING, ModelConfig
-from .layers import RMSNorm, rope_tables
+from .layers import RMSNorm, linear, rope_tables
 from .moe import DenseMLP, Experts, Router
 
 
@@ -48,6 +48,17 @@ class LocalExperts:
 
 
 class DecoderLayer(nn.Module):
+    """One layer: attention, then the dense MLP and the MoE side by side on the same residual ``r``.
+
+    The optional shared expert (``shared_expert_intermediate_size`` > 0; the released model has none: the
+    "shared expert" of its model card is the dense MLP) reads what the routed experts read, the output of
+    ``pre_feedforward_layernorm_2``, and its output is summed (fp32) with the routed experts' weighted sum
+    before ``post_feedforward_layernorm_2``. It is an expert of the MoE that every token uses, as in
+    DeepSeek-MoE and Qwen-MoE: it belongs to the mixture that the MoE branch's norm closes, not a second
+    dense branch with norms of its own. It also keeps the split exact: on the cluster the front-end computes
+    it while the shards compute theirs, and it is one more partial of the sum that is normalised once.
+    """
+
     def __init__(self, cfg: ModelConfig, index: int, expert_range: tuple[int, int] | None):
         super().__init__()
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -119,7 +130,7 @@ class Gemma4Model(nn.Module):
 
     def logits(self, hidden):
         """Tied head on the unscaled embedding, then the final soft-cap (in the model dtype)."""
-        logits = hidden @ self.embed_tokens.weight.T
+        logits = linear(hidden, self.embed_tokens.weight)
         cap = self.cfg.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
 

@@ -29,6 +29,24 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T over the last dim of x. On CPU it is computed as (w @ x.T).T: with this torch's MKL that streams
+    the weight and packs the small activation side, 1.2-1.9x faster than x @ w.T from 16 to 2048 rows
+    (docs/performance.md); the result is made contiguous again. GPUs take the plain form."""
+    if x.device.type != "cpu":
+        return nn.functional.linear(x, w)
+    rows = x.reshape(-1, x.shape[-1])
+    return (w @ rows.T).T.contiguous().view(*x.shape[:-1], w.shape[0])
+
+
+class Linear(nn.Linear):
+    """A bias-free ``nn.Linear`` (same parameter name, ``weight``) computed with ``linear``."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

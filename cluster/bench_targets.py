@@ -1,0 +1,169 @@
+"""What ``epserve bench`` drives: one async streaming call per request, whatever serves it.
+
+Each target turns (prompt token ids, output length) into an async iterator of *token counts*, one per piece
+as it arrives, so the load loop measures TTFT and inter-token latency the same way for every server:
+
+* ``GrpcTarget``: our ``epserve.v1.Inference/Generate`` (server streaming);
+* ``OpenAITarget``: any OpenAI-compatible ``/v1/completions`` with ``stream: true`` (ours, vLLM, ...): the
+  prompt as token ids, greedy, ``ignore_eos`` and ``min_tokens`` (vLLM's extensions) so that every request
+  makes exactly its output length; counts come from ``usage`` (``stream_options.include_usage``) when the
+  server sends it, else one token per text chunk;
+* ``EngineTarget``: a Frontend in this process (``shards=0``) or a cluster started here (``shards=N``),
+  through the same async API the servers use.
+
+Network targets must be on the loopback interface: the benchmark never sends load to another machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from typing import AsyncIterator
+from urllib.parse import urlparse
+
+
+def require_loopback(host: str) -> None:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve {host!r}: {e}") from None
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise ValueError(f"{host!r} is not a loopback address: the benchmark only drives servers on 127.0.0.1")
+
+
+class GrpcTarget:
+    def __init__(self, address: str, timeout_s: float = 600.0):
+        host = address.rsplit(":", 1)[0].strip("[]")
+        require_loopback(host)
+        self.address, self.timeout_s = address, timeout_s
+        self.channel = None
+
+    async def start(self) -> None:
+        import grpc
+
+        from .api import inference_pb2_grpc as pb_grpc
+
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    async def stream(self, prompt_ids: list[int], output_len: int) -> AsyncIterator[int]:
+        from .api import inference_pb2 as pb
+
+        req = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=output_len, temperature=0.0,
+                                                            ignore_eos=True))
+        req.token_ids.ids.extend(prompt_ids)
+        async for piece in self.stub.Generate(req, timeout=self.timeout_s):
+            if piece.token_ids:
+                yield len(piece.token_ids)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+
+class OpenAITarget:
+    def __init__(self, base_url: str, model: str | None = None, timeout_s: float = 600.0):
+        url = urlparse(base_url if "://" in base_url else f"http://{base_url}")
+        require_loopback(url.hostname or "")
+        self.base = f"{url.scheme}://{url.netloc}{url.path.rstrip('/')}"
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        self.model, self.timeout_s = model, timeout_s
+        self.session = None
+
+    async def start(self) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                             connector=aiohttp.TCPConnector(limit=0))
+        if self.model is None:  # the server's first model
+            async with self.session.get(f"{self.base}/models") as r:
+                r.raise_for_status()
+                self.model = (await r.json())["data"][0]["id"]
+
+    async def stream(self, prompt_ids: list[int], output_len: int) -> AsyncIterator[int]:
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": output_len, "min_tokens": output_len,
+                "temperature": 0.0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        seen = 0
+        async with self.session.post(f"{self.base}/completions", json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                total = (chunk.get("usage") or {}).get("completion_tokens")
+                has_text = any(c.get("text") or c.get("token_ids") for c in chunk.get("choices", []))
+                new = (total - seen) if total is not None else int(has_text)
+                if new > 0:
+                    seen += new
+                    yield new
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+class EngineTarget:
+    """A Frontend in this process (``shards=0``: every expert local) or a cluster of ``shards`` actors."""
+
+    def __init__(self, checkpoint: str, shards: int = 0, engine: dict | None = None,
+                 cluster: dict | None = None):
+        self.checkpoint, self.shards, self.engine = checkpoint, shards, engine or {}
+        self.settings = cluster or {}  # more ClusterConfig fields for shards > 0
+        self.cluster = None
+
+    async def start(self) -> None:
+        import asyncio
+
+        from .frontend_client import FrontendClient
+
+        if self.shards:
+            from .config import ClusterConfig
+            from .launcher import Cluster
+
+            cfg = ClusterConfig(checkpoint=self.checkpoint, shards=self.shards, engine=self.engine,
+                                **self.settings)
+            self.cluster = await asyncio.to_thread(Cluster(cfg).start)
+            self.client = FrontendClient(self.cluster.frontend)
+        else:
+            from epserve.actors.frontend import Frontend
+
+            frontend = await asyncio.to_thread(Frontend, self.checkpoint, 0, self.engine)
+            await frontend.start()
+            self.client = FrontendClient(frontend)
+
+    async def stream(self, prompt_ids: list[int], output_len: int) -> AsyncIterator[int]:
+        from .serving import new_request_id
+
+        params = {"max_tokens": output_len, "ignore_eos": True}
+        async for item in self.client.stream(prompt_ids, params, new_request_id("bench")):
+            if item["new_token_ids"]:
+                yield len(item["new_token_ids"])
+
+    async def close(self) -> None:
+        import asyncio
+
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.shutdown)
+        else:
+            await self.client.frontend.stop()
+
+
+def make_target(target: str | None, checkpoint: str | None, shards: int, model: str | None,
+                engine: dict | None = None):
+    """``grpc://host:port``, ``http://host:port`` (OpenAI), or None for the in-process engine / cluster."""
+    if target is None:
+        if checkpoint is None:
+            from .cli import builtin_checkpoint
+
+            checkpoint = str(builtin_checkpoint())
+        return EngineTarget(checkpoint, shards, engine)
+    if target.startswith("grpc://"):
+        return GrpcTarget(target[len("grpc://"):])
+    if target.startswith(("http://", "https://")):
+        return OpenAITarget(target, model)
+    raise ValueError(f"target must be grpc://HOST:PORT or http://HOST:PORT, got {target!r}")

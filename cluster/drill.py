@@ -1,0 +1,169 @@
+"""Recovery drills: a steady load of streaming gRPC requests against a running server, a fault injected into
+its cluster mid-run, and what the clients and the health service saw.
+
+Faults (``FAULTS``): ``shard-kill`` (``ray.kill`` of a shard: gone for good, so it is recreated),
+``shard-stall`` (SIGSTOP of a shard's process: alive but silent, so it must be found by the collective
+deadline and killed; the driver must run on the shard's node) and ``frontend-kill`` (``ray.kill`` of the
+front-end with ``no_restart=False``: Ray restarts it). benchmarks/recovery_time.py times them and
+tests/test_recovery.py checks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .api import inference_pb2_grpc as pb_grpc
+from .client import request
+from .launcher import FRONTEND_NAME, NAMESPACE, shard_name
+
+FAULTS = ("shard-kill", "shard-stall", "frontend-kill")
+SERVING, NOT_SERVING = "SERVING", "NOT_SERVING"
+
+
+def inject(fault: str, shard: int = 1) -> int | None:
+    """Inject ``fault``; returns the pid of a stopped process (``shard-stall``), else None."""
+    if fault == "frontend-kill":
+        ray.kill(ray.get_actor(FRONTEND_NAME, namespace=NAMESPACE), no_restart=False)
+        return None
+    actor = ray.get_actor(shard_name(shard), namespace=NAMESPACE)
+    if fault == "shard-kill":
+        ray.kill(actor)
+        return None
+    if fault == "shard-stall":
+        pid = ray.get(actor.info.remote(), timeout=30)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        return pid
+    raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class HealthWatch:
+    """Polls the server's gRPC health service in a thread and records every change of status."""
+
+    def __init__(self, target: str, period_s: float = 0.1):
+        self.target, self.period_s = target, period_s
+        self.changes: list[tuple[float, str]] = []  # (time.monotonic(), status), each a change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="epserve-health-watch", daemon=True)
+
+    def __enter__(self) -> "HealthWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not self._stop.is_set():
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                except grpc.RpcError as e:
+                    name = e.code().name  # not answering at all
+                if not self.changes or self.changes[-1][1] != name:
+                    self.changes.append((time.monotonic(), name))
+                self._stop.wait(self.period_s)
+
+    def first(self, status: str, after: float) -> float | None:
+        return next((t for t, s in self.changes if s == status and t >= after), None)
+
+    def wait_serving_again(self, since: float, timeout_s: float) -> float:
+        """The time of the first SERVING after a NOT_SERVING that began after ``since``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            down = self.first(NOT_SERVING, since)
+            up = self.first(SERVING, down) if down is not None else None
+            if up is not None:
+                return up
+            time.sleep(self.period_s)
+        raise TimeoutError(f"not SERVING again within {timeout_s:.0f} s of the fault; health: {self.changes}")
+
+
+@dataclass
+class Outcome:
+    """One request of the load: its tokens, and the status it ended with (OK, or the error's)."""
+
+    tokens: list[int] = field(default_factory=list)
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    details: str = ""
+
+
+@dataclass
+class Drill:
+    fault: str
+    outcomes: list[Outcome]
+    fault_at: float  # time.monotonic() of the injection
+    tokens_at_fault: list[int]  # what each request had received by then
+    not_serving_at: float  # health went NOT_SERVING
+    serving_at: float  # and SERVING again
+    health: list[tuple[float, str]]
+    stopped_pid: int | None = None
+
+    @property
+    def detection_s(self) -> float:
+        return self.not_serving_at - self.fault_at
+
+    @property
+    def recovery_s(self) -> float:
+        return self.serving_at - self.fault_at
+
+
+def run(target: str, prompts: list[list[int]], max_tokens: int, fault: str, after_tokens: int = 4,
+        timeout_s: float = 300.0) -> Drill:
+    """Stream every prompt at once; once each stream has ``after_tokens`` tokens, inject ``fault``; wait for
+    every stream to end and the health service to be SERVING again (within ``timeout_s`` in all)."""
+    deadline = time.monotonic() + timeout_s
+    with HealthWatch(target) as health:
+        outcomes, fault_at, at_fault, pid = asyncio.run(asyncio.wait_for(
+            _load(target, prompts, max_tokens, fault, after_tokens, timeout_s), timeout_s))
+        serving_at = health.wait_serving_again(fault_at, max(deadline - time.monotonic(), 1.0))
+    return Drill(fault, outcomes, fault_at, at_fault, health.first(NOT_SERVING, fault_at), serving_at,
+                 health.changes, pid)
+
+
+async def _load(target, prompts, max_tokens, fault, after_tokens, timeout_s):
+    received = [0] * len(prompts)
+    all_started = asyncio.Event()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        async def one(i: int) -> Outcome:
+            out = Outcome()
+            call = stub.Generate(request(prompt_ids=prompts[i], max_tokens=max_tokens, ignore_eos=True),
+                                 timeout=timeout_s)
+            try:
+                async for piece in call:
+                    out.tokens += piece.token_ids
+                    received[i] = len(out.tokens)
+                    if min(received) >= after_tokens:
+                        all_started.set()
+            except grpc.aio.AioRpcError as e:
+                out.code, out.details = e.code(), e.details() or ""
+            all_started.set()  # a request that ended early must not hold the fault back forever
+            return out
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+        await all_started.wait()
+        at_fault = list(received)
+        fault_at = time.monotonic()
+        pid = await asyncio.to_thread(inject, fault)
+        return list(await asyncio.gather(*tasks)), fault_at, at_fault, pid

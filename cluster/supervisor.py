@@ -1,0 +1,246 @@
+"""Keeps a cluster serving through the loss of a rank: detects a dead or stalled actor, replaces it, rebuilds
+the process group and resumes the engine.
+
+Detection (bounded, never a hang) is a ``ray.wait`` on one call per rank that only ends when something is
+wrong: each shard's ``serve`` (its collective loop: it ends when the shard's actor dies, a Ray death
+notification, or when one of its collectives fails or runs past ``collective_timeout_s``) and the
+front-end's ``watch`` (it ends when a step or heartbeat of the engine fails the same ways, or when the
+front-end's actor dies). Every header is an all-reduce, so a stalled (SIGSTOPped) shard stops the next
+heartbeat or step within the collective deadline.
+
+Recovery, while the serving side reports NOT_SERVING (``on_change``):
+
+1. the front-end suspends (it may have already): no step runs, every running request goes back to the
+   waiting queue to be recomputed from the tokens it has, and it leaves the process group. A front-end that
+   does not answer within the collective deadline is stalled and is killed; a dead one loses the requests
+   it held (their clients get UNAVAILABLE, see frontend_client.py).
+2. every shard gets out of the failed group: a shard still in a collective that does not answer a ping
+   within ``probe_timeout_s`` is stalled and is killed (``ray.kill``, and Ray restarts it); the others leave
+   their loop within a collective deadline of the front-end leaving.
+3. every rank is alive again: Ray restarts actors that died (they are created with ``max_restarts=-1``:
+   the constructor runs again and reloads the weights); one that is gone for good (killed with
+   ``no_restart``) is recreated under the same name in its placement-group bundle.
+4. a new process group (a new TCPStore on port 0 at the front-end, every rank joins), the shards' loops,
+   and the engine resumes: the requests continue where they were, with the same greedy tokens.
+
+More than ``max_failures`` failures within ``failure_window_s`` (a failed recovery attempt counts as one)
+end recovery: the front-end fails every request in flight with the reason, later requests are refused, and
+the serving side stays NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+log = logging.getLogger("epserve.cluster")
+POLL_S = 0.5  # how often waits look at the stop flag
+
+
+class _Stopped(Exception):
+    """The cluster is shutting down: recovery stops where it is."""
+
+
+@dataclass
+class Recovery:
+    trigger: str  # what was detected
+    seconds: float  # detection to serving again
+    frontend_lost: bool  # the front-end itself was replaced (its requests were lost)
+
+
+class Supervisor:
+    def __init__(self, cluster, on_change: Callable[[], None] | None = None):
+        self.cluster = cluster
+        self.config = cluster.config
+        self.on_change = on_change  # called (from this thread) whenever ``serving`` or ``failed`` changes
+        self.recovering: str | None = None  # what is being recovered from
+        self.failed: str | None = None  # why recovery was given up
+        self.recoveries: list[Recovery] = []
+        self._failures: deque[float] = deque()
+        self._stop = threading.Event()
+        self._watch = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.recovering is None and self.failed is None
+
+    def start(self) -> "Supervisor":
+        self._watch = self.cluster.frontend.watch.remote()
+        self._thread = threading.Thread(target=self._run, name="epserve-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    # ---- detection --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set() and self.failed is None:
+                refs = [self._watch, *self.cluster.serve_refs]
+                if ray.wait(refs, num_returns=1, timeout=POLL_S)[0] and not self._stop.is_set():
+                    done = ray.wait(refs, num_returns=len(refs), timeout=0)[0]  # all that ended by now
+                    self._recover("; ".join(self._describe(refs.index(ref), ref) for ref in done))
+        except _Stopped:
+            pass
+        except Exception as e:  # noqa: BLE001 - without a supervisor nothing would end a suspension
+            log.exception("the supervisor failed")
+            self._give_up(f"the supervisor failed: {type(e).__name__}: {e}")
+
+    def _describe(self, rank: int, ref) -> str:
+        name = self.cluster.role(rank)
+        try:
+            result = ray.get(ref, timeout=0)
+        except RayActorError as e:
+            return f"{name} died ({type(e).__name__})"
+        except RayTaskError as e:
+            return f"{name}: {_last_line(e)}"
+        return f"{name} suspended: {_short(result)}" if rank == 0 else f"{name} left its loop ({result})"
+
+    # ---- recovery ---------------------------------------------------------------------------------------
+    def _recover(self, trigger: str) -> None:
+        t0 = time.monotonic()
+        log.warning("recovering: %s", trigger)
+        self._set(recovering=trigger)
+        reason = trigger
+        while True:
+            self._failures.append(time.monotonic())
+            while self._failures[0] < time.monotonic() - self.config.failure_window_s:
+                self._failures.popleft()
+            if len(self._failures) > self.config.max_failures:
+                self._give_up(f"{len(self._failures)} failure(s) within {self.config.failure_window_s:g} s, "
+                              f"more than the {self.config.max_failures} allowed; the last: {reason}")
+                return
+            try:
+                frontend_lost = self._restore(reason)
+                break
+            except _Stopped:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed attempt counts as one more failure
+                reason = f"recovery failed: {type(e).__name__}: {_last_line(e)}"
+                log.warning("%s", reason)
+        seconds = time.monotonic() - t0
+        self.recoveries.append(Recovery(trigger, seconds, frontend_lost))
+        log.warning("recovered in %.1f s from: %s", seconds, trigger)
+        self._set(recovering=None)
+
+    def _restore(self, reason: str) -> bool:
+        """Steps 1-4 of the module docstring; True if the front-end had to be replaced."""
+        cluster, cfg = self.cluster, self.config
+        deadline = time.monotonic() + cfg.recovery_timeout_s
+        frontend_lost = not self._suspend_frontend(reason)
+        self._release_shards()
+        for rank in range(cfg.shards + 1):
+            self._await_alive(rank, deadline)
+        cluster.connect(max(deadline - time.monotonic(), 1.0))
+        self._get(cluster.frontend.start.remote(), max(deadline - time.monotonic(), 1.0))
+        self._watch = cluster.frontend.watch.remote()
+        return frontend_lost
+
+    def _suspend_frontend(self, reason: str) -> bool:
+        """False if the front-end was lost (dead, restarted already, or stalled and killed): a new one starts
+        empty."""
+        frontend = self.cluster.frontend
+        try:
+            # a suspension waits for the step in progress, which ends within one collective deadline
+            return self._get(frontend.suspend.remote(reason),
+                             self.config.collective_timeout_s + self.config.probe_timeout_s)
+        except RayActorError:
+            return False
+        except GetTimeoutError:
+            self._kill(0, "does not answer")
+            return False
+
+    def _release_shards(self) -> None:
+        """Every shard out of the failed group: stalled ones killed, live ones' loops ended."""
+        cluster, cfg = self.cluster, self.config
+        in_loop = {i: ref for i, ref in enumerate(cluster.serve_refs) if not ray.wait([ref], timeout=0)[0]}
+        pings = {i: cluster.shards[i].ping.remote() for i in in_loop}  # the others' loops are over already
+        answered = self._wait(list(pings.values()), cfg.probe_timeout_s)  # a dead one answers with its error
+        for i in list(in_loop):
+            if pings[i] not in answered:
+                self._kill(i + 1, "does not answer")
+                del in_loop[i]
+        if in_loop:  # their collectives fail once the front-end has left, at the latest at their deadline
+            self._wait(list(in_loop.values()), cfg.collective_timeout_s + cfg.probe_timeout_s)
+        for i, ref in in_loop.items():
+            if not ray.wait([ref], timeout=0)[0]:
+                self._kill(i + 1, "is stuck in a collective")
+
+    def _kill(self, rank: int, why: str) -> None:
+        log.warning("%s %s: killing it (Ray restarts it)", self.cluster.role(rank), why)
+        ray.kill(self.cluster.actor(rank), no_restart=False)
+
+    def _await_alive(self, rank: int, deadline: float) -> None:
+        """Wait for the rank's actor to answer: restarted by Ray (reloading its weights), or recreated when
+        it is gone for good (its name no longer resolves)."""
+        while True:
+            try:
+                self._get(self.cluster.actor(rank).ping.remote(), deadline - time.monotonic())
+                return
+            except RayActorError:
+                if not self.cluster.is_registered(rank):
+                    log.warning("%s is gone for good: recreating it", self.cluster.role(rank))
+                    self.cluster.recreate(rank)
+                else:
+                    time.sleep(0.2)  # restarting
+            except GetTimeoutError:
+                raise TimeoutError(f"{self.cluster.role(rank)} did not come back within "
+                                   f"{self.config.recovery_timeout_s:g} s") from None
+
+    def _give_up(self, message: str) -> None:
+        log.error("giving up: %s", message)
+        self.failed = message
+        try:  # the requests in flight end with the reason (a dead front-end has ended them already)
+            ray.get(self.cluster.frontend.fail.remote(message), timeout=self.config.probe_timeout_s)
+        except Exception as e:  # noqa: BLE001 - nothing more to tell a front-end that is gone
+            log.warning("could not fail the front-end's requests: %s", e)
+        self._set(recovering=None)
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def _set(self, recovering: str | None) -> None:
+        self.recovering = recovering
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # noqa: BLE001 - the serving side's trouble must not stop recovery
+                log.exception("on_change failed")
+
+    def _wait(self, refs: list, timeout_s: float) -> list:
+        """ray.wait for all of ``refs`` within ``timeout_s``, looking at the stop flag; returns those done."""
+        if not refs:
+            return []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            left = deadline - time.monotonic()
+            done, pending = ray.wait(refs, num_returns=len(refs), timeout=max(min(POLL_S, left), 0))
+            if not pending or left <= 0:
+                return done
+
+    def _get(self, ref, timeout_s: float):
+        if not self._wait([ref], max(timeout_s, 0)):
+            raise GetTimeoutError(f"no answer within {timeout_s:.1f} s")
+        return ray.get(ref)
+
+
+def _last_line(e: BaseException) -> str:
+    return _short(str(getattr(e, "cause", None) or e))
+
+
+def _short(message: str) -> str:
+    """An error message, short: its last line, without C++ source locations."""
+    lines = message.strip().splitlines()
+    return re.sub(r"\[[^\]\s]*:\d+\] ", "", lines[-1])[:160] if lines else message

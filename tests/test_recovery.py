@@ -1,0 +1,90 @@
+"""Recovery from a lost actor, end to end: a real Serve app on the session's Ray cluster (a front-end and
+two expert shards over gloo), real gRPC on 127.0.0.1, and faults injected mid-run under a load of
+concurrent streaming requests (cluster/drill.py): a shard killed, a shard stopped with SIGSTOP, the
+front-end killed. The tests share one server, which each leaves serving again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import ray
+
+from epserve.cluster import drill
+from epserve.cluster.api import inference_pb2_grpc as pb_grpc
+from epserve.cluster.client import request
+from epserve.cluster.launcher import NAMESPACE, shard_name
+
+from test_grpc import engine_greedy, tiny_server
+
+STREAMS, MAX_TOKENS = 32, 40
+PROMPTS = [[3 + i, 7, 11 + (i * 13) % 900] + [i % 50 + 3] * (i % 9) for i in range(STREAMS)]
+BOUND_S = 240  # a generous bound for one drill: load, fault, recovery, the rest of the load
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_dir):
+    # the default deadlines (10 s collective, 3 s probe), but failures enough for a slow, shared machine
+    with tiny_server(tiny_dir, max_failures=10) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def want(tiny_model):
+    return engine_greedy(tiny_model, PROMPTS, MAX_TOKENS)
+
+
+def shard_pid(i: int) -> int:
+    return ray.get(ray.get_actor(shard_name(i), namespace=NAMESPACE).info.remote(), timeout=30)["pid"]
+
+
+def assert_paused_not_failed(d: drill.Drill, want: list[list[int]]) -> None:
+    assert max(d.tokens_at_fault) < MAX_TOKENS, "the fault came after a request had finished"
+    assert [(o.code, o.details) for o in d.outcomes] == [(grpc.StatusCode.OK, "")] * STREAMS
+    assert [o.tokens for o in d.outcomes] == want  # the same greedy tokens as without the fault
+    assert d.not_serving_at is not None and d.fault_at < d.not_serving_at < d.serving_at
+
+
+@pytest.mark.timeout(BOUND_S + 60)
+def test_killed_shard_is_recreated_and_every_stream_completes(server, want):
+    old_pid = shard_pid(1)
+    d = drill.run(server.grpc_target, PROMPTS, MAX_TOKENS, "shard-kill", timeout_s=BOUND_S)
+    assert_paused_not_failed(d, want)
+    assert shard_pid(1) != old_pid  # a new shard, in the same name, reloaded its experts and serves
+
+
+@pytest.mark.timeout(BOUND_S + 60)
+def test_stalled_shard_is_detected_killed_and_replaced(server, want):
+    d = None
+    try:
+        d = drill.run(server.grpc_target, PROMPTS, MAX_TOKENS, "shard-stall", timeout_s=BOUND_S)
+        assert_paused_not_failed(d, want)
+        # found by the collective deadline (10 s), not by luck; then replaced by a restarted process
+        assert d.detection_s >= 5
+        deadline = time.monotonic() + 30
+        while drill.process_exists(d.stopped_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not drill.process_exists(d.stopped_pid)
+        assert shard_pid(1) != d.stopped_pid
+    finally:  # never leave a stopped process behind
+        if d is not None and d.stopped_pid and drill.process_exists(d.stopped_pid):
+            os.kill(d.stopped_pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(BOUND_S + 60)
+def test_killed_frontend_fails_its_requests_retriably_then_serves_again(server, tiny_model):
+    prompts = PROMPTS[:8]
+    d = drill.run(server.grpc_target, prompts, 400, "frontend-kill", after_tokens=2, timeout_s=BOUND_S)
+    for o in d.outcomes:
+        assert o.code == grpc.StatusCode.UNAVAILABLE, o
+        assert "front-end was lost" in o.details and "retry" in o.details
+    assert d.not_serving_at is not None and d.fault_at < d.not_serving_at < d.serving_at
+    again = engine_greedy(tiny_model, prompts[:2], 8)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for prompt, expect in zip(prompts, again):
+            pieces = list(stub.Generate(request(prompt_ids=prompt, max_tokens=8, ignore_eos=True), timeout=60))
+            assert [t for p in pieces for t in p.token_ids] == expect
