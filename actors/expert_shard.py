@@ -31,6 +31,7 @@ class ExpertShard:
         self.layers, self.cfg, self.load_report = load_experts(checkpoint, self.first, self.count, self.dtype,
                                                               self.device)
         self.rows_served = 0
+        self.compute_seconds = 0.0  # grouped expert compute, summed over layers and steps (benchmarks)
         self.steps = 0
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -62,7 +63,7 @@ class ExpertShard:
                 if op == dispatch.OP_STEP:
                     for experts in self.layers:
                         rows = dispatch.serve_layer(experts, H, K, self.dtype, self.device, world,
-                                                    self._metrics.compute.observe)
+                                                    self._on_compute)
                         self.rows_served += rows
                         self._metrics.rows.inc(rows)
                     self.steps += 1
@@ -74,8 +75,13 @@ class ExpertShard:
             process_group.leave()
         return {"steps": self.steps, "rows": self.rows_served}
 
+    def _on_compute(self, seconds: float) -> None:
+        self.compute_seconds += seconds
+        self._metrics.compute.observe(seconds)
+
     def stats(self) -> dict:
-        return {"steps": self.steps, "rows": self.rows_served, "error": self.error, "time": time.time()}
+        return {"steps": self.steps, "rows": self.rows_served, "compute_seconds": self.compute_seconds,
+                "error": self.error, "time": time.time()}
 
     def ping(self) -> bool:
         return True

@@ -22,6 +22,8 @@ import ray  # noqa: E402
 
 from common import checkpoint, fixed_prompts, git_revision, machine, write_section  # noqa: E402
 
+CHUNK = 2048  # prefill tokens per step (the fastest chunk on the bench preset: docs/performance.md)
+
 
 def run_engine(path, prompts, new):
     from epserve.actors.engine.config import EngineConfig
@@ -29,7 +31,7 @@ def run_engine(path, prompts, new):
     from epserve.actors.engine.sampling import SamplingParams
     from epserve.actors.model.loader import load_model
 
-    engine = LLMEngine(load_model(path), EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096,
+    engine = LLMEngine(load_model(path), EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=CHUNK,
                                                       enable_prefix_caching=False))
     engine.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))
     steps0, t0 = engine.num_steps, time.perf_counter()
@@ -44,21 +46,29 @@ def run_cluster(path, prompts, new, shards, overlap):
     from epserve.cluster.config import ClusterConfig
     from epserve.cluster.launcher import Cluster
 
+    # a bench-preset prefill chunk takes seconds per layer on 2 cores: a collective deadline well above that
     cfg = ClusterConfig(checkpoint=str(path), shards=shards, overlap_dense_ffn=overlap, frontend_threads=2,
-                        engine=EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096,
+                        collective_timeout_s=300.0, heartbeat_s=5.0,
+                        engine=EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=CHUNK,
                                             enable_prefix_caching=False))
     with Cluster(cfg) as cluster:
         cluster.generate(prompts[:2], {"max_tokens": 2, "ignore_eos": True})
-        before = cluster.stats()
+        before, shards_before = cluster.stats(), shard_compute(cluster)
         t0 = time.perf_counter()
         outs = cluster.generate(prompts, {"max_tokens": new, "ignore_eos": True})
         elapsed = time.perf_counter() - t0
-        after = cluster.stats()
+        after, shards_after = cluster.stats(), shard_compute(cluster)
     steps = after["steps"] - before["steps"]
     per_step = lambda key: 1000 * (after["dispatch"][key] - before["dispatch"][key]) / steps  # noqa: E731
+    compute = max(a - b for a, b in zip(shards_after, shards_before))  # the slowest shard sets the pace
     return {"tok_s": sum(len(o["token_ids"]) for o in outs) / elapsed,
             "step_ms": 1000 * (after["step_seconds"] - before["step_seconds"]) / steps,
-            "dispatch_ms": per_step("dispatch_seconds"), "wait_ms": per_step("wait_seconds")}
+            "dispatch_ms": per_step("dispatch_seconds"), "wait_ms": per_step("wait_seconds"),
+            "compute_ms": 1000 * compute / steps}
+
+
+def shard_compute(cluster) -> list[float]:
+    return [s["compute_seconds"] for s in ray.get([a.stats.remote() for a in cluster.shards])]
 
 
 def main():
@@ -91,16 +101,18 @@ Command: `{command}` (revision {git_revision()}; {machine()}).
 Workload: {args.requests} requests x {args.prompt} prompt tokens x {args.new} new tokens, greedy, ignore eos, fp32,
 `{args.preset}` preset; cluster = 1 front-end + {args.shards} expert shards (Ray actors, gloo all-to-all on one machine).
 
-| run | output tok/s | mean step | dispatch / step | wait for experts / step |
-|---|---|---|---|---|
-| in-process engine | {e['tok_s']:.1f} | {e['step_ms']:.0f} ms | | |
-| cluster, dense FFN overlapped | {c['tok_s']:.1f} | {c['step_ms']:.0f} ms | {c['dispatch_ms']:.1f} ms | {c['wait_ms']:.1f} ms |
-| cluster, overlap off | {off['tok_s']:.1f} | {off['step_ms']:.0f} ms | {off['dispatch_ms']:.1f} ms | {off['wait_ms']:.1f} ms |
+| run | output tok/s | mean step | dispatch / step | wait for experts / step | of which shard compute | so combine and transfer |
+|---|---|---|---|---|---|---|
+| in-process engine | {e['tok_s']:.1f} | {e['step_ms']:.0f} ms | | | | |
+| cluster, dense FFN overlapped | {c['tok_s']:.1f} | {c['step_ms']:.0f} ms | {c['dispatch_ms']:.1f} ms | {c['wait_ms']:.1f} ms | {c['compute_ms']:.1f} ms | {max(c['wait_ms'] - c['compute_ms'], 0):.1f} ms |
+| cluster, overlap off | {off['tok_s']:.1f} | {off['step_ms']:.0f} ms | {off['dispatch_ms']:.1f} ms | {off['wait_ms']:.1f} ms | {off['compute_ms']:.1f} ms | {max(off['wait_ms'] - off['compute_ms'], 0):.1f} ms |
 
 Cluster / in-process throughput: {c['tok_s'] / e['tok_s']:.2f} (target >= 0.8). Step time with the overlap on
 minus off: {c['step_ms'] - off['step_ms']:+.0f} ms ({100 * (c['step_ms'] / off['step_ms'] - 1):+.0f}%). "Dispatch" is the count
 exchange and posting of the rows; "wait" is the time the front-end waits for the experts' payload and the
-combine after its dense FFN (with the overlap off, the dense FFN runs after the experts instead).
+combine after its dense FFN (with the overlap off, the dense FFN runs after the experts instead); "shard
+compute" is the slowest shard's grouped expert GEMMs per step, and the rest of the wait is the transfers and
+the combine (with the overlap on, the wait also shrinks by the dense FFN the front-end computed meanwhile).
 
 On CPU-only machines the shards' GEMMs already keep every core busy while the front-end waits, so running the
 dense FFN at the same time only oversubscribes the cores; the overlap pays where the experts run on other

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import epserve.actors  # noqa: F401 - first, before torch allocates: the package sets torch's allocator up
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent

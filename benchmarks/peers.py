@@ -38,7 +38,6 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 import torch  # noqa: E402
 
-import epserve.actors  # noqa: E402,F401 - before torch allocates: its allocator settings
 from common import checkpoint, free_port, git_revision, machine, write_section  # noqa: E402
 from epserve.cluster.bench import Workload, run_load  # noqa: E402
 from epserve.cluster.bench_targets import EngineTarget, OpenAITarget  # noqa: E402

@@ -1,0 +1,120 @@
+"""The CPU building blocks the engine's speed rests on, each against the plain alternative, on the bench
+preset's shapes:
+
+    python benchmarks/cpu_kernels.py
+
+1. Routed experts at decode: ``bf16_linear`` (bf16 weights read directly, fp32 math; actors/model/
+   cpu_kernels.py) against the BLAS GEMM on fp32 weights, for the few rows an expert gets per decode step.
+2. The dense projections and the tied head: ``(w @ x.T).T`` (layers.linear) against ``x @ w.T``.
+3. A fresh multi-megabyte tensor with and without transparent huge pages (actors/__init__.py), in a child
+   process each, since the setting is read once per process.
+
+Writes its tables to docs/performance.md under "CPU kernels".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import git_revision, machine, write_section
+
+H, I = 2816, 704  # bench preset: hidden, expert width
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def experts_table(num_experts: int = 32) -> str:
+    from epserve.actors.model import cpu_kernels
+
+    if not cpu_kernels.available():
+        return "bf16 kernel unavailable on this machine."
+    g = torch.Generator().manual_seed(0)
+    w16 = [torch.randn(2 * I, H, generator=g).to(torch.bfloat16) for _ in range(num_experts)]
+    w32 = [w.float() for w in w16]
+    lines = ["| threads | rows | bf16 kernel | fp32 BLAS | speed-up |", "|---|---|---|---|---|"]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for rows in (1, 4, 8, 16, 32):
+            x = torch.randn(rows, H, generator=g)
+            k = best_of(lambda: [cpu_kernels.bf16_linear(x, w) for w in w16])
+            b = best_of(lambda: [(w @ x.T).T for w in w32])
+            gb = num_experts * 2 * I * H * 2 / k / 1e9
+            lines.append(f"| {threads} | {rows} | {1000 * k:.1f} ms ({gb:.1f} GB/s of bf16) | {1000 * b:.1f} ms | "
+                         f"{b / k:.2f}x |")
+    return "\n".join(lines)
+
+
+def linear_table() -> str:
+    torch.set_num_threads(os.cpu_count())
+    shapes = {"q (sliding)": (H, 4096), "o (sliding)": (4096, H), "dense gate/up": (H, 2112),
+              "dense down": (2112, H), "q (full)": (H, 8192), "tied head": (H, 32768)}
+    lines = ["| rows | projection | x @ w.T | (w @ x.T).T |", "|---|---|---|---|"]
+    for rows in (64, 2048):
+        for name, (k, n) in shapes.items():
+            x, w = torch.randn(rows, k), torch.randn(n, k)
+            a = best_of(lambda: x @ w.T)
+            b = best_of(lambda: (w @ x.T).T.contiguous())
+            lines.append(f"| {rows} | {name} [{k} -> {n}] | {1000 * a:.1f} ms | {1000 * b:.1f} ms |")
+    return "\n".join(lines)
+
+
+FRESH = """
+import os, sys, time
+os.environ["THP_MEM_ALLOC_ENABLE"] = sys.argv[1]
+import torch
+torch.set_num_threads(2)
+best = 1e9
+for _ in range(5):
+    t0 = time.perf_counter(); torch.zeros(16384, 2816); best = min(best, time.perf_counter() - t0)
+print(best)
+"""
+
+
+def fresh_tensor_table() -> str:
+    times = {}
+    for thp in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", FRESH, thp], check=True, capture_output=True, text=True)
+        times[thp] = float(out.stdout.strip())
+    return (f"A fresh zero-filled [16384, 2816] fp32 tensor (184 MB, one prefill step's expert rows): "
+            f"{1000 * times['0']:.0f} ms in 4 KiB pages, {1000 * times['1']:.0f} ms with transparent huge pages.")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    experts, linear, fresh = experts_table(), linear_table(), fresh_tensor_table()
+    body = f"""
+Command: `python benchmarks/cpu_kernels.py` (revision {git_revision()}; {machine()}). Best of 3.
+
+Routed experts at decode, 32 experts' gate/up matrices [{2 * I}, {H}] against a few rows each:
+
+{experts}
+
+Dense projections at decode (64 rows) and prefill (2048 rows), {os.cpu_count()} threads:
+
+{linear}
+
+{fresh}
+"""
+    print(body)
+    if not args.no_write:
+        write_section("CPU kernels", body)
+
+
+if __name__ == "__main__":
+    main()
