@@ -160,7 +160,7 @@ def serve_layer(experts, hidden: int, top_k: int, dtype, device, world: int, on_
     dist.all_to_all_single(meta, torch.empty(0, 2 * top_k, dtype=torch.float32, device=device), recv, zeros)
     ids, weights = meta[:, :top_k].long(), meta[:, top_k:]
     t0 = time.perf_counter()
-    out = grouped_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj)
+    out = grouped_experts(x, ids, weights, experts)
     if on_compute is not None:
         on_compute(time.perf_counter() - t0)
     dist.all_to_all_single(torch.empty(0, hidden, dtype=torch.float32, device=device), out, zeros, recv)

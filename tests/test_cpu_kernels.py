@@ -7,13 +7,13 @@ import torch
 
 from epserve.actors.model import cpu_kernels
 from epserve.actors.model.loader import load_model
-from epserve.actors.model.moe import KERNEL_ROWS, expert_dtype
+from epserve.actors.model.moe import expert_dtype
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 
 
-@pytest.mark.parametrize("M, N, K", [(1, 1408, 2816), (2, 64, 704), (3, 64, 704), (4, 13, 72), (5, 33, 96),
-                                     (7, 100, 64), (16, 9, 130)])
+@pytest.mark.parametrize("M, N, K", [(1, 1408, 2816), (2, 64, 704), (3, 64, 704), (4, 16, 72), (5, 32, 97),
+                                     (7, 96, 64), (16, 16, 130), (13, 48, 1)])
 def test_bf16_linear_equals_fp32_math(M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
@@ -39,20 +39,78 @@ def test_bf16_linear_is_batch_invariant_and_takes_strided_rows():
         torch.set_num_threads(2)
 
 
+def test_grouped_linear_equals_one_gemm_per_group_and_is_batch_invariant():
+    g = torch.Generator().manual_seed(1)
+    counts = [0, 5, 1, 0, 9, 4, 2]  # empty groups, the remainders of 4-row tiles, several 4-row tiles
+    w = torch.randn(len(counts), 48, 120, generator=g).to(torch.bfloat16)
+    x = torch.randn(sum(counts), 120, generator=g)
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    y = cpu_kernels.grouped_linear(x, offsets, cpu_kernels.pack_panels(w))
+    for e in range(len(counts)):
+        rows = slice(offsets[e], offsets[e + 1])
+        ref = (x[rows].double() @ w[e].double().T).float()
+        if counts[e]:
+            assert (y[rows] - ref).abs().max().item() <= 1e-5 * 120**0.5
+        for r in range(offsets[e], offsets[e + 1]):  # each row alone: bit-identical
+            assert torch.equal(cpu_kernels.bf16_linear(x[r : r + 1], w[e])[0], y[r])
+
+
+def test_packing_round_trips_and_bad_shapes_or_offsets_are_refused():
+    w = torch.randn(3, 32, 5).to(torch.bfloat16)
+    packed = cpu_kernels.pack_panels(w)
+    assert packed.shape == w.shape and not torch.equal(packed, w)
+    assert torch.equal(cpu_kernels.unpack_panels(packed), w)
+    with pytest.raises(ValueError, match="N % 16"):
+        cpu_kernels.pack_panels(torch.zeros(1, 24, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="offsets"):
+        cpu_kernels.grouped_linear(torch.zeros(3, 5), torch.tensor([0, 2, 2, 2]), packed)
+
+
 def test_bf16_linear_refuses_wrong_dtypes():
     with pytest.raises(ValueError, match="fp32 x"):
-        cpu_kernels.bf16_linear(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16))
+        cpu_kernels.bf16_linear(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(16, 8, dtype=torch.bfloat16))
 
 
 def test_bf16_experts_give_the_fp32_experts_logits(tiny_dir, tiny_model, tools):
-    """The tiny checkpoint is bf16 on disk: holding its experts as bf16 (kernel for few rows, widened GEMM for
-    many) must give the logits of widened fp32 experts within the parity tolerance."""
+    """The tiny checkpoint is bf16 on disk: holding its experts as bf16 (the grouped kernel) must give the
+    logits of widened fp32 experts within the parity tolerance."""
     assert tiny_model.layers[0].experts.gate_up_proj.dtype == torch.bfloat16
-    assert expert_dtype(torch.float32, torch.float32, "cpu") == torch.float32  # fp32 on disk stays fp32
+    assert expert_dtype(torch.float32, torch.float32, "cpu", tiny_model.cfg) == torch.float32  # fp32 on disk stays fp32
     wide = load_model(tiny_dir)
     for layer in wide.layers:
-        layer.experts.gate_up_proj.data = layer.experts.gate_up_proj.data.float()
-        layer.experts.down_proj.data = layer.experts.down_proj.data.float()
-    for T in (3, 5 * KERNEL_ROWS):  # few rows per expert (kernel) and many (widened GEMM)
+        gate_up, down = layer.experts.unpacked()
+        layer.experts.gate_up_proj.data, layer.experts.down_proj.data = gate_up.float(), down.float()
+        layer.experts.packed = False
+    for T in (3, 80):  # few rows per expert (a decode step) and many (a prefill chunk)
         ids = tools.random_ids(tiny_model.cfg.vocab_size, T, seed=T)
         tools.assert_parity(tools.our_logits(wide, ids), tools.our_logits(tiny_model, ids), f"T={T}")
+
+
+@pytest.mark.parametrize("G, n, D, window", [(2, 2, 64, None), (1, 16, 136, 5), (3, 1, 8, 1), (2, 9, 512, 40)])
+def test_paged_decode_attention_equals_masked_attention_on_gathered_keys(G, n, D, window):
+    """The in-place kernel against ``masked_attention`` over keys gathered by position: GQA groups wider than
+    its 8-head register tile, head dims that are not multiples of 64, windows of 1 and more, contexts that
+    start and end mid-block, blocks in shuffled physical order."""
+    from epserve.actors.model.attention import masked_attention
+
+    g = torch.Generator().manual_seed(G * 1000 + n * 10 + D)
+    bs, num_blocks, B = 4, 40, 5
+    k_cache = torch.randn(G, num_blocks * bs, D, generator=g)
+    v_cache = torch.randn(G, num_blocks * bs, D, generator=g)
+    pos = torch.tensor([0, 3, 9, 17, 30])
+    lo = pos - (window - 1) if window else torch.zeros_like(pos)
+    lo = lo.clamp(min=0)
+    physical = torch.randperm(num_blocks, generator=g)
+    width = int((pos // bs - lo // bs).max()) + 1
+    blocks = torch.zeros(B, width, dtype=torch.long)
+    for b in range(B):  # request b's logical block j lives in physical block physical[8 * b + j]
+        count = int(pos[b] // bs - lo[b] // bs) + 1
+        blocks[b, :count] = physical[8 * b + lo[b] // bs : 8 * b + lo[b] // bs + count]
+    q = torch.randn(B, G * n, D, generator=g) * 0.3
+    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, blocks, pos, lo, bs)
+    for b in range(B):
+        u = torch.arange(int(pos[b]) + 1)
+        slots = physical[8 * b + u // bs] * bs + u % bs
+        ref = masked_attention(q[b : b + 1, None], k_cache[:, slots][:, None], v_cache[:, slots][:, None],
+                               pos[b : b + 1, None], u[None], window)[0, 0]
+        assert (out[b] - ref).abs().max().item() <= 1e-5, f"request {b}"

@@ -64,7 +64,7 @@ def test_load_experts_reads_exactly_its_slice(tiny_dir, tiny_cfg, tiny_model, fi
         assert experts.gate_up_proj.shape == (count, 2 * cfg.moe_intermediate_size, cfg.hidden_size)
         assert experts.down_proj.shape == (count, cfg.hidden_size, cfg.moe_intermediate_size)
         # bf16 on disk: held as bf16 under fp32 compute when the native CPU kernel is there, else widened
-        held = expert_dtype(torch.bfloat16, torch.float32, "cpu")
+        held = expert_dtype(torch.bfloat16, torch.float32, "cpu", cfg)
         assert experts.gate_up_proj.dtype == experts.down_proj.dtype == held
         full = tiny_model.layers[i].experts
         assert torch.equal(experts.gate_up_proj, full.gate_up_proj[first : first + count])
@@ -147,7 +147,7 @@ def test_experts_output_matches_a_naive_per_token_loop(tiny_model, tiny_cfg):
         xe = layer.pre_feedforward_layernorm_2(r)
         got = layer.experts(xe, ids, weights)
         want = torch.zeros_like(got)
-        gu, dn = layer.experts.gate_up_proj.float(), layer.experts.down_proj.float()
+        gu, dn = (t.float() for t in layer.experts.unpacked())
         for t in range(r.shape[0]):
             for k in range(tiny_cfg.top_k):
                 e = int(ids[t, k])

@@ -1,10 +1,16 @@
 """KV-cache tensors and the paged attention context of one step.
 
-Each layer owns flat K and V tensors ``[num_blocks * block_size, G, D]`` of its attention kind; a block table
-maps a request's logical block j (positions j*bs .. j*bs+bs-1) to a physical block. A step writes its new
-keys and values at their slots, then gathers, per group of requests, the keys each request can see and runs
-the batched ``masked_attention`` once per group: one group for single-token (decode) rows and one for
-multi-token (prefill chunk) rows, so a decode batch is never padded to a prefill's length.
+Each layer owns K and V tensors ``[G, num_blocks * block_size, D]`` of its attention kind (head-major); a
+block table maps a request's logical block j (positions j*bs .. j*bs+bs-1) to a physical block. A step
+writes its new keys and values at their slots, then attends per group of requests: one group for
+single-token (decode) rows and one for multi-token (prefill chunk) rows, so a decode batch is never padded
+to a prefill's length.
+
+* Decode rows on CPU in fp32: the native kernel reads each request's keys and values where they lie in the
+  blocks (``cpu_kernels.paged_decode_attention``): a gathered copy cost more than the attention itself.
+* Otherwise (prefill chunks, GPUs): gather the *blocks* each request can see (whole ``[bs, D]`` runs per
+  head) and run the batched ``masked_attention``; the positions of a gathered block that a query may not see
+  (older than its window, not written yet) are masked by position, like padding.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import cpu_kernels
 from ..model.attention import masked_attention
 from ..model.config import FULL, SLIDING, ModelConfig
 
@@ -47,20 +54,21 @@ class KVCache:
         self.k, self.v = [], []
         for kind in cfg.layer_types:
             shape = cfg.full if kind == FULL else cfg.sliding
-            size = (num_blocks[kind] * block_size, shape.num_kv_heads, shape.head_dim)
+            size = (shape.num_kv_heads, num_blocks[kind] * block_size, shape.head_dim)
             self.k.append(torch.zeros(size, dtype=dtype, device=device))
             self.v.append(torch.zeros(size, dtype=dtype, device=device))
 
 
 @dataclass
 class Group:
-    """Requests attended together: their query rows and the cache slots of the keys they may see."""
+    """Requests attended together: their query rows and the cache blocks of the keys they may see."""
 
     q_index: torch.Tensor  # [B, Q] rows of the step's flat tokens (padding: 0)
     q_pos: torch.Tensor  # [B, Q] positions (padding: -1)
     q_valid: torch.Tensor  # [B, Q] bool
-    kv_slots: torch.Tensor  # [B, K] cache slots (padding: 0)
-    kv_pos: torch.Tensor  # [B, K] positions (padding: INVISIBLE)
+    kv_blocks: torch.Tensor  # [B, NB] physical blocks (padding: 0)
+    kv_pos: torch.Tensor  # [B, NB * bs] positions of the gathered slots (padding: INVISIBLE)
+    kv_lo: torch.Tensor  # [B] first visible position (kv_blocks[:, 0] holds it)
 
 
 @dataclass
@@ -78,52 +86,85 @@ class PagedAttention:
     def attend(self, layer, shape, q, k, v):
         plan = self.plans[shape.kind]
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc.index_copy_(0, plan.write_slots, k)
-        vc.index_copy_(0, plan.write_slots, v)
+        kc.index_copy_(1, plan.write_slots, k.transpose(0, 1))
+        vc.index_copy_(1, plan.write_slots, v.transpose(0, 1))
+        bs = self.cache.block_size
         out = torch.empty_like(q)
         for g in plan.groups:
-            o = masked_attention(q[g.q_index], kc[g.kv_slots], vc[g.kv_slots], g.q_pos, g.kv_pos, shape.window)
+            if g.q_index.shape[1] == 1 and _in_place(kc, shape.head_dim):  # decode rows: no gathered copy
+                out[g.q_index[:, 0]] = cpu_kernels.paged_decode_attention(
+                    q[g.q_index[:, 0]], kc, vc, g.kv_blocks, g.q_pos[:, 0], g.kv_lo, bs)
+                continue
+            k_seen, v_seen = (_gather_blocks(c, g.kv_blocks, bs) for c in (kc, vc))
+            o = masked_attention(q[g.q_index], k_seen, v_seen, g.q_pos, g.kv_pos, shape.window)
             out[g.q_index[g.q_valid]] = o[g.q_valid]
         return out
 
 
-def _pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, bs: int) -> torch.Tensor:
+    """[G, B, NB * bs, D]: the physical blocks [B, NB] of a layer's cache [G, slots, D], per head a dim-0
+    gather of whole [bs, D] runs (5x faster than one 4-D index)."""
+    G, _, D = cache.shape
+    B, NB = blocks.shape
+    out = cache.new_empty(G, B * NB, bs * D)
+    for h in range(G):
+        torch.index_select(cache[h].view(-1, bs * D), 0, blocks.flatten(), out=out[h])
+    return out.view(G, B, NB * bs, D)
+
+
+def _in_place(cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether the native decode kernel serves this cache (fp32 on CPU; else the gathered torch path)."""
+    return cache.dtype == torch.float32 and cache.device.type == "cpu" and head_dim % 8 == 0 \
+        and cpu_kernels.available()
+
+
+def _padded(rows: list[list[int]]) -> torch.Tensor:
+    """[B, max len] long tensor of ragged lists (padding 0), built in one call."""
+    width = max(map(len, rows), default=0) or 1
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def flat_positions(start_t: torch.Tensor, len_t: torch.Tensor):
+    """For requests computing positions [start, start + length), laid out one after another: each request's
+    first row, the request of each row, and each row's position."""
+    offsets = torch.cumsum(len_t, 0) - len_t
+    owner = torch.repeat_interleave(torch.arange(len(start_t)), len_t)
+    return offsets, owner, start_t[owner] + torch.arange(len(owner)) - offsets[owner]
 
 
 def plan_step(starts: list[int], lengths: list[int], tables: list[dict[str, list[int]]], windows: dict,
               block_size: int, device) -> dict[str, KindPlan]:
-    """Slots to write and keys to read for requests computing positions [start, start + length)."""
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    single = [i for i, n in enumerate(lengths) if n == 1]
-    multi = [i for i, n in enumerate(lengths) if n > 1]
+    """Slots to write and keys to read for requests computing positions [start, start + length); tensor ops
+    over the whole batch (no Python loop over requests or tokens)."""
+    start_t, len_t = torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+    offsets, owner, new_pos = flat_positions(start_t, len_t)
+    members = [(len_t == 1).nonzero().squeeze(1), (len_t > 1).nonzero().squeeze(1)]  # decode, prefill chunks
     plans = {}
     for kind, window in windows.items():
-        table_t = [torch.tensor(t[kind], dtype=torch.long) for t in tables]
+        table_t = _padded([t[kind] for t in tables])  # [B, blocks]; dropped sliding blocks are never read
 
-        def slots(i, lo, hi, table_t=table_t):
-            """Cache slots of request i's positions [lo, hi), and the positions."""
-            p = torch.arange(lo, hi)
-            return table_t[i][p // block_size] * block_size + p % block_size, p
+        def slots(rows, pos, table_t=table_t):
+            """Cache slots of positions pos [..] of requests rows [..]."""
+            return table_t[rows, pos // block_size] * block_size + pos % block_size
 
-        write = torch.cat([slots(i, s, s + n)[0] for i, (s, n) in enumerate(zip(starts, lengths))])
         groups = []
-        for members in (single, multi):
-            if not members:
+        for idx in members:
+            if idx.numel() == 0:
                 continue
-            q_idx, q_pos, kv_slots, kv_pos = [], [], [], []
-            for i in members:
-                s, n = starts[i], lengths[i]
-                q_idx.append(torch.arange(offsets[i], offsets[i] + n))
-                q_pos.append(torch.arange(s, s + n))
-                lo = 0 if window is None else max(0, s - (window - 1))
-                sl, p = slots(i, lo, s + n)
-                kv_slots.append(sl)
-                kv_pos.append(p)
-            q_pos_t = _pad(q_pos, -1)
-            groups.append(Group(_pad(q_idx, 0).to(device), q_pos_t.to(device), (q_pos_t >= 0).to(device),
-                                _pad(kv_slots, 0).to(device), _pad(kv_pos, INVISIBLE).to(device)))
-        plans[kind] = KindPlan(write.to(device), groups)
+            s, n = start_t[idx], len_t[idx]
+            q_off = torch.arange(int(n.max()))
+            q_valid = q_off[None] < n[:, None]
+            lo = torch.zeros_like(s) if window is None else torch.clamp(s - (window - 1), min=0)
+            first, end = lo // block_size, (s + n - 1) // block_size + 1  # the blocks holding [lo, s + n)
+            b_off = torch.arange(int((end - first).max()))
+            logical = first[:, None] + b_off[None]
+            b_valid = logical < end[:, None]
+            logical = torch.where(b_valid, logical, 0)
+            k_pos = (logical[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+            k_pos = torch.where(b_valid.repeat_interleave(block_size, 1), k_pos, INVISIBLE)
+            groups.append(Group(
+                torch.where(q_valid, offsets[idx][:, None] + q_off, 0).to(device),
+                torch.where(q_valid, s[:, None] + q_off, -1).to(device), q_valid.to(device),
+                torch.where(b_valid, table_t[idx[:, None], logical], 0).to(device), k_pos.to(device), lo.to(device)))
+        plans[kind] = KindPlan(slots(owner, new_pos).to(device), groups)
     return plans

@@ -8,7 +8,7 @@ import torch
 from ..model.config import FULL, SLIDING
 from ..model.gemma4 import ExpertExecutor, Gemma4Model
 from .config import EngineConfig
-from .kv_cache import KVCache, PagedAttention, plan_blocks, plan_step
+from .kv_cache import KVCache, PagedAttention, flat_positions, plan_blocks, plan_step
 from .scheduler import Batch
 
 
@@ -43,7 +43,7 @@ class ModelRunner:
             if seq.num_computed + n == seq.num_tokens:
                 sampling.append(i)
                 rows.append(end - 1)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, batch.num_new)]).to(self.device)
+        positions = flat_positions(torch.tensor(starts), torch.tensor(batch.num_new))[2].to(self.device)
         plans = plan_step(starts, batch.num_new, [s.block_tables for s in batch.seqs], self.windows,
                           self.cfg.block_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), positions,

@@ -20,22 +20,24 @@ from .layers import Linear, RMSNorm, apply_rope, rms_norm
 def masked_attention(q, k, v, q_pos, k_pos, window: int | None):
     """Batched causal attention with an optional sliding window; scaling 1.0 (Gemma 4).
 
-    q [B, Q, N, D], k/v [B, K, G, D] (N = G * group), q_pos [B, Q], k_pos [B, K] (positions; padding keys carry
-    a position no query can see). A key u is visible to a query t iff u <= t and, with a window W, t - u < W.
-    Softmax runs in fp32 and the probabilities are cast back to the model dtype, as transformers' eager path.
+    q [B, Q, N, D], k/v [G, B, K, D] (head-major, N = G * n), q_pos [B, Q], k_pos [B, K] (positions; padding
+    keys carry a position no query can see). A key u is visible to a query t iff u <= t and, with a window W,
+    t - u < W. Softmax runs in fp32 and the probabilities are cast back to the model dtype, as transformers'
+    eager path. Two batched GEMMs over (head group, request): the head-major keys need no permuted copy.
     """
     B, Q, N, D = q.shape
-    G = k.shape[2]
-    qg = q.view(B, Q, G, N // G, D)
-    scores = torch.einsum("bqgnd,bkgd->bgnqk", qg, k)
+    G, _, K, _ = k.shape
+    n = N // G
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Q, K]
     visible = delta >= 0
     if window is not None:
         visible &= delta < window
-    scores = scores.masked_fill(~visible[:, None, None], torch.finfo(scores.dtype).min)
+    qg = q.view(B, Q, G, n, D).permute(2, 0, 3, 1, 4).reshape(G * B, n * Q, D)
+    scores = torch.bmm(qg, k.reshape(G * B, K, D).transpose(1, 2)).view(G, B, n, Q, K)
+    scores = scores.masked_fill(~visible[None, :, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.einsum("bgnqk,bkgd->bqgnd", probs, v)
-    return out.reshape(B, Q, N, D)
+    out = torch.bmm(probs.view(G * B, n * Q, K), v.reshape(G * B, K, D)).view(G, B, n, Q, D)
+    return out.permute(1, 3, 0, 2, 4).reshape(B, Q, N, D)
 
 
 class AttentionContext(Protocol):
@@ -51,7 +53,8 @@ class WholeSequence:
 
     def attend(self, layer, shape, q, k, v):
         pos = self.positions[None]
-        return masked_attention(q[None], k[None], v[None], pos, pos, shape.window)[0]
+        head_major = lambda t: t.transpose(0, 1)[:, None]  # noqa: E731 - [T, G, D] -> [G, 1, T, D]
+        return masked_attention(q[None], head_major(k), head_major(v), pos, pos, shape.window)[0]
 
 
 class Attention(nn.Module):

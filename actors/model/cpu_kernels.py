@@ -1,8 +1,11 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-``bf16_linear(x, w)``: ``x @ w.T`` for fp32 activations and bf16 weights, in fp32 (``kernels/bf16_linear.c``).
+``grouped_linear(x, offsets, w)``: for every expert g, ``x[rows of g] @ w[g].T`` with fp32 activations and
+bf16 weights packed by ``pack_panels``, in fp32, in one call for a whole MoE layer (``kernels/bf16_linear.c``).
 It is what lets the routed experts stay in memory as bf16, the checkpoint's own dtype, while the model
-computes in fp32 on CPU: a decode step reads half the expert bytes. Plain C (no torch headers), so it
+computes in fp32 on CPU: a decode step reads half the expert bytes, and no call widens a weight matrix into
+an fp32 copy. ``paged_decode_attention``: decode attention reading the KV cache's blocks in place
+(``kernels/paged_attention.c``). Plain C (no torch headers), so it
 compiles in about a second; the shared object is cached under ``$EPSERVE_CACHE/kernels`` (default
 ``~/.cache/epserve/kernels``) by a hash of the source and the compiler command, and written atomically, so
 concurrent actors on one machine build it at most a few times and never load a half-written file.
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("epserve.kernels")
-SOURCE = Path(__file__).with_name("kernels") / "bf16_linear.c"
+SOURCES = sorted(Path(__file__).with_name("kernels").glob("*.c"))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
@@ -39,18 +42,19 @@ def _build() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     command = [compiler, *FLAGS]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"bf16_linear-{digest}.so"
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(command).encode()).hexdigest()
+    target = _cache_dir() / f"epserve-kernels-{digest[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([*command, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
-                           timeout=120)
+            subprocess.run([*command, *map(str, SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
+                           text=True, timeout=120)
             os.replace(tmp, target)
         except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {e.stderr.strip()[:500]}") from None
+            names = ", ".join(f.name for f in SOURCES)
+            raise RuntimeError(f"compiling {names} failed: {e.stderr.strip()[:500]}") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -67,8 +71,11 @@ def _load():
                 raise RuntimeError(f"needs AVX2, this CPU offers {torch.backends.cpu.get_cpu_capability()}")
             lib = ctypes.CDLL(str(_build()))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.bf16_linear.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-            lib.bf16_linear.restype = None
+            lib.bf16_grouped_linear.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
+            lib.bf16_grouped_linear.restype = None
+            lib.paged_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
+                                                   i64, ptr, ctypes.c_int]
+            lib.paged_decode_attention.restype = ctypes.c_int
             _lib = lib
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
             log.warning("bf16 CPU kernel unavailable (%s): expert weights stay fp32", e)
@@ -80,21 +87,90 @@ def available() -> bool:
     return bool(_load())
 
 
-def bf16_linear(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [M, N] = x [M, K] fp32 @ w [N, K] bf16 .T (rows of x may be strided; w contiguous)."""
+def packable(*widths: int) -> bool:
+    """Whether matrices with these output widths can be packed (panels of 16 columns)."""
+    return all(w % PANEL == 0 for w in widths)
+
+
+PANEL = 16
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """The bf16 weights w [G, N, K] in the kernel's panel order (same shape and bytes, N a multiple of 16):
+    panel p holds, for each k, columns 16p + i and 16p + 8 + i side by side (i < 8). What ``grouped_linear``
+    reads; done once, when the weights are loaded."""
+    G, N, K = w.shape
+    if w.dtype != torch.bfloat16 or not packable(N):
+        raise ValueError(f"pack_panels needs bf16 [G, N, K] with N % {PANEL} == 0, got {w.dtype} {tuple(w.shape)}")
+    return w.view(G, N // PANEL, 2, PANEL // 2, K).permute(0, 1, 4, 3, 2).contiguous().view(G, N, K)
+
+
+def unpack_panels(w: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_panels``: weights back in the checkpoint's order."""
+    G, N, K = w.shape
+    return w.view(G, N // PANEL, K, PANEL // 2, 2).permute(0, 1, 4, 3, 2).reshape(G, N, K)
+
+
+def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [S, N] (into ``out`` if given: rows may be strided): rows offsets[g] .. offsets[g + 1] of x [S, K]
+    fp32 times w[g].T, where w [G, N, K] holds bf16 weights packed by ``pack_panels``; offsets: int64 [G + 1],
+    non-decreasing from 0 to S. Rows of x may be strided."""
     lib = _load()
     if not lib:
-        raise RuntimeError("the bf16 CPU kernel is unavailable")
-    M, K = x.shape
-    N = w.shape[0]
-    if x.dtype != torch.float32 or w.dtype != torch.bfloat16 or w.shape[1] != K or x.device.type != "cpu":
-        raise ValueError(f"bf16_linear needs fp32 x [M, K] and bf16 w [N, K] on CPU, got {x.dtype} "
+        raise RuntimeError("the CPU kernels are unavailable")
+    S, K = x.shape
+    G, N = w.shape[0], w.shape[1]
+    if (x.dtype != torch.float32 or w.dtype != torch.bfloat16 or w.dim() != 3 or w.shape[2] != K
+            or not packable(N) or x.device.type != "cpu" or w.device.type != "cpu" or not w.is_contiguous()):
+        raise ValueError(f"grouped_linear needs fp32 x [S, K] and packed bf16 w [G, N, K] on CPU, got {x.dtype} "
                          f"{tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")
+    offsets = offsets.to(torch.int64).contiguous()
+    if offsets.shape != (G + 1,) or offsets[0] != 0 or offsets[-1] != S or (offsets.diff() < 0).any():
+        raise ValueError(f"offsets must rise from 0 to {S} over {G + 1} entries, got {offsets.tolist()[:8]}...")
     if x.stride(1) != 1:
         x = x.contiguous()
-    w = w.contiguous()
     if out is None:
-        out = torch.empty(M, N, dtype=torch.float32)
-    lib.bf16_linear(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), out.stride(0), M, N, K,
-                    torch.get_num_threads())
+        out = torch.empty(S, N, dtype=torch.float32)
+    elif out.shape != (S, N) or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"out must be fp32 [{S}, {N}] with contiguous rows, got {out.dtype} {tuple(out.shape)}")
+    lib.bf16_grouped_linear(x.data_ptr(), x.stride(0), offsets.data_ptr(), G, w.data_ptr(), out.data_ptr(),
+                            out.stride(0), N, K, torch.get_num_threads())
+    return out
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, N] = x [M, K] fp32 @ w [N, K] bf16 .T, w in checkpoint order (packs it first: for tests and
+    benchmarks; the model packs its weights once)."""
+    if w.dim() != 2:
+        raise ValueError(f"bf16_linear needs a 2-D weight, got {tuple(w.shape)}")
+    return grouped_linear(x, torch.tensor([0, x.shape[0]]), pack_panels(w[None]))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                           pos: torch.Tensor, lo: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Attention of one query per request over its keys in the cache, read in place (fp32, CPU).
+
+    q [B, N, D]; k_cache / v_cache [G, slots, D] (one layer, head-major); blocks [B, NB]: the physical blocks
+    of each request's logical blocks lo // bs, lo // bs + 1, ...; pos [B]: the query's position, which sees
+    the keys at positions lo .. pos. Returns [B, N, D]."""
+    lib = _load()
+    if not lib:
+        raise RuntimeError("the CPU kernels are unavailable")
+    B, N, D = q.shape
+    G = k_cache.shape[0]
+    tensors = (q, k_cache, v_cache)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or D % 8 or N % G:
+        raise ValueError(f"paged_decode_attention needs fp32 CPU tensors, D % 8 == 0 and N % G == 0, got q "
+                         f"{tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)} {k_cache.dtype}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(2) != 1:
+        raise ValueError("k and v caches must share a layout with contiguous head vectors")
+    q = q.contiguous()
+    blocks, pos, lo = (t.to(torch.int64).contiguous() for t in (blocks, pos, lo))
+    out = torch.empty_like(q)
+    if lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(1),
+                                  k_cache.stride(0), blocks.data_ptr(), blocks.shape[1], pos.data_ptr(),
+                                  lo.data_ptr(), B, G, N // G, D, block_size, out.data_ptr(),
+                                  torch.get_num_threads()):
+        raise MemoryError("paged attention: no memory for the scores")
     return out

@@ -130,7 +130,7 @@ class Gemma4Model(nn.Module):
 
     def logits(self, hidden):
         """Tied head on the unscaled embedding, then the final soft-cap (in the model dtype)."""
-        logits = linear(hidden, self.embed_tokens.weight)
+        logits = linear(hidden, self.embed_tokens.weight, pack=True)
         cap = self.cfg.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
 

@@ -3,7 +3,8 @@ layout (``model.language_model.*``) or the text-only one (``model.*``).
 
 An expert range ``[first, first + count)`` is read with ``get_slice`` so that a process holding a shard of
 the experts never reads the other experts' bytes; every load reports the tensors and bytes it materialised.
-Routed-expert weights stored as bf16 stay bf16 under fp32 compute on CPU (``moe.expert_dtype``).
+Routed-expert weights stored as bf16 stay bf16 under fp32 compute on CPU (``moe.expert_dtype``), repacked
+for the native kernel (``Experts.pack_``).
 """
 
 from __future__ import annotations
@@ -106,8 +107,12 @@ def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, 
     for name, meta in module.state_dict().items():
         expert = (prefix + name).endswith(EXPERT_TENSORS)
         t = ckpt.read(prefix + name, tuple(meta.shape), rows if expert else None)
-        state[name] = t.to(device=device, dtype=expert_dtype(t.dtype, dtype, device) if expert else dtype)
+        held = expert_dtype(t.dtype, dtype, device, ckpt.config) if expert else dtype
+        state[name] = t.to(device=device, dtype=held)
     module.load_state_dict(state, assign=True, strict=True)
+    for m in module.modules():
+        if isinstance(m, Experts):
+            m.pack_()
 
 
 def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS) -> Gemma4Model:

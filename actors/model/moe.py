@@ -9,8 +9,6 @@ partial sum per token.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import nn
 
@@ -50,37 +48,19 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
-KERNEL_ROWS = 16  # up to this many rows, bf16 expert weights go through the native CPU kernel
-_scratch = threading.local()  # per thread: an fp32 copy of one bf16 expert matrix
-
-
-def expert_linear(x, w):
-    """x @ w.T in x's dtype. Expert weights may be held as bf16 under fp32 compute (``expert_dtype``): few rows
-    use the native kernel, which reads the bf16 bytes directly; many rows (prefill) widen the matrix into a
-    reused fp32 buffer once and use the BLAS GEMM, where the widening is small next to the arithmetic."""
-    if w.dtype == x.dtype:
-        return linear(x, w)
-    if x.shape[0] <= KERNEL_ROWS:
-        return cpu_kernels.bf16_linear(x, w)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < w.numel():
-        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
-            buf = _scratch.buf = torch.empty(w.numel(), dtype=x.dtype)
-    return linear(x, buf[: w.numel()].view(w.shape).copy_(w))
-
-
-def expert_dtype(stored: torch.dtype, compute: torch.dtype, device) -> torch.dtype:
+def expert_dtype(stored: torch.dtype, compute: torch.dtype, device, cfg: ModelConfig) -> torch.dtype:
     """How routed-expert weights are held: bf16 checkpoint weights under fp32 compute on CPU stay bf16 when
-    the native kernel is available (exact: widening bf16 to fp32 is lossless; a decode step reads half the
-    bytes); everything else is held in the compute dtype."""
+    the native kernel is available and takes their widths (exact: widening bf16 to fp32 is lossless; a
+    decode step reads half the bytes); everything else is held in the compute dtype."""
     keep = (stored == torch.bfloat16 and compute == torch.float32 and torch.device(device).type == "cpu"
-            and cpu_kernels.available())
+            and cpu_kernels.packable(2 * cfg.moe_intermediate_size, cfg.hidden_size) and cpu_kernels.available())
     return torch.bfloat16 if keep else compute
 
 
-def grouped_experts(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> torch.Tensor:
+def grouped_experts(x_TH, ids_TK, weights_TK, experts: "Experts") -> torch.Tensor:
     """Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) in fp32 [T, H]. ids are local expert ids; -1 marks a slot that
     belongs to another process and is skipped."""
+    gate_up_EIH, down_EHI = experts.gate_up_proj, experts.down_proj
     T, H = x_TH.shape
     K = ids_TK.shape[1]
     flat_ids = ids_TK.reshape(-1)
@@ -95,12 +75,17 @@ def grouped_experts(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> torch.Te
     xs = x_TH[slots // K]
     ys = torch.empty(S + 1, H, dtype=x_TH.dtype, device=x_TH.device)  # the last row: zeros, for others' slots
     ys[S] = 0
-    start = 0
-    for e, n in enumerate(counts):  # one GEMM per expert that has tokens: never a loop over tokens
-        if n:
-            gate, up = expert_linear(xs[start : start + n], gate_up_EIH[e]).chunk(2, dim=-1)
-            ys[start : start + n] = expert_linear(gelu_tanh(gate) * up, down_EHI[e])
-            start += n
+    if experts.packed:  # bf16 experts under fp32 compute (``expert_dtype``): the layer in two kernel calls
+        offsets = torch.tensor([0, *counts]).cumsum(0)
+        gate, up = cpu_kernels.grouped_linear(xs, offsets, gate_up_EIH).chunk(2, dim=-1)
+        cpu_kernels.grouped_linear(gelu_tanh(gate) * up, offsets, down_EHI, out=ys[:S])
+    else:
+        start = 0
+        for e, n in enumerate(counts):  # one GEMM per expert that has tokens: never a loop over tokens
+            if n:
+                gate, up = linear(xs[start : start + n], gate_up_EIH[e]).chunk(2, dim=-1)
+                ys[start : start + n] = linear(gelu_tanh(gate) * up, down_EHI[e])
+                start += n
     weighted = ys.float()  # in place when the model computes in fp32
     weighted[:S] *= weights_TK.reshape(-1)[slots, None]
     # w·y per (token, slot) back in token order, then summed over the K slots in top-k order, in fp32
@@ -111,7 +96,10 @@ def grouped_experts(x_TH, ids_TK, weights_TK, gate_up_EIH, down_EHI) -> torch.Te
 
 
 class Experts(nn.Module):
-    """The routed experts ``[first, first + count)`` of one layer, stored as in the checkpoint."""
+    """The routed experts ``[first, first + count)`` of one layer, with the checkpoint's shapes. Held as bf16
+    on CPU (``expert_dtype``), each expert's matrices are repacked once after loading into the native kernel's
+    panel order (``pack_``: same shapes and bytes, so slices by expert and byte counts keep their meaning);
+    ``unpacked`` gives them back in the checkpoint's order."""
 
     def __init__(self, cfg: ModelConfig, first: int = 0, count: int | None = None):
         super().__init__()
@@ -120,9 +108,26 @@ class Experts(nn.Module):
         self.first, self.count = first, count
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(count, H, I))
+        self.packed = False
+
+    def pack_(self) -> "Experts":
+        """Repack bf16 CPU weights for the native kernel (a no-op for any other weights)."""
+        w = self.gate_up_proj
+        if not self.packed and w.dtype == torch.bfloat16 and w.device.type == "cpu" and cpu_kernels.available():
+            with torch.no_grad():
+                self.gate_up_proj.data = cpu_kernels.pack_panels(self.gate_up_proj.data)
+                self.down_proj.data = cpu_kernels.pack_panels(self.down_proj.data)
+            self.packed = True
+        return self
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj, down_proj) in the checkpoint's order."""
+        if not self.packed:
+            return self.gate_up_proj, self.down_proj
+        return tuple(cpu_kernels.unpack_panels(t) for t in (self.gate_up_proj, self.down_proj))
 
     def forward(self, x_TH, ids_TK, weights_TK):
         """ids are global expert ids; slots outside this range contribute nothing."""
         local = ids_TK - self.first
         local = torch.where((local >= 0) & (local < self.count), local, -1)
-        return grouped_experts(x_TH, local, weights_TK, self.gate_up_proj, self.down_proj)
+        return grouped_experts(x_TH, local, weights_TK, self)
