@@ -3,9 +3,11 @@ preset's shapes:
 
     python benchmarks/cpu_kernels.py
 
-1. Routed experts at decode: ``bf16_linear`` (bf16 weights read directly, fp32 math; actors/model/
-   cpu_kernels.py) against the BLAS GEMM on fp32 weights, for the few rows an expert gets per decode step.
-2. The dense projections and the tied head: ``(w @ x.T).T`` (layers.linear) against ``x @ w.T``.
+1. Routed experts: the grouped bf16 kernel (``cpu_kernels.grouped_linear``: panel-packed bf16 weights read
+   directly, fp32 math, every expert in one call) against one BLAS GEMM per expert on fp32 weights, from the
+   few rows an expert gets per decode step to a prefill chunk's.
+2. The dense projections and the tied head: ``x @ w.T``, ``(w @ x.T).T`` and oneDNN with the weight
+   reordered once (``layers.linear(..., pack=True)``, what the model uses).
 3. A fresh multi-megabyte tensor with and without transparent huge pages (actors/__init__.py), in a child
    process each, since the setting is read once per process.
 
@@ -43,32 +45,37 @@ def experts_table(num_experts: int = 32) -> str:
     if not cpu_kernels.available():
         return "bf16 kernel unavailable on this machine."
     g = torch.Generator().manual_seed(0)
-    w16 = [torch.randn(2 * I, H, generator=g).to(torch.bfloat16) for _ in range(num_experts)]
-    w32 = [w.float() for w in w16]
-    lines = ["| threads | rows | bf16 kernel | fp32 BLAS | speed-up |", "|---|---|---|---|---|"]
+    w16 = torch.randn(num_experts, 2 * I, H, generator=g).to(torch.bfloat16)
+    packed, w32 = cpu_kernels.pack_panels(w16), w16.float()
+    lines = ["| threads | rows per expert | bf16 kernel | fp32 BLAS per expert | speed-up |", "|---|---|---|---|---|"]
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for rows in (1, 4, 8, 16, 32):
-            x = torch.randn(rows, H, generator=g)
-            k = best_of(lambda x=x: [cpu_kernels.bf16_linear(x, w) for w in w16])
-            b = best_of(lambda x=x: [(w @ x.T).T for w in w32])
-            gb = num_experts * 2 * I * H * 2 / k / 1e9
-            lines.append(f"| {threads} | {rows} | {1000 * k:.1f} ms ({gb:.1f} GB/s of bf16) | {1000 * b:.1f} ms | "
-                         f"{b / k:.2f}x |")
+        for rows in (1, 4, 8, 16, 128):
+            x = torch.randn(num_experts * rows, H, generator=g)
+            offsets = torch.arange(0, num_experts * rows + 1, rows)
+            k = best_of(lambda x=x, o=offsets: cpu_kernels.grouped_linear(x, o, packed))
+            b = best_of(lambda x=x, r=rows: [(w32[e] @ x[e * r : (e + 1) * r].T).T for e in range(num_experts)])
+            flops = 2 * num_experts * rows * 2 * I * H
+            lines.append(f"| {threads} | {rows} | {1000 * k:.1f} ms ({flops / k / 1e9:.1f} GFLOP/s) | {1000 * b:.1f} ms "
+                         f"({flops / b / 1e9:.1f} GFLOP/s) | {b / k:.2f}x |")
     return "\n".join(lines)
 
 
 def linear_table() -> str:
+    from epserve.actors.model.layers import linear
+
     torch.set_num_threads(os.cpu_count())
     shapes = {"q (sliding)": (H, 4096), "o (sliding)": (4096, H), "dense gate/up": (H, 2112),
               "dense down": (2112, H), "q (full)": (H, 8192), "tied head": (H, 32768)}
-    lines = ["| rows | projection | x @ w.T | (w @ x.T).T |", "|---|---|---|---|"]
+    lines = ["| rows | projection | x @ w.T | (w @ x.T).T | oneDNN, reordered weight |", "|---|---|---|---|---|"]
     for rows in (64, 2048):
         for name, (k, n) in shapes.items():
             x, w = torch.randn(rows, k), torch.randn(n, k)
             a = best_of(lambda x=x, w=w: x @ w.T)
             b = best_of(lambda x=x, w=w: (w @ x.T).T.contiguous())
-            lines.append(f"| {rows} | {name} [{k} -> {n}] | {1000 * a:.1f} ms | {1000 * b:.1f} ms |")
+            c = best_of(lambda x=x, w=w: linear(x, w, pack=True))
+            lines.append(f"| {rows} | {name} [{k} -> {n}] | {1000 * a:.1f} ms | {1000 * b:.1f} ms | "
+                         f"{1000 * c:.1f} ms ({2 * rows * k * n / c / 1e9:.0f} GFLOP/s) |")
     return "\n".join(lines)
 
 
@@ -101,7 +108,7 @@ def main():
     body = f"""
 Command: `python benchmarks/cpu_kernels.py` (revision {git_revision()}; {machine()}). Best of 3.
 
-Routed experts at decode, 32 experts' gate/up matrices [{2 * I}, {H}] against a few rows each:
+Routed experts, 32 experts' gate/up matrices [{2 * I}, {H}] against the same number of rows each:
 
 {experts}
 

@@ -73,8 +73,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _stream(self, request, context):
         if self.state.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere or later")
-        if not self.state.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the cluster is starting or recovering; retry")
+        await self._refuse_unless_ready(context)
         try:
             rid, prompt, params = self._checked(request)
         except RequestError as e:
@@ -126,9 +125,14 @@ class InferenceService(pb_grpc.InferenceServicer):
                 whole.usage.CopyFrom(piece.usage)
         return whole
 
-    async def ModelInfo(self, request, context):
+    async def _refuse_unless_ready(self, context) -> None:
+        if self.state.stopped:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the cluster stopped serving: {self.state.stopped}")
         if not self.state.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the cluster is starting; retry")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the cluster is starting or recovering; retry")
+
+    async def ModelInfo(self, request, context):
+        await self._refuse_unless_ready(context)
         i = self.state.info
         return pb.ModelInfoResponse(
             model_name=self.state.model_name, architecture="Gemma4ForConditionalGeneration (text decoder)",

@@ -69,6 +69,7 @@ class OpenAIState:
     created: int = field(default_factory=lambda: int(time.time()))
     token: BearerToken | None = None  # when set, every route needs ``Authorization: Bearer <token>``
     draining: bool = False  # shutting down: new requests get 503
+    stopped: str | None = None  # why the cluster gave up recovering: requests get 503 with it
     max_body_bytes: int = MAX_BODY_BYTES
 
     @property
@@ -391,15 +392,18 @@ def _state(request: Request, need_client: bool = True) -> OpenAIState:
         state = OpenAIState(getattr(state, "client", None), getattr(state, "tokenizer", None), state.model_name,
                             pick("max_model_len"), tuple(pick("eos_token_ids") or ()), pick("vocab_size"),
                             getattr(state, "created", _STARTED), getattr(state, "token", None),
-                            bool(getattr(state, "draining", False)))
+                            bool(getattr(state, "draining", False)), getattr(state, "stopped", None))
     if state.token is not None and not state.token.accepts(request.headers.get("authorization")):
         raise APIError.of(statuses.UNAUTHENTICATED, "missing or wrong bearer token (Authorization: Bearer <token>)",
                           headers={"www-authenticate": "Bearer"})
     if state.draining and need_client:
         raise APIError.of(statuses.UNAVAILABLE, "the server is shutting down: retry elsewhere or later")
+    if state.stopped and need_client:
+        raise APIError(f"the cluster stopped serving: {state.stopped}", status=503, type="server_error",
+                       code="cluster_stopped")
     if state.client is None and need_client:
-        raise APIError("the model is still loading: try again shortly", status=503, type="server_error",
-                       code="model_not_ready")
+        raise APIError("the cluster is starting or recovering: try again shortly", status=503,
+                       type="server_error", code="model_not_ready")
     return state
 
 

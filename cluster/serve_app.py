@@ -108,6 +108,7 @@ class Ingress:
         self.client.frontend = self.cluster.frontend  # a recreated front-end is a new actor
         self.state.client = self.client if serving else None
         self.app.state.epserve.client = self.client if serving else None
+        self.state.stopped = self.app.state.epserve.stopped = self.cluster.supervisor.failed
         await self.grpc.set_serving(serving and not self.state.draining)
 
     async def check_health(self) -> None:

@@ -18,6 +18,7 @@ class ServingState:
     info: dict = field(default_factory=dict)  # Frontend.model_info()
     token: object | None = None  # cluster.security.BearerToken when inference calls need one
     draining: bool = False  # shutting down: new requests are refused (UNAVAILABLE / 503)
+    stopped: str | None = None  # why the cluster gave up recovering: requests are refused with it
 
     @property
     def ready(self) -> bool:

@@ -20,10 +20,28 @@ def test_generated_grpc_modules_are_fresh():
         assert committed == text, f"cluster/api/{name} is stale: run `python -m epserve.cluster.api.codegen`"
 
 
+def deploy_app_args() -> dict:
+    """The arguments deploy/serve.yaml gives its application (tests/test_grpc.py serves with them)."""
+    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    return config["applications"][0]["args"]
+
+
 def test_serve_config_is_valid_and_builds():
+    """What ``serve run deploy/serve.yaml`` does before it deploys: validate the file, import the builder
+    named by import_path, call it with the file's args; the result is the Ingress deployment bound to them."""
+    import importlib
+
+    from ray.serve import Application
+
     config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "epserve.cluster.serve_app:build_app"
+    module, attr = app.import_path.split(":")
+    built = getattr(importlib.import_module(module), attr)(app.args)
+    assert isinstance(built, Application)
+    deployment = built._bound_deployment
+    assert deployment.name == "Ingress" and deployment.init_args == (app.args,)
+    assert deployment._deployment_config.graceful_shutdown_timeout_s >= app.args["drain_s"]
     cluster = ClusterConfig.from_dict(app.args["cluster"])
     assert cluster.shards == 2 and app.args["grpc_port"] == 50051

@@ -32,6 +32,16 @@ def test_generate_matches_transformers_greedy(tiny_dir, tools):
         assert line == {"token_ids": tools.hf_greedy(ref, prompt, 32), "finish_reason": "length"}
 
 
+def test_generate_samples_with_temperature_and_seed(tiny_dir):
+    """--temperature samples, --seed reproduces the draw; another seed draws otherwise."""
+    args = ["generate", "--checkpoint", tiny_dir, "--prompt-ids", "5,6,7", "--max-tokens", 24, "--ignore-eos",
+            "--json"]
+    draw = [json.loads(run(*args, "--temperature", 1.0, "--seed", seed).stdout)["token_ids"] for seed in (7, 7, 8)]
+    greedy = json.loads(run(*args).stdout)["token_ids"]
+    assert draw[0] == draw[1] and len(draw[0]) == 24
+    assert draw[2] != draw[0] and draw[0] != greedy
+
+
 def test_make_checkpoint_presets(tmp_path):
     out = run("make-checkpoint", "--preset", "gemma-4-26b-a4b", "--out", tmp_path / "real")
     assert "config only" in out.stdout

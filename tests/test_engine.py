@@ -3,6 +3,8 @@ sampling and streaming, checked against transformers and against itself run one 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -199,6 +201,30 @@ def test_stop_tokens_and_eos(tiny_model):
     later = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=10, stop_token_ids=[stop_at],
                                                         min_tokens=free.index(stop_at) + 2))[0]
     assert stop_at not in later.token_ids[: free.index(stop_at) + 1]
+
+
+def test_the_checkpoints_eos_ids_stop_by_default_and_ignore_eos_runs_on(tiny_model, monkeypatch):
+    """No stop ids given: the checkpoint's eos ids stop a request (its last token), ignore_eos runs past them."""
+    free = LLMEngine(tiny_model).generate([[5, 6, 7]], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    eos = free[4]  # treat a token the model makes as the checkpoint's eos
+    monkeypatch.setattr(tiny_model, "cfg", dataclasses.replace(tiny_model.cfg, eos_token_ids=(eos,)))
+    engine = LLMEngine(tiny_model)
+    stopped = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=12))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free[: free.index(eos) + 1]
+    on = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert on.finish_reason == "length" and on.token_ids == free
+
+
+def test_logprobs_of_sampled_tokens_are_the_models(tiny_model, tools):
+    """With temperature, top-k and top-p, each reported logprob is log_softmax of the model's own logits at
+    that position (scored independently, the whole sequence at once) for the token drawn."""
+    prompt = [5, 6, 7, 8]
+    out = LLMEngine(tiny_model).generate([prompt], SamplingParams(
+        max_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=3, ignore_eos=True, logprobs=True))[0]
+    ids = torch.tensor(prompt + out.token_ids)
+    logp = torch.log_softmax(tools.our_logits(tiny_model, ids)[len(prompt) - 1 : -1], dim=-1)
+    want = logp[torch.arange(len(out.token_ids)), torch.tensor(out.token_ids)]
+    assert out.logprobs == pytest.approx(want.tolist(), abs=1e-4)
 
 
 def test_bad_requests_are_refused_clearly(tiny_model):

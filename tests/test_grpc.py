@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 import urllib.request
 
@@ -14,6 +15,7 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from epserve.actors.engine.config import EngineConfig
@@ -23,6 +25,7 @@ from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
 from epserve.cluster.client import request
 from epserve.cluster.serve_app import LocalServer
+from test_api_files import deploy_app_args
 
 MAX_LEN = 512
 
@@ -33,14 +36,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class HealthWatcher(threading.Thread):
+    """A stock ``grpc.health.v1`` client polling the overall health of a gRPC address from before the server
+    exists: the statuses it answered, in order (calls that found no server yet are not statuses)."""
+
+    def __init__(self, target: str):
+        super().__init__(daemon=True)
+        self.target, self.seen, self.done = target, [], threading.Event()
+
+    def run(self):
+        with grpc.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while not self.done.is_set():
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    if not self.seen or self.seen[-1] != status:
+                        self.seen.append(status)
+                except grpc.RpcError:
+                    pass
+                self.done.wait(0.05)
+
+
 @contextlib.contextmanager
 def tiny_server(tiny_dir, **cluster):
-    """The Serve app over the tiny checkpoint (a front-end and 2 shards) on the session's Ray cluster, with
-    ``cluster`` settings on top; shut down on exit."""
-    settings = {"cluster": {"checkpoint": str(tiny_dir), "shards": 2,
-                            "engine": {"max_model_len": MAX_LEN, "max_num_seqs": 64}, **cluster},
-                "grpc_port": free_port()}
-    srv = LocalServer(settings, "127.0.0.1", free_port()).start(timeout_s=300)
+    """The Serve app of deploy/serve.yaml over the tiny checkpoint (a front-end and 2 shards) on the session's
+    Ray cluster, with ``cluster`` settings on top; shut down on exit. ``grpc_health_seen``: what a stock
+    health client polling the gRPC port from before the start was told, until it said SERVING."""
+    settings = deploy_app_args()  # the application of deploy/serve.yaml, on loopback ports, tiny checkpoint
+    settings.update(grpc_host="127.0.0.1", grpc_port=free_port(), metrics_port=None, drain_s=5)
+    settings["cluster"].update(checkpoint=str(tiny_dir), engine={"max_model_len": MAX_LEN, "max_num_seqs": 64},
+                               **cluster)
+    watcher = HealthWatcher(f"127.0.0.1:{settings['grpc_port']}")
+    watcher.start()
+    try:
+        srv = LocalServer(settings, "127.0.0.1", free_port()).start(timeout_s=300)
+        until = time.monotonic() + 10  # the gRPC health service follows the app's state within moments
+        while watcher.seen[-1:] != ["SERVING"] and time.monotonic() < until:
+            time.sleep(0.05)
+    finally:
+        watcher.done.set()
+        watcher.join()
+    srv.grpc_health_seen = watcher.seen
     try:
         yield srv
     finally:
@@ -88,7 +125,9 @@ def finished_requests(server) -> dict[str, float]:
 
 
 def test_health_goes_not_serving_then_serving_and_reflection(server):
+    # the app's own view, and what the standard gRPC health service told a stock client meanwhile
     assert server.health_seen[-1] == "SERVING" and "NOT_SERVING" in server.health_seen
+    assert server.grpc_health_seen == ["NOT_SERVING", "SERVING"]
     with grpc.insecure_channel(server.grpc_target) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "epserve.v1.Inference" in services and "grpc.health.v1.Health" in services
@@ -303,11 +342,17 @@ def test_any_request_bytes_get_an_answer_or_invalid_argument(server, stub):
     still_serving(stub)
 
 
-def test_deadline_is_honoured_and_frees_blocks(stub):
+def test_deadline_is_honoured_and_frees_blocks(server, stub):
+    """A deadline far shorter than the request: the client gets DEADLINE_EXCEEDED, and the server aborts the
+    request (counted as aborted, not run to its length) and frees its blocks."""
+    before = finished_requests(server)
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(request(prompt_ids=[5, 6, 7], max_tokens=400, ignore_eos=True), timeout=0.5))
+        list(stub.Generate(request(prompt_ids=[5, 6, 7], max_tokens=500, ignore_eos=True), timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_blocks_freed()
+    after = finished_requests(server)
+    assert after.get("abort", 0) == before.get("abort", 0) + 1
+    assert after.get("length", 0) == before.get("length", 0)
 
 
 def test_text_in_text_out(stub, tiny_model, tiny_dir):

@@ -39,6 +39,7 @@ from epserve.actors.dispatch import expert_ranges
 from epserve.actors.engine.config import EngineConfig
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampling import SamplingParams
+from epserve.actors.model.config import FULL, SLIDING
 from epserve.actors.model.gemma4 import LocalExperts
 from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
@@ -244,11 +245,16 @@ class Prometheus:
         return "\n".join(self.log.read_text().splitlines()[-15:]) if self.log.exists() else ""
 
 
+# A small engine: 4 requests run at once and the full-attention cache holds 32 blocks of 16 tokens (one
+# request of max_model_len), so a burst of 8 long requests makes requests wait and preempts some
+ENGINE = {"max_model_len": 512, "max_num_seqs": 4, "num_blocks": {FULL: 32, SLIDING: 64}}
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_dir):
     settings = {"cluster": {"checkpoint": str(tiny_dir), "shards": 2, "collective_timeout_s": 10,
                             "heartbeat_s": 0.5, "max_failures": 0,  # a killed shard stays down
-                            "engine": {"max_model_len": 512}},
+                            "engine": ENGINE},
                 "grpc_port": free_port(), "metrics_port": free_port()}
     srv = LocalServer(settings, "127.0.0.1", free_port()).start(timeout_s=300)
     yield srv
@@ -443,6 +449,50 @@ def test_a_cancelled_request_is_counted_as_aborted(server, prometheus, load):
     prometheus.wait_for("epserve:num_requests_running", 0.0)
     assert prometheus.value("epserve:e2e_request_latency_seconds_count") == len(load["requests"]) + 1
     assert prometheus.value("epserve:generation_tokens_total") >= load["generated"] + received
+
+
+def test_metric_types_are_the_documented_ones(server):
+    """What the target says of each family (``# TYPE``) is the type documented (and shown) for it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as r:
+        families = [f for f in text_string_to_metric_families(r.read().decode()) if f.name.startswith("epserve:")]
+    types = {f.name + ("_total" if f.type == COUNTER else ""): f.type for f in families}
+    assert types == {**METRICS, **UNSHOWN}
+
+
+@needs_prometheus
+def test_queue_kv_and_preemption_gauges_move_under_a_burst(server, prometheus, load):
+    """8 long requests at once against 4 running slots and a KV cache too small for 4 of them: requests wait,
+    the cache fills, requests are preempted; every request still gets all its tokens, and afterwards the
+    gauges are back at zero."""
+    burst = [([11 + i, 40 + i, 7] * 3, 140) for i in range(8)]
+    done = []
+
+    def one(prompt, n):
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            pieces = list(pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(max_tokens=n, ignore_eos=True)),
+                timeout=240))
+            done.append(sum(len(p.token_ids) for p in pieces))
+
+    import threading
+
+    threads = [threading.Thread(target=one, args=r) for r in burst]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(done) == [n for _, n in burst]
+    prometheus.wait_for("epserve:num_requests_running", 0.0)
+    seen = {g: prometheus.value(f"max_over_time(epserve:{g}[5m])") for g in (
+        "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")}
+    assert seen["num_requests_running"] == ENGINE["max_num_seqs"], seen
+    # preemption happens when the full-attention pool (a third of all blocks) has no block left
+    assert seen["num_requests_waiting"] >= 1 and 1 / 3 <= seen["kv_cache_usage_perc"] <= 1.0, seen
+    assert prometheus.value("epserve:num_preemptions_total") >= 1
+    for gauge in ("num_requests_waiting", "kv_cache_usage_perc"):
+        assert prometheus.value(f"epserve:{gauge}") == 0, gauge
 
 
 @needs_prometheus
