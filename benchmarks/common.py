@@ -59,7 +59,11 @@ def free_port() -> int:
 
 
 def git_revision() -> str:
+    """The commit measured, marked when the tree had changes beyond it."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                        text=True).strip()
+        return f"{rev} with uncommitted changes" if dirty else rev
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

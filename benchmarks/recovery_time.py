@@ -2,7 +2,7 @@
 front-end killed, each injected mid-run under a load of concurrent streaming gRPC requests (cluster/drill.py)
 on the tiny preset, timed from the fault to the health service's SERVING again.
 
-    python benchmarks/recovery_time.py [--repeats 3] [--streams 16] [--max-tokens 48] [--no-write]
+    python benchmarks/recovery_time.py [--repeats 3] [--streams 32] [--max-tokens 48] [--no-write]
 
 Checks what the clients saw (shard faults: every request completes with the same greedy tokens as the
 in-process engine; front-end kill: every request ends UNAVAILABLE) and records docs/reliability.md
@@ -50,7 +50,7 @@ def check(d: drill.Drill, want: list[list[int]]) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
