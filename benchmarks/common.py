@@ -59,11 +59,12 @@ def free_port() -> int:
 
 
 def git_revision() -> str:
-    """The commit measured, marked when the tree had changes beyond it."""
+    """The commit measured, marked when the code had changes beyond it (docs/, which the scripts write,
+    does not count)."""
     try:
         rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                        text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                         ":!docs"], cwd=ROOT, text=True).strip()
         return f"{rev} with uncommitted changes" if dirty else rev
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
