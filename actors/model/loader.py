@@ -110,9 +110,10 @@ def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, 
         held = expert_dtype(t.dtype, dtype, device, ckpt.config) if expert else dtype
         state[name] = t.to(device=device, dtype=held)
     module.load_state_dict(state, assign=True, strict=True)
-    for m in module.modules():
-        if isinstance(m, Experts):
-            m.pack_()
+    if dtype == torch.float32:  # bf16 experts under fp32 compute: the native kernel's layout
+        for m in module.modules():
+            if isinstance(m, Experts):
+                m.pack_()
 
 
 def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS) -> Gemma4Model:
