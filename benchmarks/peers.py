@@ -14,7 +14,7 @@ here: 30% for minutes) falls on every engine rather than on one. vLLM (``vllm-cp
 environment on first use (about 6 minutes, 3.5 GB; ``--vllm-venv``), as ../shared/docs/peers.md describes.
 
 The script also measures the in-process engine's decode step on the ``bench`` preset at batch ``--requests``
-against two floors measured in the same run: the memory-bandwidth roofline (the bytes of weights, as held:
+against two floors sampled between its steps: the memory-bandwidth roofline (the bytes of weights, as held:
 routed experts in bf16 under fp32 compute when the native kernel is there, everything else fp32, and of KV
 read per step, divided by the bandwidth of a large tensor copy, bytes read + written) and the compute floor
 (the step's FLOPs divided by the FLOP/s of a large fp32 GEMM on the model's projection path).
@@ -171,31 +171,41 @@ def run_transformers(model_dir: Path, workload: Workload, runs: int) -> list[dic
 
 # ---------------------------------------------------------------------------------------------- roofline
 
-def copy_bandwidth(gib: float = 1.0) -> float:
-    """Bytes read + written per second by a large tensor copy (the best of 3)."""
-    a = torch.ones(int(gib * (1 << 30)) // 4)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / best
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def gemm_flops(rows: int = 2048) -> float:
-    """fp32 FLOP/s of a large GEMM through the model's own projection path (the bench preset's dense MLP
-    shape: [rows, 2816] x [2816, 2112]), the best of 3: what the cores can do."""
-    from epserve.actors.model.layers import linear
+class CoreProbe:
+    """What the cores can do, sampled between the decode steps it is compared with, so that a slow spell of a
+    shared machine falls on both (measured once, apart from the steps, a slow spell once put the "floor" above
+    the step it bounds): the bandwidth of a large tensor copy (bytes read + written) and the fp32
+    FLOP/s of a large GEMM through the model's own projection path (the bench preset's dense MLP shape,
+    [rows, 2816] x [2816, 2112]). Each is the best of its samples."""
 
-    x, w = torch.randn(rows, 2816), torch.randn(2112, 2816)
-    linear(x, w, pack=True)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        linear(x, w, pack=True)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * rows * 2816 * 2112 / best
+    def __init__(self, copy_gib: float = 1.0, rows: int = 2048):
+        from epserve.actors.model.layers import linear
+
+        self.src = torch.ones(int(copy_gib * (1 << 30)) // 4)
+        self.dst = torch.empty_like(self.src)
+        x, w = torch.randn(rows, 2816), torch.randn(2112, 2816)
+        self.gemm = lambda: linear(x, w, pack=True)
+        self.gemm_flop = 2 * rows * 2816 * 2112
+        self.gemm()  # the weight's one-time reorder
+        self.copy_s = self.gemm_s = float("inf")
+
+    def sample(self) -> None:
+        self.copy_s = min(self.copy_s, _seconds(lambda: self.dst.copy_(self.src)))
+        self.gemm_s = min(self.gemm_s, _seconds(self.gemm))
+
+    @property
+    def copy_bw(self) -> float:
+        return 2 * self.src.numel() * self.src.element_size() / self.copy_s
+
+    @property
+    def gemm_flops(self) -> float:
+        return self.gemm_flop / self.gemm_s
 
 
 def decode_step_flops(cfg, batch: int, context: int) -> float:
@@ -215,8 +225,8 @@ def decode_step_flops(cfg, batch: int, context: int) -> float:
 
 
 def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -> dict:
-    """Measured decode step of the in-process engine at ``batch`` against two floors measured in the same
-    run: bytes read / copy bandwidth (memory), and FLOPs / large-GEMM FLOP/s (compute)."""
+    """Measured decode step of the in-process engine at ``batch`` against two floors measured between its
+    steps: bytes read / copy bandwidth (memory), and FLOPs / large-GEMM FLOP/s (compute)."""
     from epserve.actors.engine.config import EngineConfig
     from epserve.actors.engine.engine import LLMEngine
     from epserve.actors.engine.sampling import SamplingParams
@@ -231,11 +241,10 @@ def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -
     while any(s.num_computed < s.num_prompt for s in engine.requests.values()):
         engine.step()
     engine.step()  # the first decode step
-    times = []
+    probe, times = CoreProbe(), []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
+        times.append(_seconds(engine.step))
+        probe.sample()
     # the weights one decode step reads: every tensor but the embedding rows it gathers; the tied head
     # reads the whole embedding. Routed experts: at batch 64 x top-8 nearly every expert is hit, so all.
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -249,7 +258,7 @@ def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -
     held = {str(t.dtype).replace("torch.", "") for n, t in model.state_dict().items() if "experts." in n}
     del engine, model
     gc.collect()
-    bw, peak = copy_bandwidth(), gemm_flops()
+    bw, peak = probe.copy_bw, probe.gemm_flops
     flops = decode_step_flops(cfg, batch, context)
     return {"weights_bytes": weights, "kv_bytes": kv, "copy_bw": bw, "roofline_s": (weights + kv) / bw,
             "flops": flops, "gemm_flops": peak, "compute_s": flops / peak,
@@ -355,6 +364,7 @@ greedy, ignore eos, fp32 compute, text-only layout, no prefix caching; each figu
 """ + "\n\n".join(sections)
     if roofline:
         r = roofline
+        bound = "arithmetic, not by memory" if r["compute_s"] > r["roofline_s"] else "memory, not by arithmetic"
         body += f"""
 
 Decode-step roofline, `bench` preset, in-process engine at batch {args.requests} (context ~{args.prompt}),
@@ -365,8 +375,9 @@ measured step {1000 * r['step_s']:.0f} ms (median of 16):
   written): {1000 * r['roofline_s']:.0f} ms; the step is {r['step_s'] / r['roofline_s']:.2f}x this roofline.
 * compute: {r['flops'] / 1e9:.1f} GFLOP per step over the fp32 FLOP/s of a large GEMM on the same path,
   {r['gemm_flops'] / 1e9:.1f} GFLOP/s: {1000 * r['compute_s']:.0f} ms; the step is {r['step_s'] / r['compute_s']:.2f}x
-  this floor. At batch {args.requests} the step is bound by arithmetic, not by memory: the compute floor is
-  {r['compute_s'] / r['roofline_s']:.1f}x the memory roofline."""
+  this floor. At batch {args.requests} the step is bound by {bound}: the compute floor is
+  {r['compute_s'] / r['roofline_s']:.1f}x the memory roofline. Both floors are the best of samples taken
+  between the measured steps."""
     print(body)
     if not args.no_write:
         write_section(HEADING, body)
