@@ -179,8 +179,8 @@ def _seconds(fn) -> float:
 
 class CoreProbe:
     """What the cores can do, sampled between the decode steps it is compared with, so that a slow spell of a
-    shared machine falls on both (measured once, apart from the steps, a slow spell once put the "floor" above
-    the step it bounds): the bandwidth of a large tensor copy (bytes read + written) and the fp32
+    shared machine falls on both (sampled once, apart from the steps, a slow spell put the "floor" above the
+    step it bounds): the bandwidth of a large tensor copy (bytes read + written) and the fp32
     FLOP/s of a large GEMM through the model's own projection path (the bench preset's dense MLP shape,
     [rows, 2816] x [2816, 2112]). Each is the best of its samples."""
 
@@ -235,14 +235,20 @@ def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -
 
     model = load_model(model_dir)
     cfg = model.cfg
-    engine = LLMEngine(model, EngineConfig(**engine_settings(batch, prompt)))
-    for p, _ in Workload(batch, prompt, steps + 1, vocab_size=cfg.vocab_size).requests():
-        engine.add_request(p, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    settings = engine_settings(batch, prompt)
+    engine = LLMEngine(model, EngineConfig(**settings))
+    # requests prefilled in the first chunks decode while later ones prefill: tokens enough that none of them
+    # finishes (and shrinks the batch) before the last measured step
+    chunks = -(-batch * prompt // settings["max_num_batched_tokens"])
+    for p, _ in Workload(batch, prompt, 1, vocab_size=cfg.vocab_size).requests():
+        engine.add_request(p, SamplingParams(max_tokens=chunks + steps + 2, ignore_eos=True))
     while any(s.num_computed < s.num_prompt for s in engine.requests.values()):
         engine.step()
     engine.step()  # the first decode step
     probe, times = CoreProbe(), []
     for _ in range(steps):
+        if len(engine.requests) != batch:
+            raise RuntimeError(f"the decode batch shrank to {len(engine.requests)} of {batch}")
         times.append(_seconds(engine.step))
         probe.sample()
     # the weights one decode step reads: every tensor but the embedding rows it gathers; the tied head
