@@ -145,8 +145,11 @@ def cmd_serve(args) -> int:
               f" . Ctrl-C to stop.", flush=True)
         if server.metrics_url:
             print(f"Prometheus metrics on {server.metrics_url} (also /metrics on the HTTP port)", flush=True)
+        # short sleeps: a process-wide signal may be delivered to any of the server's threads (gRPC, Ray),
+        # and then only sets a flag that the main thread checks when its sleep returns, which a long sleep
+        # would not do for an hour
         while True:
-            time.sleep(3600)
+            time.sleep(0.5)
     except KeyboardInterrupt:
         _ignore_signals()
         print(f"shutting down: draining requests in flight (up to {args.drain_s:g} s) ...", file=sys.stderr,

@@ -7,6 +7,9 @@
   ../shared/k8s/crds/ (read at test time, made strict the same way; skipped when that folder is absent);
 * the embedded serveConfigV2 is deploy/serve.yaml's content and validates against Ray Serve's own schema;
 * the gRPC Service reaches the pod that really runs the ingress replica;
+* the NetworkPolicy admits exactly the intended peers on the intended ports (Kubernetes' selector rules,
+  evaluated here): the Ray pods among themselves, clients, Prometheus on the ports its monitors scrape,
+  the KubeRay operator, the dashboard's users; nobody else;
 * the chart's copies of the alert rules and dashboards are byte-identical to deploy/'s (Helm cannot read
   outside the chart directory, so the chart carries copies and this test is the single-source-of-truth check);
 * bad values fail at install with a clear message.
@@ -614,6 +617,111 @@ def test_metrics_without_a_dedicated_port(chart):
     assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "http"}
     assert one(docs, "ServiceMonitor")["spec"]["endpoints"][0] | {"interval": None, "scrapeTimeout": None} == {
         "port": "http", "path": "/metrics", "interval": None, "scrapeTimeout": None}
+
+
+# --------------------------------------------------------------------------------------------- network policy
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes LabelSelector against a set of labels ({} selects everything)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def admits(policy: dict, port: int, labels: dict, namespace: dict) -> bool:
+    """Whether a NetworkPolicy lets a pod (its labels, its namespace's labels) open TCP ``port`` on the pods it
+    selects, by the API's rules: a rule without ports admits every port, one without peers every source; a
+    podSelector alone means pods of the policy's own namespace, a namespaceSelector alone every pod of the
+    namespaces it selects, both together the pods it selects there."""
+    same_namespace = namespace.get("kubernetes.io/metadata.name") == NAMESPACE
+    for rule in policy["spec"].get("ingress", []):
+        ports = rule.get("ports")
+        if ports and not any(p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports):
+            continue
+        for peer in rule.get("from") or [{}]:
+            if peer == {}:
+                return True
+            if "ipBlock" in peer:
+                continue
+            in_namespace = (_selects(peer["namespaceSelector"], namespace) if "namespaceSelector" in peer
+                            else same_namespace)
+            if in_namespace and _selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+def _namespace(name: str, **labels) -> dict:
+    return {"kubernetes.io/metadata.name": name, **labels}
+
+
+def _container_ports(template: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def test_network_policy_admits_exactly_the_intended_peers(chart):
+    """MONITORING_ON's policy: the Ray pods reach each other on any port; clients from the namespaces of
+    ``clientFrom`` reach gRPC and HTTP only; Prometheus reaches the ports its PodMonitor and ServiceMonitor
+    scrape; the KubeRay operator the dashboard and the proxy; ``dashboardFrom`` the dashboard and the Ray
+    client port; nobody else anything."""
+    docs = render(chart, MONITORING_ON)
+    policy, service = one(docs, "NetworkPolicy"), one(docs, "Service")
+    templates = pod_templates(docs)
+    own = _namespace(NAMESPACE)
+    for template in templates.values():
+        assert _selects(policy["spec"]["podSelector"], template["metadata"]["labels"])
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: DNS, the model fetch
+
+    head_ports = _container_ports(templates["head"])
+    grpc, ray_ports = head_ports["grpc"], {6379, 8265, 10001, 8080}
+    for template in templates.values():  # dynamic ports (object manager, workers, gloo/NCCL) included
+        for port in {*head_ports.values(), 41234, 60999}:
+            assert admits(policy, port, template["metadata"]["labels"], own), port
+
+    apps, other = _namespace("apps", team="apps"), _namespace("web", team="web")
+    client = {"app": "chat-ui"}
+    assert admits(policy, grpc, client, apps) and admits(policy, 8000, client, apps)
+    assert not any(admits(policy, p, client, apps) for p in ray_ports | {head_ports["epserve-metrics"]})
+    assert not admits(policy, grpc, client, other) and not admits(policy, grpc, client, own)
+
+    prometheus, monitoring = {"app.kubernetes.io/name": "prometheus"}, _namespace("monitoring")
+    scraped = {_container_ports(t)[e["port"]] for t in templates.values()
+               for e in one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]}
+    for endpoint in one(docs, "ServiceMonitor")["spec"]["endpoints"]:
+        target = next(p["targetPort"] for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
+        scraped.add(head_ports[target])
+    assert scraped == {8080, head_ports["epserve-metrics"]}
+    assert all(admits(policy, port, prometheus, monitoring) for port in scraped)
+    assert not admits(policy, 8080, {"app": "other"}, monitoring)
+    assert not any(admits(policy, p, prometheus, monitoring) for p in (grpc, 6379, 10001))
+
+    operator, ray_system = {"app.kubernetes.io/name": "kuberay-operator"}, _namespace("ray-system")
+    assert admits(policy, 8265, operator, ray_system) and admits(policy, 8000, operator, ray_system)
+    assert not admits(policy, 6379, operator, ray_system) and not admits(policy, grpc, operator, ray_system)
+
+    admin = {"role": "admin"}
+    assert admits(policy, 8265, admin, own) and admits(policy, 10001, admin, own)
+    assert not admits(policy, 8265, admin, other) and not admits(policy, 6379, admin, own)
+
+
+def test_network_policy_follows_the_ports_and_opens_grpc_to_all_by_default(chart):
+    """``clientFrom: []`` (the default) admits any client to gRPC and HTTP, on the gRPC port the values set;
+    without a metrics port Prometheus scrapes /metrics on HTTP, which stays admitted; the cluster's own ports
+    stay closed to outsiders."""
+    docs = render(chart, {"networkPolicy": {"enabled": True, "operatorFrom": [], "monitoringFrom": []},
+                          "serve": {"grpcPort": 50052, "metricsPort": None}})
+    policy = one(docs, "NetworkPolicy")
+    assert _container_ports(pod_templates(docs)["head"])["grpc"] == 50052
+    stranger, elsewhere = {"app": "anything"}, _namespace("elsewhere")
+    assert admits(policy, 50052, stranger, elsewhere) and admits(policy, 8000, stranger, elsewhere)
+    assert not any(admits(policy, p, stranger, elsewhere) for p in (50051, 6379, 8265, 10001, 8080, 9477))
+    assert not admits(policy, 8265, {"app.kubernetes.io/name": "kuberay-operator"}, _namespace("ray-system"))
 
 
 def test_helm_binary_renders_the_same(chart, tmp_path):
