@@ -66,11 +66,14 @@ def cmd_generate(args) -> int:
         from .config import ClusterConfig
         from .launcher import Cluster
 
-        with Cluster(ClusterConfig(checkpoint=checkpoint, shards=args.shards, address=args.address)) as cluster:
+        cfg = ClusterConfig(checkpoint=checkpoint, shards=args.shards, address=args.address, dtype=args.dtype)
+        with Cluster(cfg) as cluster:
             results = [(o["token_ids"], o["finish_reason"]) for o in cluster.generate(prompts, vars(params))]
     else:
+        from epserve.actors.model.precision import resolve_dtype
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(checkpoint, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        model = load_model(checkpoint, dtype=resolve_dtype(args.dtype, device), device=device)
         results = [(o.token_ids, o.finish_reason) for o in LLMEngine(model).generate(prompts, params)]
     for token_ids, reason in results:
         if args.json:
@@ -82,7 +85,7 @@ def cmd_generate(args) -> int:
 
 def _serve_settings(args) -> dict:
     cluster = {"checkpoint": str(args.checkpoint) if args.checkpoint else None, "shards": args.shards,
-               "address": args.address}
+               "address": args.address, "dtype": args.dtype}
     settings = {"cluster": cluster, "grpc_host": args.host, "grpc_port": args.grpc_port,
                 "metrics_host": args.host, "metrics_port": getattr(args, "metrics_port", 0) or None}
     if getattr(args, "drain_s", None) is not None:
@@ -207,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="store_true", help="also write weights for the gemma-4-26b-a4b preset")
     p.set_defaults(func=cmd_make_checkpoint)
 
+    def dtype_option(p):
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                       help="compute dtype; auto: bf16 on GPUs and on CPUs with native bf16 arithmetic "
+                            "(AMX-BF16, AVX512-BF16), else fp32")
+
     def sampling_options(p, max_tokens):
         p.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids")
         p.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -221,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=0,
                    help="run through a cluster of N expert-shard actors (default 0: in this process)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    dtype_option(p)
     p.set_defaults(func=cmd_generate)
 
     def server_options(p, shards=2):
@@ -228,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1", help="address gRPC and HTTP listen on")
         p.add_argument("--grpc-port", type=int, default=50051)
         p.add_argument("--http-port", type=int, default=8000)
+        dtype_option(p)
 
     p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP until interrupted")
     p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
@@ -259,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "server); default: an engine in this process (--shards N: a cluster)")
     p.add_argument("--checkpoint", help="for the in-process engine (default: the built-in tiny model)")
     p.add_argument("--shards", type=int, default=0, help="in-process target: N expert-shard actors (0: none)")
+    dtype_option(p)
     p.add_argument("--model", help="OpenAI model name (default: the server's first model)")
     p.add_argument("--requests", type=int, default=64, help="requests per run")
     p.add_argument("--prompt-len", type=int, default=128)

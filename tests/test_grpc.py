@@ -60,13 +60,15 @@ class HealthWatcher(threading.Thread):
 
 @contextlib.contextmanager
 def tiny_server(tiny_dir, **cluster):
-    """The Serve app of deploy/serve.yaml over the tiny checkpoint (a front-end and 2 shards) on the session's
-    Ray cluster, with ``cluster`` settings on top; shut down on exit. ``grpc_health_seen``: what a stock
+    """The Serve app of deploy/serve.yaml over the tiny checkpoint (a front-end and 2 shards, fp32, as the
+    references it is compared with) on the session's Ray cluster, with ``cluster`` settings on top; shut down
+    on exit. ``grpc_health_seen``: what a stock
     health client polling the gRPC port from before the start was told, until it said SERVING."""
     settings = deploy_app_args()  # the application of deploy/serve.yaml, on loopback ports, tiny checkpoint
     settings.update(grpc_host="127.0.0.1", grpc_port=free_port(), metrics_port=None, drain_s=5)
     settings["cluster"].update(checkpoint=str(tiny_dir), engine={"max_model_len": MAX_LEN, "max_num_seqs": 64},
-                               **cluster)
+                               dtype="float32")
+    settings["cluster"].update(cluster)
     watcher = HealthWatcher(f"127.0.0.1:{settings['grpc_port']}")
     watcher.start()
     try:

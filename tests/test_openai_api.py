@@ -44,7 +44,7 @@ CHAT_EOS = [{"role": "user", "content": "words here to vary"}]  # greedy output 
 class Server:
     def __init__(self, checkpoint):
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
-        self.frontend = Frontend(str(checkpoint), 0, ENGINE)
+        self.frontend = Frontend(str(checkpoint), 0, ENGINE, dtype="float32")  # as the references
         info = self.frontend.model_info()
         self.state = OpenAIState(FrontendClient(self.frontend), self.tokenizer, MODEL, info["max_model_len"],
                                  tuple(info["eos_token_ids"]), info["vocab_size"])
