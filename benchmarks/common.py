@@ -68,7 +68,10 @@ def free_port() -> int:
 
 def git_revision() -> str:
     """The commit measured, marked when the code had changes beyond it (docs/, which the scripts write,
-    does not count)."""
+    does not count). ``EPSERVE_REVISION`` names it where the tree has no git metadata (a copy on another
+    machine)."""
+    if os.environ.get("EPSERVE_REVISION"):
+        return os.environ["EPSERVE_REVISION"]
     try:
         rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
