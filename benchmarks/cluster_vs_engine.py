@@ -1,8 +1,8 @@
 """The expert-parallel cluster (1 front-end + N shards, gloo on CPU) against the in-process engine, on the
 same checkpoint and workload; and the cluster with the dense-FFN overlap on and off.
 
-    python benchmarks/cluster_vs_engine.py [--preset bench] [--shards 2] [--requests 64] [--prompt 32] [--new 32]
-                                           [--rounds 3]
+    python benchmarks/cluster_vs_engine.py [--preset bench] [--dtype auto] [--shards 2] [--requests 64] [--prompt 32]
+                                           [--new 32] [--rounds 3]
 
 Reports output tokens/s, mean step time, and the time per step spent dispatching (count exchange, posting
 the rows) and waiting for the experts (payload and combine, after the dense FFN), and records them in
@@ -27,13 +27,14 @@ from common import checkpoint, fixed_prompts, git_revision, machine, write_secti
 CHUNK = 2048  # prefill tokens per step (the fastest chunk on the bench preset: docs/performance.md)
 
 
-def run_engine(path, prompts, new):
+def run_engine(path, prompts, new, dtype):
     from epserve.actors.engine.config import EngineConfig
     from epserve.actors.engine.engine import LLMEngine
     from epserve.actors.engine.sampling import SamplingParams
     from epserve.actors.model.loader import load_model
+    from epserve.actors.model.precision import resolve_dtype
 
-    engine = LLMEngine(load_model(path), EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=CHUNK,
+    engine = LLMEngine(load_model(path, resolve_dtype(dtype, "cpu")), EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=CHUNK,
                                                       enable_prefix_caching=False))
     engine.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))
     steps0, t0 = engine.num_steps, time.perf_counter()
@@ -43,14 +44,14 @@ def run_engine(path, prompts, new):
     return {"tok_s": sum(len(o.token_ids) for o in outs) / elapsed, "step_ms": 1000 * elapsed / steps}
 
 
-def run_cluster(path, prompts, new, shards, overlap):
+def run_cluster(path, prompts, new, shards, overlap, dtype):
     from epserve.actors.engine.config import EngineConfig
     from epserve.cluster.config import ClusterConfig
     from epserve.cluster.launcher import Cluster
 
     # a bench-preset prefill chunk takes seconds per layer on 2 cores: a collective deadline well above that
     cfg = ClusterConfig(checkpoint=str(path), shards=shards, overlap_dense_ffn=overlap, frontend_threads=2,
-                        collective_timeout_s=300.0, heartbeat_s=5.0,
+                        dtype=dtype, collective_timeout_s=300.0, heartbeat_s=5.0,
                         engine=EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=CHUNK,
                                             enable_prefix_caching=False))
     with Cluster(cfg) as cluster:
@@ -76,6 +77,7 @@ def shard_compute(cluster) -> list[float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=32)
@@ -91,9 +93,9 @@ def main():
     runs = {"engine": [], "on": [], "off": []}
     # rounds of the three, each from a fresh start: a slow spell of a shared machine falls on all of them
     for r in range(args.rounds):
-        for name, run in [("engine", lambda: run_engine(path, prompts, args.new)),
-                          ("on", lambda: run_cluster(path, prompts, args.new, args.shards, True)),
-                          ("off", lambda: run_cluster(path, prompts, args.new, args.shards, False))]:
+        for name, run in [("engine", lambda: run_engine(path, prompts, args.new, args.dtype)),
+                          ("on", lambda: run_cluster(path, prompts, args.new, args.shards, True, args.dtype)),
+                          ("off", lambda: run_cluster(path, prompts, args.new, args.shards, False, args.dtype))]:
             print(f"round {r + 1}/{args.rounds}: {name} ...", flush=True)
             runs[name].append(run())
             print(runs[name][-1], flush=True)
@@ -107,11 +109,14 @@ def main():
     verdict = ("the overlap pays here too (faster in every round)" if change < -5 and faster == args.rounds else
                "the overlap costs here (slower in every round)" if change > 5 and faster == 0 else
                f"within this machine's noise (the overlap was faster in {faster} of {args.rounds} rounds)")
-    command = (f"python benchmarks/cluster_vs_engine.py --preset {args.preset} --shards {args.shards} "
+    from epserve.actors.model.precision import dtype_name, resolve_dtype
+
+    computed = dtype_name(resolve_dtype(args.dtype, "cpu"))
+    command = (f"python benchmarks/cluster_vs_engine.py --preset {args.preset} --dtype {args.dtype} --shards {args.shards} "
                f"--requests {args.requests} --prompt {args.prompt} --new {args.new} --rounds {args.rounds}")
     body = f"""
 Command: `{command}` (revision {git_revision()}; {machine()}).
-Workload: {args.requests} requests x {args.prompt} prompt tokens x {args.new} new tokens, greedy, ignore eos, fp32,
+Workload: {args.requests} requests x {args.prompt} prompt tokens x {args.new} new tokens, greedy, ignore eos, {computed},
 `{args.preset}` preset; cluster = 1 front-end + {args.shards} expert shards (Ray actors, gloo all-to-all on one machine).
 Medians of {args.rounds} rounds of the three runs, each from a fresh start (every run's tok/s listed).
 

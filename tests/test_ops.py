@@ -8,7 +8,7 @@ import torch
 
 from epserve.actors.model import cpu_kernels, ops
 from epserve.actors.model.config import RopeConfig
-from epserve.actors.model.layers import gelu_tanh, rms_norm, rope_tables
+from epserve.actors.model.layers import rms_norm, rope_tables
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -53,15 +53,6 @@ def test_qkv_norms_and_rope(dtype, k_eq_v):
     cos, sin = rope_tables(RopeConfig(10_000.0, 0.5).inv_freq(D), torch.arange(40, 40 + T), dtype)
     for ours, ref in zip(ops.qkv(q, k, v, wq, wk, cos, sin, 1e-6), ops.torch_qkv(q, k, v, wq, wk, cos, sin, 1e-6)):
         close(ours, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu_mul_on_halves_and_on_two_tensors(dtype):
-    gu = rand(9, 2 * 40, dtype=dtype, scale=3)
-    gate, up = gu.chunk(2, dim=-1)
-    close(ops.gelu_mul(gate, up), gelu_tanh(gate) * up, dtype)
-    a, b = gate.contiguous(), up.contiguous()
-    close(ops.gelu_mul(a, b), gelu_tanh(a) * b, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

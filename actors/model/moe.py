@@ -15,7 +15,7 @@ from torch import nn
 
 from . import cpu_kernels, ops
 from .config import ModelConfig
-from .layers import Linear
+from .layers import Linear, gelu_tanh
 
 
 class DenseMLP(nn.Module):
@@ -28,7 +28,7 @@ class DenseMLP(nn.Module):
         self.down_proj = Linear(width, hidden)
 
     def forward(self, x):
-        return self.down_proj(ops.gelu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):
@@ -90,7 +90,7 @@ def grouped_experts(x_TH, ids_TK, weights_TK, experts: "Experts") -> torch.Tenso
     if S == 0:
         return torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
     gate, up = experts.project(xs_SH, offsets_G1, experts.gate_up_proj).chunk(2, dim=-1)
-    ys_SH = experts.project(ops.gelu_mul(gate, up), offsets_G1, experts.down_proj)
+    ys_SH = experts.project(gelu_tanh(gate) * up, offsets_G1, experts.down_proj)
     return ops.moe_combine(ys_SH, weights_TK, row_of_slot, S)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .layers import apply_rope, derived, gelu_tanh, rms_norm as torch_rms_norm
+from .layers import apply_rope, derived, rms_norm as torch_rms_norm
 
 MAX_DIM = 16384  # the widest row the kernels take (their scratch rows; kernels/fused.c)
 _TYPE = {torch.float32: 0, torch.bfloat16: 1}
@@ -40,6 +40,10 @@ def _f32(w: torch.Tensor | None):
 
 def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
 
 
 # ---------------------------------------------------------------------------------------------- norms
@@ -63,7 +67,7 @@ def rms_norm(x_TH, weight, eps: float):
         return torch_rms_norm(x_TH, weight, eps)
     y = torch.empty_like(x_TH)
     cpu_kernels.lib().fused_rms_norm(_ptr(x_TH), _TYPE[x_TH.dtype], x_TH.numel() // x_TH.shape[-1], x_TH.shape[-1],
-                                     _f32(weight), eps, _ptr(y))
+                                     _f32(weight), eps, _ptr(y), _threads())
     return y
 
 
@@ -78,7 +82,7 @@ def add_rms_norm(residual_TH, x_TH, weight, eps: float):
     out = torch.empty_like(x_TH)
     T, H = x_TH.shape
     cpu_kernels.lib().fused_add_rms_norm(_ptr(residual_TH), _ptr(x_TH), _TYPE[x_TH.dtype], T, H, _f32(weight), eps,
-                                         _ptr(out))
+                                         _ptr(out), _threads())
     return out
 
 
@@ -94,7 +98,7 @@ def ffn_inputs(r_TH, w_dense, w_experts, router_scale, root: float, eps: float):
     outs = [torch.empty_like(r_TH) for _ in range(3)]
     T, H = r_TH.shape
     cpu_kernels.lib().fused_ffn_inputs(_ptr(r_TH), _TYPE[r_TH.dtype], T, H, _f32(w_dense), _f32(w_experts),
-                                       _f32(router_scale), root, eps, *map(_ptr, outs))
+                                       _f32(router_scale), root, eps, *map(_ptr, outs), _threads())
     return tuple(outs)
 
 
@@ -113,25 +117,8 @@ def ffn_output(r_TH, m_TH, y_TH, w1, w2, w_post, layer_scalar, eps: float):
     T, H = r_TH.shape
     y_TH = y_TH.contiguous()  # held here: the kernel reads it after _ptr returns
     cpu_kernels.lib().fused_ffn_output(_ptr(r_TH), _ptr(m_TH), _ptr(y_TH), _TYPE[r_TH.dtype], T, H,
-                                       _f32(w1), _f32(w2), _f32(w_post), float(layer_scalar), eps, _ptr(h))
+                                       _f32(w1), _f32(w2), _f32(w_post), float(layer_scalar), eps, _ptr(h), _threads())
     return h
-
-
-# ---------------------------------------------------------------------------------------------- GeGLU
-
-
-def gelu_mul(gate_SW, up_SW):
-    """gelu_tanh(gate) · up: the middle of a GeGLU MLP (gate and up may be the two halves of one tensor)."""
-    rows_ok = all(t.device.type == "cpu" and t.dtype in _TYPE and t.dim() == 2 and t.stride(1) == 1
-                  and t.shape[1] <= MAX_DIM for t in (gate_SW, up_SW))
-    if not (rows_ok and gate_SW.stride() == up_SW.stride() and gate_SW.dtype == up_SW.dtype
-            and cpu_kernels.available()):
-        return gelu_tanh(gate_SW) * up_SW
-    S, W = gate_SW.shape
-    out = torch.empty(S, W, dtype=gate_SW.dtype)
-    cpu_kernels.lib().fused_gelu_mul(_ptr(gate_SW), _ptr(up_SW), gate_SW.stride(0), _TYPE[gate_SW.dtype], S, W,
-                                     _ptr(out))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -149,7 +136,7 @@ def qkv(q_TND, k_TGD, v_TGD, wq, wk, cos_TD, sin_TD, eps: float):
     q, k, v = torch.empty_like(q_TND), torch.empty_like(k_TGD), torch.empty_like(k_TGD)
     (T, N, D), G = q_TND.shape, k_TGD.shape[1]
     cpu_kernels.lib().fused_qkv(_ptr(q_TND), _ptr(k_TGD), _ptr(v_TGD), _TYPE[q.dtype], T, N, G, D, _f32(wq),
-                                _f32(wk), _ptr(cos_TD), _ptr(sin_TD), eps, _ptr(q), _ptr(k), _ptr(v))
+                                _f32(wk), _ptr(cos_TD), _ptr(sin_TD), eps, _ptr(q), _ptr(k), _ptr(v), _threads())
     return q, k, v
 
 
@@ -172,7 +159,7 @@ def route(logits_TE, top_k: int, per_expert_scale):
     weights = torch.empty(T, top_k, dtype=torch.float32)
     ids = torch.empty(T, top_k, dtype=torch.int64)
     cpu_kernels.lib().fused_route(_ptr(logits_TE), _TYPE[logits_TE.dtype], T, E, top_k, _f32(per_expert_scale),
-                                  _ptr(weights), _ptr(ids))
+                                  _ptr(weights), _ptr(ids), _threads())
     return weights, ids
 
 
@@ -222,5 +209,5 @@ def moe_combine(ys_SH, weights_TK, row_of_slot, S: int):
     out = torch.empty(T, ys_SH.shape[1], dtype=torch.float32)
     weights_TK = weights_TK.contiguous()  # held here: the kernel reads it after _ptr returns
     cpu_kernels.lib().fused_moe_combine(_ptr(ys_SH), _TYPE[ys_SH.dtype], S, _ptr(weights_TK),
-                                        _ptr(row_of_slot), T, K, ys_SH.shape[1], _ptr(out))
+                                        _ptr(row_of_slot), T, K, ys_SH.shape[1], _ptr(out), _threads())
     return out

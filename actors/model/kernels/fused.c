@@ -9,7 +9,8 @@
  * squares are taken in fp32 in a fixed order (8 lanes, then a fixed tree), so a row's result depends on that
  * row alone (batch invariance). Compiled with -ffp-contract=off: a * b + c stays two roundings, as in torch.
  *
- * Tensors are passed as raw pointers with an element type: 0 = fp32, 1 = bf16. Rows are contiguous.
+ * Tensors are passed as raw pointers with an element type: 0 = fp32, 1 = bf16. Rows are contiguous. Large
+ * inputs (a prefill chunk) are split by rows over `threads` threads.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -17,6 +18,10 @@
 #include <string.h>
 
 #define MAX_DIM 16384 /* the widest row these kernels take (scratch on the stack); checked in ops.py */
+
+/* rows in parallel once there are enough numbers to pay for a parallel region (a prefill chunk, not a
+ * decode step); each row is computed by one thread, alone, so the result does not depend on the count */
+#define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows * n >= (1 << 16))")
 
 static inline float from_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -82,9 +87,11 @@ static void normalize(float *x, int64_t n, float inv, const float *w, int bf16) 
 }
 
 /* y = rms_norm(x, w) over rows of n (w may be NULL) */
-void fused_rms_norm(const void *x, int bf16, int64_t rows, int64_t n, const float *w, float eps, void *y) {
-    float buf[MAX_DIM];
+void fused_rms_norm(const void *x, int bf16, int64_t rows, int64_t n, const float *w, float eps, void *y,
+                    int threads) {
+    PARALLEL_ROWS
     for (int64_t r = 0; r < rows; r++) {
+        float buf[MAX_DIM];
         load_row(row_of(x, bf16, r, n), bf16, n, buf);
         normalize(buf, n, inverse_rms(buf, n, eps), w, bf16);
         store_row(mrow_of(y, bf16, r, n), bf16, n, buf);
@@ -93,9 +100,10 @@ void fused_rms_norm(const void *x, int bf16, int64_t rows, int64_t n, const floa
 
 /* out = residual + rms_norm(x, w) (post-attention) */
 void fused_add_rms_norm(const void *residual, const void *x, int bf16, int64_t rows, int64_t n, const float *w,
-                        float eps, void *out) {
-    float buf[MAX_DIM], res[MAX_DIM];
+                        float eps, void *out, int threads) {
+    PARALLEL_ROWS
     for (int64_t r = 0; r < rows; r++) {
+        float buf[MAX_DIM], res[MAX_DIM];
         load_row(row_of(x, bf16, r, n), bf16, n, buf);
         normalize(buf, n, inverse_rms(buf, n, eps), w, bf16);
         load_row(row_of(residual, bf16, r, n), bf16, n, res);
@@ -109,9 +117,10 @@ void fused_add_rms_norm(const void *residual, const void *x, int bf16, int64_t r
  * hidden^-1/2, each product stored). */
 void fused_ffn_inputs(const void *r, int bf16, int64_t rows, int64_t n, const float *w_dense, const float *w_experts,
                       const float *router_scale, float root, float eps, void *x_dense, void *x_experts,
-                      void *x_router) {
-    float buf[MAX_DIM], out[MAX_DIM];
+                      void *x_router, int threads) {
+    PARALLEL_ROWS
     for (int64_t t = 0; t < rows; t++) {
+        float buf[MAX_DIM], out[MAX_DIM];
         load_row(row_of(r, bf16, t, n), bf16, n, buf);
         const float inv = inverse_rms(buf, n, eps);
         for (int64_t i = 0; i < n; i++) out[i] = rnd((buf[i] * inv) * w_dense[i], bf16);
@@ -126,9 +135,11 @@ void fused_ffn_inputs(const void *r, int bf16, int64_t rows, int64_t n, const fl
 /* The end of a layer: h = (r + norm(norm(m)·w1 + norm(stored(y))·w2)·w_post) · layer_scalar, with m the dense
  * MLP's output and y the experts' fp32 sum. */
 void fused_ffn_output(const void *r, const void *m, const float *y, int bf16, int64_t rows, int64_t n,
-                      const float *w1, const float *w2, const float *w_post, float layer_scalar, float eps, void *h) {
-    float a[MAX_DIM], b[MAX_DIM];
+                      const float *w1, const float *w2, const float *w_post, float layer_scalar, float eps, void *h,
+                      int threads) {
+    PARALLEL_ROWS
     for (int64_t t = 0; t < rows; t++) {
+        float a[MAX_DIM], b[MAX_DIM];
         load_row(row_of(m, bf16, t, n), bf16, n, a);
         normalize(a, n, inverse_rms(a, n, eps), w1, bf16);
         for (int64_t i = 0; i < n; i++) b[i] = rnd(y[t * n + i], bf16);
@@ -138,23 +149,6 @@ void fused_ffn_output(const void *r, const void *m, const float *y, int bf16, in
         load_row(row_of(r, bf16, t, n), bf16, n, b);
         for (int64_t i = 0; i < n; i++) a[i] = rnd(rnd(b[i] + a[i], bf16) * layer_scalar, bf16);
         store_row(mrow_of(h, bf16, t, n), bf16, n, a);
-    }
-}
-
-/* GeGLU's middle: out[r] = stored(stored(gelu_tanh(gate[r])) · up[r]) over n columns; gate and up rows are ld
- * elements apart (the two halves of one [rows, 2n] tensor, or two [rows, n] tensors). gelu_tanh as torch
- * computes it: 0.5 · g · (1 + tanh(√(2/π) · (g + 0.044715 · g³))). */
-void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int64_t rows, int64_t n, void *out) {
-    const float beta = 0.7978845608028654f, kappa = 0.044715f;
-    float g[MAX_DIM], u[MAX_DIM];
-    for (int64_t r = 0; r < rows; r++) {
-        load_row(row_of(gate, bf16, r, ld), bf16, n, g);
-        load_row(row_of(up, bf16, r, ld), bf16, n, u);
-        for (int64_t i = 0; i < n; i++) {
-            const float x = g[i], inner = beta * (x + kappa * (x * x * x));
-            g[i] = rnd(rnd(0.5f * x * (1.0f + tanhf(inner)), bf16) * u[i], bf16);
-        }
-        store_row(mrow_of(out, bf16, r, n), bf16, n, g);
     }
 }
 
@@ -174,9 +168,11 @@ static void rope(float *x, int64_t d, const float *cos, const float *sin, int bf
  * cos / sin [T, d] in the model dtype. */
 void fused_qkv(const void *q_raw, const void *k_raw, const void *v_raw, int bf16, int64_t T, int64_t nq,
                int64_t nk, int64_t d, const float *wq, const float *wk, const void *cos, const void *sin, float eps,
-               void *q, void *k, void *v) {
-    float buf[MAX_DIM], c[MAX_DIM], s[MAX_DIM];
+               void *q, void *k, void *v, int threads) {
+    const int64_t rows = T, n = (nq + 2 * nk) * d;
+    PARALLEL_ROWS
     for (int64_t t = 0; t < T; t++) {
+        float buf[MAX_DIM], c[MAX_DIM], s[MAX_DIM];
         load_row(row_of(cos, bf16, t, d), bf16, d, c);
         load_row(row_of(sin, bf16, t, d), bf16, d, s);
         for (int64_t h = 0; h < nq; h++) {
@@ -201,9 +197,11 @@ void fused_qkv(const void *q_raw, const void *k_raw, const void *v_raw, int bf16
  * descending order (ties: the lower expert first), renormalised over the k, times per_expert_scale.
  * weights [T, k] fp32, ids [T, k] int64. */
 void fused_route(const void *logits, int bf16, int64_t T, int64_t E, int64_t k, const float *per_expert_scale,
-                 float *weights, int64_t *ids) {
-    float p[MAX_DIM];
+                 float *weights, int64_t *ids, int threads) {
+    const int64_t rows = T, n = E * k;
+    PARALLEL_ROWS
     for (int64_t t = 0; t < T; t++) {
+        float p[MAX_DIM];
         load_row(row_of(logits, bf16, t, E), bf16, E, p);
         float top = p[0], sum = 0.0f;
         for (int64_t e = 1; e < E; e++) top = p[e] > top ? p[e] : top;
@@ -254,18 +252,17 @@ int64_t fused_moe_align(const int64_t *ids, int64_t T, int64_t k, int64_t E, con
 /* out[t] = Σ_j weights[t, j] · ys[row_of_slot[t·k + j]] in fp32, j in top-k order; rows S (others' slots) add
  * nothing. ys [S, n] in the model dtype, out [T, n] fp32. */
 void fused_moe_combine(const void *ys, int bf16, int64_t S, const float *weights, const int64_t *row_of_slot,
-                       int64_t T, int64_t k, int64_t n, float *out) {
-    float row[MAX_DIM];
+                       int64_t T, int64_t k, int64_t n, float *out, int threads) {
+    const int64_t rows = T;
+    PARALLEL_ROWS
     for (int64_t t = 0; t < T; t++) {
+        float row[MAX_DIM];
         float *o = out + t * n;
         for (int64_t i = 0; i < n; i++) o[i] = 0.0f;
         for (int64_t j = 0; j < k; j++) {
             const int64_t r = row_of_slot[t * k + j];
             const float w = weights[t * k + j];
-            if (r >= S) {
-                for (int64_t i = 0; i < n; i++) o[i] += w * 0.0f;
-                continue;
-            }
+            if (r >= S) continue; /* another process's expert */
             load_row(row_of(ys, bf16, r, n), bf16, n, row);
             for (int64_t i = 0; i < n; i++) o[i] += w * row[i];
         }
