@@ -15,7 +15,7 @@ import time
 
 
 from common import checkpoint, git_revision, machine, write_section
-from epserve.cluster.bench import Workload
+from epserve.cluster.tools.bench import Workload
 
 
 def timed(owner, name: str, label: str, totals: dict) -> None:

@@ -42,8 +42,9 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 import torch  # noqa: E402
 
 from common import checkpoint, free_port, git_revision, machine, write_section  # noqa: E402
-from epserve.cluster.bench import Workload, run_load  # noqa: E402
-from epserve.cluster.bench_targets import EngineTarget, OpenAITarget  # noqa: E402
+from epserve.actors.cache import cache_dir  # noqa: E402
+from epserve.cluster.tools.bench import Workload, run_load  # noqa: E402
+from epserve.cluster.tools.bench_targets import EngineTarget, OpenAITarget  # noqa: E402
 
 VLLM_VERSION = "0.32.0"
 HEADING = "Peers: epserve cluster and engine, vLLM CPU, transformers"
@@ -330,7 +331,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="cluster,engine,vllm,transformers")
     ap.add_argument("--vllm-venv", type=Path,
-                    default=Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve")) / "vllm-venv")
+                    default=cache_dir() / "vllm-venv")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     engines = args.engines.split(",")

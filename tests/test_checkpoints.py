@@ -18,7 +18,7 @@ from transformers import (
     Gemma4TextConfig,
 )
 
-from epserve.actors.model.checkpoint import preset, write_checkpoint
+from epserve.cluster.fixtures.checkpoint import preset, write_checkpoint
 from epserve.actors.model.config import FULL, SLIDING, ConfigError, ModelConfig
 from epserve.actors.model.gemma4 import Gemma4Model, count_text_parameters
 from epserve.actors.model.loader import load_model

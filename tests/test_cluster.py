@@ -142,7 +142,7 @@ def test_dead_shard_without_recovery_is_an_error_not_a_hang(ray_session, tiny_di
         assert cluster.generate([[5, 6, 7]], PARAMS)[0]["finish_reason"] == "length"
         ray.kill(cluster.shards[1], no_restart=True)
         with pytest.raises(ray.exceptions.RayTaskError, match="EngineFailure.*more than the 0 allowed"):
-            ray.get(cluster.frontend.generate.remote([[5, 6, 7]], {"max_tokens": 200, "ignore_eos": True}),
+            ray.get(cluster.frontend.generate.remote([[5, 6, 7]], SamplingParams(max_tokens=200, ignore_eos=True)),
                     timeout=60)
         assert not ray.get(cluster.frontend.ready.remote())
         assert not cluster.supervisor.serving and "shard 1" in cluster.supervisor.failed

@@ -13,12 +13,12 @@ import grpc
 import pytest
 import ray
 
-from epserve.cluster import drill
+from epserve.cluster.tools import drill
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
-from epserve.cluster.client import request
+from epserve.cluster.tools.client import request
 from epserve.cluster.launcher import NAMESPACE, shard_name
 
-from test_grpc import engine_greedy, tiny_server
+from helpers import engine_greedy, tiny_server
 
 STREAMS, MAX_TOKENS = 32, 40
 PROMPTS = [[3 + i, 7, 11 + (i * 13) % 900] + [i % 50 + 3] * (i % 9) for i in range(STREAMS)]
