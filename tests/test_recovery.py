@@ -1,6 +1,6 @@
 """Recovery from a lost actor, end to end: a real Serve app on the session's Ray cluster (a front-end and
 two expert shards over gloo), real gRPC on 127.0.0.1, and faults injected mid-run under a load of
-concurrent streaming requests (cluster/drill.py): a shard killed, a shard stopped with SIGSTOP, the
+concurrent streaming requests (cluster/tools/drill.py): a shard killed, a shard stopped with SIGSTOP, the
 front-end killed. The tests share one server, which each leaves serving again."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The built-in tokenizer that ``write_checkpoint`` writes, and cluster/tokenizer.py: encoding as transformers
+"""The built-in tokenizer that ``write_checkpoint`` writes, and cluster/serving/tokenizer.py: encoding as transformers
 encodes, the Gemma chat template, and the incremental detokenizer used for streaming."""
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class LocalServer:
     def __init__(self, config: ServerConfig | dict, http_host: str = "127.0.0.1", http_port: int = 8000):
         self.config = config if isinstance(config, ServerConfig) else ServerConfig.from_dict(config)
         self.http_host, self.http_port = http_host, http_port
-        self._started_ray = self._deployed = False
+        self._started_ray = self._deployed = self._up = False
 
     @property
     def grpc_target(self) -> str:
@@ -69,19 +69,21 @@ class LocalServer:
         self._deployed = True
         serve.run(build_app(self.config), name=APP, route_prefix="/", blocking=False)
         self.health_seen = wait_serving(APP, timeout_s)
+        self._up = True
         return self
 
     def shutdown(self) -> None:
-        """Drain (up to the drain_s setting), delete the app; then stop Ray when started here (which stops
-        Serve with it), else Serve."""
+        """Drain (up to the drain_s setting) an app that came up, delete it; then stop Ray when started here
+        (which stops Serve with it), else Serve."""
         if not ray.is_initialized():  # start() failed before it connected: nothing runs
             return
         try:
-            if self._deployed:
+            if self._up:
                 try:
                     serve.get_app_handle(APP).drain.remote().result(timeout_s=self.config.drain_s + TEARDOWN_S)
-                except Exception as e:  # noqa: BLE001 - an app that never came up has nothing to drain
+                except Exception as e:  # noqa: BLE001 - stop regardless
                     log.warning("drain failed (%s: %s); stopping anyway", type(e).__name__, e)
+            if self._deployed:
                 serve.delete(APP)
             if not self._started_ray:
                 serve.shutdown()
