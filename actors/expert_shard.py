@@ -16,15 +16,16 @@ import torch
 
 from . import dispatch, process_group
 from .metrics import ShardMetrics, report
+from .model import precision
 from .model.config import ModelConfig
 from .model.loader import load_experts
 
 
 class ExpertShard:
-    def __init__(self, checkpoint: str, shard: int, num_shards: int, threads: int = 1):
+    def __init__(self, checkpoint: str, shard: int, num_shards: int, threads: int = 1, dtype: str = "auto"):
         torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = precision.resolve_dtype(dtype, self.device)
         self.shard, self.num_shards = shard, num_shards
         cfg = ModelConfig.from_json(checkpoint)
         self.first, self.count = dispatch.expert_ranges(cfg.num_experts, num_shards)[shard]
@@ -41,8 +42,9 @@ class ExpertShard:
         """What this shard holds: its expert range and the bytes resident for it."""
         tensors = [t for e in self.layers for t in (e.gate_up_proj, e.down_proj)]
         resident = sum(t.numel() * t.element_size() for t in tensors)
-        held = str(tensors[0].dtype).replace("torch.", "") if tensors else None  # bf16 on CPU: see moe.expert_dtype
+        held = precision.dtype_name(tensors[0].dtype) if tensors else None  # bf16 on CPU: see moe.expert_dtype
         return {"shard": self.shard, "first": self.first, "count": self.count, "device": str(self.device),
+                "dtype": precision.dtype_name(self.dtype), "cpu_isa": precision.cpu_isa(),
                 "resident_expert_bytes": resident, "expert_dtype": held, "loaded_bytes": self.load_report.bytes,
                 "loaded_tensors": self.load_report.tensors, "pid": os.getpid()}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -34,8 +35,11 @@ from .engine.engine import LLMEngine, RequestOutput
 from .engine.sampling import SamplingParams
 from .metrics import FrontendMetrics, report
 from .model.attention import WholeSequence
+from .model import precision
 from .model.loader import load_model
 from .model_info import ModelInfo
+
+log = logging.getLogger("epserve.frontend")
 
 
 class EngineFailure(RuntimeError):
@@ -46,11 +50,12 @@ class EngineFailure(RuntimeError):
 class Frontend:
     def __init__(self, checkpoint: str, num_shards: int, engine_config: EngineConfig | dict | None = None,
                  threads: int | None = None, heartbeat_s: float = 1.0, overlap: bool = True,
-                 supervised: bool = False):
+                 supervised: bool = False, dtype: str = "auto"):
         if threads:
             torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = precision.resolve_dtype(dtype, self.device)
+        log.info("front-end on %s", precision.describe(self.device, self.dtype))
         # num_shards = 0: every expert in this process, no process group (the in-process server)
         self.model = load_model(checkpoint, self.dtype, self.device, expert_range=None if num_shards else "all")
         cfg = self.model.cfg

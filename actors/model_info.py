@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .model import precision
+
 ARCHITECTURE = "Gemma4ForConditionalGeneration (text decoder)"
 
 
@@ -29,6 +31,7 @@ class ModelInfo:
     num_shards: int
     device: str
     dtype: str  # the compute dtype
+    cpu_isa: str  # the front-end's CPU's best matrix instruction set (model/precision.py)
 
     @classmethod
     def of(cls, frontend) -> ModelInfo:
@@ -38,7 +41,7 @@ class ModelInfo:
                    num_layers=cfg.num_layers, num_experts=cfg.num_experts, experts_per_token=cfg.top_k,
                    num_shards=frontend.num_shards, max_model_len=frontend.engine.max_model_len,
                    eos_token_ids=tuple(cfg.eos_token_ids), device=str(frontend.device),
-                   dtype=str(frontend.dtype).removeprefix("torch."))
+                   dtype=precision.dtype_name(frontend.dtype), cpu_isa=precision.cpu_isa())
 
     def to_dict(self) -> dict:
         return asdict(self)

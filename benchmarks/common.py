@@ -35,10 +35,18 @@ def fixed_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[i
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what the code paths depend on
+
+
 def machine() -> str:
+    """The CPU a figure came from (model, matrix ISA and the flags the kernels choose by), torch, threads."""
+    from epserve.actors.model import precision
+
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
-    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    flags = " ".join(f for f in ISA_FLAGS if f in precision.cpu_flags()) or "none listed"
+    return (f"{os.cpu_count()} cores, {cpu}, ISA {precision.cpu_isa()} (flags: {flags}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def write_section(heading: str, body: str, path: Path = PERFORMANCE_MD) -> None:
@@ -60,7 +68,10 @@ def free_port() -> int:
 
 def git_revision() -> str:
     """The commit measured, marked when the code had changes beyond it (docs/, which the scripts write,
-    does not count)."""
+    does not count). ``EPSERVE_REVISION`` names it where the tree has no git metadata (a copy on another
+    machine)."""
+    if os.environ.get("EPSERVE_REVISION"):
+        return os.environ["EPSERVE_REVISION"]
     try:
         rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",

@@ -1,10 +1,12 @@
-"""Where a decode step's time goes: the in-process engine at batch ``--requests`` on the ``bench`` preset, each
-part of the model timed in place (wall time around the module's call; everything runs synchronously on the
-CPU), beside the part's arithmetic and the FLOP/s it reached.
+"""Where a decode step's time goes: the in-process engine at batch ``--requests``, each part of the model timed
+in place (wall time around the call; everything runs synchronously on the CPU), beside the part's arithmetic
+and the FLOP/s it reached; then the step split into the GEMMs, attention over the KV cache, and everything
+else (norms, RoPE, KV writes, routing, the experts' sort / gather / combine, the step plan, the sampler).
 
-    python benchmarks/decode_profile.py [--requests 64] [--prompt 128] [--steps 8] [--no-write]
+    python benchmarks/decode_profile.py [--preset bench] [--dtype auto] [--requests 64] [--prompt 128]
+        [--steps 8] [--no-write]
 
-Records docs/performance.md ("Decode step, by part").
+Records docs/performance.md ("Decode step, by part: <preset>, <dtype>").
 """
 
 from __future__ import annotations
@@ -13,13 +15,24 @@ import argparse
 import collections
 import time
 
-
 from common import checkpoint, git_revision, machine, write_section
+import torch
+
+from epserve.actors.engine.config import EngineConfig
+from epserve.actors.engine.engine import LLMEngine
+from epserve.actors.engine.sampling import SamplingParams
+from epserve.actors.model import precision
+from epserve.actors.model.config import FULL
+from epserve.actors.model.loader import load_model
+from epserve.actors.model.moe import Experts
 from epserve.cluster.tools.bench import Workload
+
+GEMMS = ("attention projections", "dense MLP", "routed experts' grouped GEMMs", "router projection",
+         "tied head")
 
 
 def timed(owner, name: str, label: str, totals: dict) -> None:
-    """Replace owner.name by a wrapper that adds its wall time to totals[label]."""
+    """Replace owner.name by a wrapper that adds its wall time to totals[label] (nested calls: outermost)."""
     inner = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
@@ -32,28 +45,40 @@ def timed(owner, name: str, label: str, totals: dict) -> None:
     setattr(owner, name, wrapper)
 
 
+def flops_per_token(cfg, context: int) -> dict[str, float]:
+    """Multiply-adds x 2 per decoded token, by part."""
+    H = cfg.hidden_size
+    shapes = [cfg.full if k == FULL else cfg.sliding for k in cfg.layer_types]
+    proj = sum(H * (2 * s.head_dim * cfg.num_heads + s.head_dim * s.num_kv_heads * (1 if s.k_eq_v else 2))
+               for s in shapes)
+    attention = sum(2 * cfg.num_heads * s.head_dim * min(context, s.window or context) for s in shapes)
+    return {k: 2 * v for k, v in {
+        "attention projections": proj, "dense MLP": cfg.num_layers * 3 * H * cfg.intermediate_size,
+        "routed experts' grouped GEMMs": cfg.num_layers * cfg.top_k * 3 * H * cfg.moe_intermediate_size,
+        "router projection": cfg.num_layers * H * cfg.num_experts, "tied head": cfg.vocab_size * H,
+        "attention (with KV writes)": attention}.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--dtype", default="auto", choices=list(precision.DTYPES))
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    from epserve.actors.engine.config import EngineConfig
-    from epserve.actors.engine.engine import LLMEngine
-    from epserve.actors.engine.sampling import SamplingParams
-    from epserve.actors.model.config import FULL
-    from epserve.actors.model.loader import load_model
-
-    model = load_model(checkpoint("bench", layout="text-only"))
+    dtype = precision.resolve_dtype(args.dtype, "cpu")
+    model = load_model(checkpoint(args.preset, layout="text-only"), dtype)
     cfg, B = model.cfg, args.requests
     engine = LLMEngine(model, EngineConfig(max_num_seqs=B, max_num_batched_tokens=2048,
                                            enable_prefix_caching=False))
     for p, _ in Workload(B, args.prompt, 1, vocab_size=cfg.vocab_size).requests():
-        engine.add_request(p, SamplingParams(max_tokens=args.steps + 4, ignore_eos=True))
+        engine.add_request(p, SamplingParams(max_tokens=2 * args.steps + 4, ignore_eos=True))
     while any(s.num_computed < s.num_prompt for s in engine.requests.values()):
         engine.step()
-    engine.step()
+    for _ in range(args.steps // 2 + 1):  # warm-up (oneDNN's first calls at each shape)
+        engine.step()
 
     totals: dict[str, float] = collections.defaultdict(float)
     for layer in model.layers:
@@ -62,49 +87,48 @@ def main() -> None:
             if proj is not None:
                 timed(proj, "forward", "attention projections", totals)
         timed(layer.mlp, "forward", "dense MLP", totals)
-        timed(layer.experts, "forward", "routed experts", totals)
-        timed(layer.router, "forward", "router", totals)
-    timed(model, "logits", "tied head and soft-cap", totals)
+        timed(layer.router.proj, "forward", "router projection", totals)
+    timed(Experts, "project", "routed experts' grouped GEMMs", totals)
     import epserve.actors.engine.kv_cache as kv_cache
+    import epserve.actors.model.gemma4 as gemma4
 
-    timed(kv_cache.PagedAttention, "attend", "attention over the KV cache", totals)
+    timed(gemma4, "linear", "tied head", totals)  # the head is the one call of ``linear`` in gemma4.py
+    timed(kv_cache.PagedAttention, "attend", "attention (with KV writes)", totals)
     timed(engine.runner, "run", "model step", totals)
+    totals.clear()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         engine.step()
     step = (time.perf_counter() - t0) / args.steps
 
-    H, context = cfg.hidden_size, args.prompt + args.steps // 2
-    proj = sum(H * (2 * s.head_dim * cfg.num_heads + s.head_dim * s.num_kv_heads * (1 if s.k_eq_v else 2))
-               for s in (cfg.full if k == FULL else cfg.sliding for k in cfg.layer_types))
-    flops = {"attention projections": proj, "dense MLP": cfg.num_layers * 3 * H * cfg.intermediate_size,
-             "routed experts": cfg.num_layers * cfg.top_k * 3 * H * cfg.moe_intermediate_size,
-             "router": cfg.num_layers * H * cfg.num_experts, "tied head and soft-cap": cfg.vocab_size * H,
-             "attention over the KV cache": sum(2 * cfg.num_heads * s.head_dim * min(context, s.window or context)
-                                                for s in (cfg.full if k == FULL else cfg.sliding
-                                                          for k in cfg.layer_types))}
-    parts = [k for k in totals if k != "model step"]
-    rest = totals["model step"] - sum(totals[k] for k in parts)
+    flops = flops_per_token(cfg, args.prompt + args.steps)
+    ms = {k: 1000 * v / args.steps for k, v in totals.items()}
+    step_ms = 1000 * step
+    gemm_ms = sum(ms.get(k, 0.0) for k in GEMMS)
+    attention_ms = ms.get("attention (with KV writes)", 0.0)
+    rest_ms = step_ms - gemm_ms - attention_ms
     lines = ["| part | ms per step | share | GFLOP/s |", "|---|---|---|---|"]
-    for k in sorted(parts, key=lambda k: -totals[k]):
-        ms = 1000 * totals[k] / args.steps
-        rate = 2 * flops[k] * B / (totals[k] / args.steps) / 1e9
-        lines.append(f"| {k} | {ms:.1f} | {totals[k] / args.steps / step:.0%} | {rate:.0f} |")
-    lines.append(f"| the rest of the model step (norms, RoPE, KV writes, gathers) | {1000 * rest / args.steps:.1f} | "
-                 f"{rest / args.steps / step:.0%} | |")
-    other = step - totals["model step"] / args.steps
-    lines.append(f"| outside the model (scheduler, step plan, sampler) | {1000 * other:.1f} | {other / step:.0%} | |")
+    for k in [*GEMMS, "attention (with KV writes)"]:
+        flop = flops[k]
+        rate = f"{flop * B / (ms[k] / 1000) / 1e9:.0f}" if ms.get(k) else ""
+        lines.append(f"| {k} | {ms.get(k, 0.0):.1f} | {ms.get(k, 0.0) / step_ms:.0%} | {rate} |")
+    lines.append(f"| everything else: norms, RoPE, routing, the experts' sort / gather / combine, embedding, "
+                 f"step plan, scheduler, sampler | {rest_ms:.1f} | {rest_ms / step_ms:.0%} | |")
+    heading = f"Decode step, by part: `{args.preset}` preset, {precision.dtype_name(dtype)}"
     body = f"""
-Command: `python benchmarks/decode_profile.py --requests {B} --prompt {args.prompt} --steps {args.steps}`
+Command: `python benchmarks/decode_profile.py --preset {args.preset} --dtype {args.dtype} --requests {B} --prompt {args.prompt} --steps {args.steps}`
 (revision {git_revision()}; {machine()}).
-The in-process engine's decode step at batch {B} on the `bench` preset (context ~{context}): {1000 * step:.0f} ms,
-by part (mean of {args.steps} steps):
+The in-process engine's decode step at batch {B} on the `{args.preset}` preset, computing in
+{precision.dtype_name(dtype)} (context ~{args.prompt + args.steps}): {step_ms:.1f} ms, by part (mean of
+{args.steps} steps). GEMMs {gemm_ms / step_ms:.0%}, attention over the KV cache (with its writes)
+{attention_ms / step_ms:.0%}, everything else {rest_ms / step_ms:.0%}.
 
 """ + "\n".join(lines)
     print(body)
     if not args.no_write:
-        write_section("Decode step, by part", body)
+        write_section(heading, body)
 
 
 if __name__ == "__main__":
+    torch.set_grad_enabled(False)
     main()

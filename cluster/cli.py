@@ -58,6 +58,7 @@ def cmd_generate(args) -> int:
     from epserve.actors.engine.engine import LLMEngine
     from epserve.actors.engine.sampling import SamplingParams
     from epserve.actors.model.loader import load_model
+    from epserve.actors.model.precision import resolve_dtype
 
     from .fixtures.builtin import checkpoint_or_builtin
     from .launcher import Cluster
@@ -66,11 +67,12 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     if args.shards:  # through the cluster: a Frontend actor and N ExpertShard actors
-        with Cluster(ClusterConfig(checkpoint=checkpoint, shards=args.shards, address=args.address)) as cluster:
+        cfg = ClusterConfig(checkpoint=checkpoint, shards=args.shards, address=args.address, dtype=args.dtype)
+        with Cluster(cfg) as cluster:
             results = [(o["token_ids"], o["finish_reason"]) for o in cluster.generate(args.prompt_ids, params)]
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(checkpoint, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        model = load_model(checkpoint, dtype=resolve_dtype(args.dtype, device), device=device)
         results = [(o.token_ids, o.finish_reason) for o in LLMEngine(model).generate(args.prompt_ids, params)]
     for token_ids, reason in results:
         if args.json:
@@ -87,7 +89,8 @@ def server_config(args) -> ServerConfig:
     if bool(cert) != bool(key):
         raise ValueError("--tls-cert and --tls-key go together")
     tls = {"tls_cert_file": os.path.abspath(cert), "tls_key_file": os.path.abspath(key)} if cert else {}
-    cluster = ClusterConfig(checkpoint=options.get("checkpoint"), shards=args.shards, address=options.get("address"))
+    cluster = ClusterConfig(checkpoint=options.get("checkpoint"), shards=args.shards, address=options.get("address"),
+                            dtype=args.dtype)
     return ServerConfig(cluster=cluster, grpc_host=args.host, grpc_port=args.grpc_port, metrics_host=args.host,
                         metrics_port=options.get("metrics_port") or None,
                         drain_s=options.get("drain_s", ServerConfig.drain_s), **tls,
@@ -219,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="store_true", help="also write weights for the gemma-4-26b-a4b preset")
     p.set_defaults(func=cmd_make_checkpoint)
 
+    def dtype_option(p):
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=ClusterConfig.dtype,
+                       help="compute dtype; auto: bf16 on GPUs and on CPUs with native bf16 arithmetic "
+                            "(AMX-BF16, AVX512-BF16), else fp32")
+
     def sampling_options(p, max_tokens):
         p.add_argument("--max-tokens", type=int, default=max_tokens)
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -234,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=0,
                    help="run through a cluster of N expert-shard actors (default 0: in this process)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    dtype_option(p)
     p.set_defaults(func=cmd_generate)
 
     def server_options(p, shards=ClusterConfig.shards):
@@ -241,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default=ServerConfig.grpc_host, help="address gRPC and HTTP listen on")
         p.add_argument("--grpc-port", type=int, default=ServerConfig.grpc_port)
         p.add_argument("--http-port", type=int, default=8000)
+        dtype_option(p)
 
     p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP until interrupted")
     p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
@@ -275,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "a cluster)")
     p.add_argument("--checkpoint", help="for the in-process engine (default: the built-in tiny model)")
     p.add_argument("--shards", type=int, default=0, help="in-process target: N expert-shard actors (0: none)")
+    dtype_option(p)
     p.add_argument("--model", help="OpenAI model name (default: the server's first model)")
     p.add_argument("--requests", type=int, default=64, help="requests per run")
     p.add_argument("--prompt-len", type=int, default=128)

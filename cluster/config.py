@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from epserve.actors.engine.config import EngineConfig
+from epserve.actors.model.precision import DTYPES
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # the launcher sizes these itself
@@ -19,6 +20,9 @@ class ClusterConfig:
     address: str | None = None  # an existing Ray cluster ("auto", "host:6379"); None: start one locally
     placement: str = "PACK"  # placement-group strategy; STRICT_SPREAD puts every actor on its own node
     device: str = "auto"  # auto: one GPU per actor when the cluster has enough, else CPU
+    # Compute dtype (actors/model/precision.py): auto is bf16 on GPUs and on CPUs with native bf16 matrix
+    # arithmetic (AMX-BF16, AVX512-BF16), else fp32 (with bf16-stored experts); float32 or bfloat16 force it
+    dtype: str = "auto"
     cpus_per_actor: float = 0.2  # on CPU-only clusters: a front-end and 4 shards start on one core
     # Custom Ray resources added to the front-end's placement bundle and to each shard's, so that each actor
     # lands on a node that advertises its role (the Helm chart's {"frontend": 1} / {"expert": 1}). Empty: any
@@ -52,6 +56,8 @@ class ClusterConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.heartbeat_s < self.collective_timeout_s / 2:
             raise ValueError("heartbeat_s must be positive and under half of collective_timeout_s")
         if self.max_failures < 0:

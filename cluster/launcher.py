@@ -75,6 +75,7 @@ class Cluster:
         self.frontend = self._create(0)
         # every rank has loaded its weights before any joins: the rendezvous then takes well under its deadline
         ray.get([self.actor(rank).ping.remote() for rank in range(world)], timeout=cfg.start_timeout_s)
+        self._check_dtypes()
         self._progress(f"joining the {self.backend} process group ({world} ranks)")
         self.connect(cfg.start_timeout_s)
         ray.get(self.frontend.start.remote(), timeout=cfg.start_timeout_s)
@@ -132,10 +133,22 @@ class Cluster:
                                                                             placement_group_bundle_index=rank))
         if rank > 0:
             return ray.remote(ExpertShard).options(**options).remote(cfg.checkpoint, rank - 1, cfg.shards,
-                                                                      cfg.shard_threads)
+                                                                      cfg.shard_threads, cfg.dtype)
         overlap = self.use_gpu if cfg.overlap_dense_ffn is None else cfg.overlap_dense_ffn
         return ray.remote(Frontend).options(**options).remote(
-            cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s, overlap, supervised=True)
+            cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s, overlap, supervised=True,
+            dtype=cfg.dtype)
+
+    def _check_dtypes(self) -> None:
+        """Every rank computes in the same dtype: the rows on the wire are in it. ``auto`` resolves per actor,
+        so actors on machines of different kinds can disagree; then the dtype must be set explicitly."""
+        front, *shards = ray.get([self.frontend.model_info.remote(), *(s.info.remote() for s in self.shards)])
+        infos = [front.to_dict(), *shards]
+        if len({i["dtype"] for i in infos}) > 1:
+            found = ", ".join(f"{self.role(r)} {i['dtype']} ({i['device']}, {i['cpu_isa']})"
+                              for r, i in enumerate(infos))
+            raise RuntimeError(f"dtype={self.config.dtype} resolved differently on the actors ({found}): set "
+                               "dtype to float32 or bfloat16")
 
     def _connect(self) -> None:
         if ray.is_initialized():

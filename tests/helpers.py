@@ -99,13 +99,15 @@ class HealthWatcher(threading.Thread):
 
 @contextlib.contextmanager
 def tiny_server(tiny_dir, **cluster):
-    """The Serve app of deploy/serve.yaml over the tiny checkpoint (a front-end and 2 shards) on the session's
-    Ray cluster, with ``cluster`` settings on top; shut down on exit. ``grpc_health_seen``: what a stock
-    health client polling the gRPC port from before the start was told, until it said SERVING."""
+    """The Serve app of deploy/serve.yaml over the tiny checkpoint (a front-end and 2 shards, fp32, as the
+    references it is compared with) on the session's Ray cluster, with ``cluster`` settings on top; shut down
+    on exit. ``grpc_health_seen``: what a stock health client polling the gRPC port from before the start was
+    told, until it said SERVING."""
     settings = deploy_app_args()  # the application of deploy/serve.yaml, on loopback ports, tiny checkpoint
     settings.update(grpc_host="127.0.0.1", grpc_port=free_port(), metrics_port=None, drain_s=5)
     settings["cluster"].update(checkpoint=str(tiny_dir), engine={"max_model_len": MAX_LEN, "max_num_seqs": 64},
-                               **cluster)
+                               dtype="float32")
+    settings["cluster"].update(cluster)
     watcher = HealthWatcher(f"127.0.0.1:{settings['grpc_port']}")
     watcher.start()
     try:
@@ -146,13 +148,14 @@ def missing_tools_line(reasons: list[str]) -> str | None:
 
 
 class InProcessServer:
-    """Both servers with no Ray: a Frontend in this process (every expert local) behind one ServingState, the
-    OpenAI routes on a FastAPI app served by uvicorn on 127.0.0.1, and the gRPC endpoint in uvicorn's event
-    loop (the one the Frontend delivers to). ``client``: the official OpenAI client; ``grpc_target``."""
+    """Both servers with no Ray: a Frontend in this process (every expert local, fp32 as the references)
+    behind one ServingState, the OpenAI routes on a FastAPI app served by uvicorn on 127.0.0.1, and the gRPC
+    endpoint in uvicorn's event loop (the one the Frontend delivers to). ``client``: the official OpenAI
+    client; ``grpc_target``."""
 
     def __init__(self, checkpoint, model_name: str, engine: dict):
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
-        self.frontend = Frontend(str(checkpoint), 0, engine)
+        self.frontend = Frontend(str(checkpoint), 0, engine, dtype="float32")
         self.state = ServingState(model_name, self.tokenizer, client=FrontendClient(self.frontend),
                                   info=self.frontend.model_info())
         self.grpc_target = f"127.0.0.1:{free_port()}"

@@ -8,6 +8,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from epserve.actors.engine.engine import LLMEngine
+from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.model.loader import load_model
 from epserve.cluster.fixtures.builtin import builtin_checkpoint
 from epserve.cluster.fixtures.checkpoint import preset
@@ -18,13 +20,24 @@ from helpers import free_port, run
 def test_generate_matches_transformers_greedy(tiny_dir, tools):
     prompts = [[2, 17, 300, 42], [5, 6, 7, 8, 9, 10, 11] * 7, [100]]
     args = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
-    out = run("generate", "--checkpoint", tiny_dir, *args, "--max-tokens", 32, "--ignore-eos", "--json")
+    out = run("generate", "--checkpoint", tiny_dir, *args, "--max-tokens", 32, "--ignore-eos", "--json",
+              "--dtype", "float32")
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) == len(prompts)
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32,
                                                attn_implementation="eager").eval()
     for prompt, line in zip(prompts, lines):
         assert line == {"token_ids": tools.hf_greedy(ref, prompt, 32), "finish_reason": "length"}
+
+
+def test_generate_in_bf16_follows_the_in_process_bf16_engine(tiny_dir):
+    """--dtype bfloat16 runs the model in bf16 (natively where the CPU has bf16 arithmetic, emulated elsewhere):
+    the same tokens as the bf16 engine in this process."""
+    out = run("generate", "--checkpoint", tiny_dir, "--prompt-ids", "5,6,7,8", "--max-tokens", 8, "--ignore-eos",
+              "--json", "--dtype", "bfloat16")
+    engine = LLMEngine(load_model(tiny_dir, dtype=torch.bfloat16))
+    want = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    assert json.loads(out.stdout)["token_ids"] == want
 
 
 def test_generate_samples_with_temperature_and_seed(tiny_dir):

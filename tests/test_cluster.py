@@ -26,6 +26,7 @@ from epserve.cluster.launcher import Cluster, bundles, shard_name
 PROMPTS = [[2, 17, 300, 42], [5, 6, 7, 8, 9] * 12, [100], list(range(3, 90))]
 PARAMS = {"max_tokens": 12, "ignore_eos": True}
 ROLES = {"frontend_resources": {"frontend": 1}, "shard_resources": {"expert": 1}}  # what the Helm chart asks
+FP32 = {"dtype": "float32"}  # compared with fp32 references (bf16: tests/test_precision.py)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def reference(tiny_model, tiny_dir):
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 4])
 def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_model, reference, shards):
-    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards)).start()
+    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards, **FP32)).start()
     try:
         outs = cluster.generate(PROMPTS, PARAMS)
         ours, theirs = reference
@@ -92,7 +93,7 @@ def test_dispatch_sends_one_row_per_token_and_distinct_shard(ray_session, tiny_d
     cfg = tiny_model.cfg
     shard_of = torch.tensor([s for s, (f, c) in enumerate(expert_ranges(cfg.num_experts, shards)) for _ in range(c)])
     want_rows = sum(len(set(row)) for ids in recorder.ids for row in shard_of[ids].tolist())
-    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards)) as cluster:
+    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards, **FP32)) as cluster:
         ray.get(cluster.frontend.score.remote(prompt))
         d = cluster.stats()["dispatch"]
     assert d["rows"] == want_rows < d["token_slots"] == len(prompt) * cfg.top_k * cfg.num_layers
@@ -128,7 +129,7 @@ def half_routed_dir(tmp_path_factory, tiny_dir):
 def test_step_with_idle_shards_completes(ray_session, half_routed_dir):
     model = load_model(half_routed_dir)
     want = LLMEngine(model).generate(PROMPTS, SamplingParams(**PARAMS))
-    with Cluster(ClusterConfig(checkpoint=str(half_routed_dir), shards=4)) as cluster:
+    with Cluster(ClusterConfig(checkpoint=str(half_routed_dir), shards=4, **FP32)) as cluster:
         outs = cluster.generate(PROMPTS, PARAMS)
         per_shard = cluster.stats()["dispatch"]["tokens_per_shard"]
     assert min(per_shard[:2]) > 0 and per_shard[2:] == [0, 0]  # shards 2, 3 joined every step with 0 rows
@@ -170,7 +171,7 @@ def test_placement_group_reserves_the_role_resources(ray_session, tiny_dir, refe
     """The session's head advertises the chart's role resources, one cluster's worth: the placement group
     reserves all of them, bundle 0 the front-end's and each shard bundle one expert, and the actors in those
     bundles serve."""
-    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=2, **ROLES)) as cluster:
+    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=2, **ROLES, **FP32)) as cluster:
         table = ray.util.placement_group_table(cluster.pg)
         free = ray.available_resources()
         outs = cluster.generate(PROMPTS[:2], PARAMS)
@@ -178,3 +179,20 @@ def test_placement_group_reserves_the_role_resources(ray_session, tiny_dir, refe
     assert list(table["bundles"].values()) == [{"CPU": 0.2, "frontend": 1.0}] + [{"CPU": 0.2, "expert": 1.0}] * 2
     assert free.get("frontend", 0) == free.get("expert", 0) == 0
     assert [o["token_ids"] for o in outs] == reference[0][:2]
+
+
+def test_bf16_cluster_computes_what_the_bf16_engine_does(ray_session, tiny_dir):
+    """dtype bfloat16 on every rank (the default on GPUs and on CPUs with native bf16): the rows cross in bf16,
+    the experts run in bf16 on the shards, and the tokens and logits are the in-process bf16 engine's."""
+    model = load_model(tiny_dir, dtype=torch.bfloat16)
+    want = LLMEngine(model).generate(PROMPTS, SamplingParams(**PARAMS))
+    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=2, dtype="bfloat16")) as cluster:
+        infos = [ray.get(cluster.frontend.model_info.remote()).to_dict(), *cluster.shard_info()]
+        outs = cluster.generate(PROMPTS, PARAMS)
+        remote = ray.get(cluster.frontend.score.remote(PROMPTS[3]))
+    assert {i["dtype"] for i in infos} == {"bfloat16"} and {i["expert_dtype"] for i in infos[1:]} == {"bfloat16"}
+    assert [o["token_ids"] for o in outs] == [w.token_ids for w in want]
+    pos = torch.arange(len(PROMPTS[3]))
+    with torch.no_grad():
+        local = model.logits(model(torch.tensor(PROMPTS[3]), pos, WholeSequence(pos))).float()
+    assert (remote - local).abs().max() <= 2**-7 * local.abs().max()  # the shards' sums round to bf16 alike

@@ -26,7 +26,7 @@ def test_cluster_matches_the_in_process_engine(ray_session, request, tools, chec
     path = request.getfixturevalue(checkpoint)
     model = load_model(path)
     want = LLMEngine(model).generate(PROMPTS, PARAMS)
-    with Cluster(ClusterConfig(checkpoint=str(path), shards=2, overlap_dense_ffn=overlap)) as cluster:
+    with Cluster(ClusterConfig(checkpoint=str(path), shards=2, overlap_dense_ffn=overlap, dtype="float32")) as cluster:
         # the path under test is the one the actor really runs
         overlap_on, shared_on = ray.get(cluster.frontend.__ray_call__.remote(
             lambda fe: (fe.dispatcher.overlap, fe.model.layers[0].shared_expert is not None)))
@@ -39,7 +39,8 @@ def test_cluster_matches_the_in_process_engine(ray_session, request, tools, chec
 
 def test_generate_command_through_the_cluster_equals_in_process(ray_session, tiny_dir, capsys):
     prompt_args = [a for p in PROMPTS for a in ("--prompt-ids", ",".join(map(str, p)))]
-    args = ["generate", "--checkpoint", str(tiny_dir), *prompt_args, "--max-tokens", "12", "--ignore-eos", "--json"]
+    args = ["generate", "--checkpoint", str(tiny_dir), *prompt_args, "--max-tokens", "12", "--ignore-eos", "--json",
+            "--dtype", "float32"]
     assert cli.main(args) == 0  # in this process, as `epserve generate` runs it
     want = capsys.readouterr().out
     assert want.count('"finish_reason": "length"') == len(PROMPTS)

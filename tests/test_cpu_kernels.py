@@ -7,7 +7,7 @@ import torch
 
 from epserve.actors.model import cpu_kernels
 from epserve.actors.model.loader import load_model
-from epserve.actors.model.moe import expert_dtype
+from epserve.actors.model.moe import GROUPED_MM, expert_dtype
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 
@@ -80,7 +80,7 @@ def test_bf16_experts_give_the_fp32_experts_logits(tiny_dir, tiny_model, tools):
     for layer in wide.layers:
         gate_up, down = layer.experts.unpacked()
         layer.experts.gate_up_proj.data, layer.experts.down_proj.data = gate_up.float(), down.float()
-        layer.experts.packed = False
+        layer.experts.path = GROUPED_MM
     for T in (3, 80):  # few rows per expert (a decode step) and many (a prefill chunk)
         ids = tools.random_ids(tiny_model.cfg.vocab_size, T, seed=T)
         tools.assert_parity(tools.our_logits(wide, ids), tools.our_logits(tiny_model, ids), f"T={T}")

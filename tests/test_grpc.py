@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
 from epserve.cluster.tools.client import request
+
 from helpers import MAX_LEN, engine_greedy, tiny_server
 
 

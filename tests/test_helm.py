@@ -272,7 +272,8 @@ def test_model_and_cluster_settings_reach_the_serve_config(chart):
     config = serve_config(render(chart, VALUE_SETS["shards-16-monitoring"]))
     args = config["applications"][0]["args"]
     assert args["cluster"] == {"checkpoint": "/models/gemma-4-26b-a4b", "shards": 16, "placement": "PACK",
-                               "device": "auto", "collective_timeout_s": 120.0, "engine": {"max_num_seqs": 64},
+                               "device": "auto", "dtype": "auto", "collective_timeout_s": 120.0,
+                               "engine": {"max_num_seqs": 64},
                                **ROLE_RESOURCES}
     assert args["model_name"] == "gemma-4-26b-a4b"
     assert (args["metrics_host"], args["metrics_port"]) == ("0.0.0.0", 9000)
@@ -281,7 +282,7 @@ def test_model_and_cluster_settings_reach_the_serve_config(chart):
 def test_cluster_extra_accepts_exactly_the_other_cluster_config_fields():
     schema = json.loads((CHART / "values.schema.json").read_text())
     extra = set(schema["properties"]["cluster"]["properties"]["extra"]["properties"])
-    managed = {"checkpoint", "shards", "placement", "device", "address", *ROLE_RESOURCES}
+    managed = {"checkpoint", "shards", "placement", "device", "dtype", "address", *ROLE_RESOURCES}
     assert extra == {f.name for f in fields(ClusterConfig)} - managed
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from epserve.actors.model import ops
 from epserve.actors.model.attention import WholeSequence
 from epserve.actors.model.config import ConfigError
 from epserve.actors.model.loader import CheckpointError, load_experts, load_model
@@ -162,8 +163,11 @@ def test_router_matches_the_spec(tiny_model, tiny_cfg):
     layer = tiny_model.layers[2]
     router = layer.router
     r = torch.randn(12, tiny_cfg.hidden_size, generator=torch.Generator().manual_seed(11)) * 2.0
-    with torch.no_grad():
-        weights, ids = router(r)
+    with torch.no_grad():  # the router's input as the layer makes it from r (with the experts' and the MLP's)
+        _, _, router_input = ops.ffn_inputs(r, layer.pre_feedforward_layernorm.weight,
+                                            layer.pre_feedforward_layernorm_2.weight, router.scale, router.root,
+                                            tiny_cfg.rms_norm_eps)
+        weights, ids = router(router_input)
         z = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + tiny_cfg.rms_norm_eps)
         z = z * router.scale * tiny_cfg.hidden_size**-0.5
         probs = torch.softmax(z @ router.proj.weight.T, dim=-1)

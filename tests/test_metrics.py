@@ -247,7 +247,7 @@ ENGINE = {"max_model_len": 512, "max_num_seqs": 4, "num_blocks": {FULL: 32, SLID
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_dir):
-    settings = {"cluster": {"checkpoint": str(tiny_dir), "shards": 2, "collective_timeout_s": 10,
+    settings = {"cluster": {"checkpoint": str(tiny_dir), "shards": 2, "collective_timeout_s": 10, "dtype": "float32",
                             "heartbeat_s": 0.5, "max_failures": 0,  # a killed shard stays down
                             "engine": ENGINE},
                 "grpc_port": free_port(), "metrics_port": free_port()}

@@ -78,7 +78,7 @@ def served(ray_session, tiny_dir, tmp_path_factory):
         proc = subprocess.Popen([*EPSERVE, "serve", "--checkpoint", str(tiny_dir), "--shards", "2",
                                  "--address", ray.get_runtime_context().gcs_address, "--grpc-port", str(grpc_port),
                                  "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-                                 "--drain-s", str(DRAIN_S)],
+                                 "--drain-s", str(DRAIN_S), "--dtype", "float32"],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = Served(proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port, log)
     try:

@@ -6,8 +6,9 @@ writes its new keys and values at their slots, then attends per group of request
 single-token (decode) rows and one for multi-token (prefill chunk) rows, so a decode batch is never padded
 to a prefill's length.
 
-* Decode rows on CPU in fp32: the native kernel reads each request's keys and values where they lie in the
-  blocks (``cpu_kernels.paged_decode_attention``): a gathered copy cost more than the attention itself.
+* Decode rows on CPU (an fp32 or bf16 cache): the native kernel reads each request's keys and values where
+  they lie in the blocks (``cpu_kernels.paged_decode_attention``): a gathered copy cost more than the
+  attention itself.
 * Otherwise (prefill chunks, GPUs): gather the *blocks* each request can see (whole ``[bs, D]`` runs per
   head) and run the batched ``masked_attention``; the positions of a gathered block that a query may not see
   (older than its window, not written yet) are masked by position, like padding.
@@ -113,8 +114,9 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, bs: int) -> torch.
 
 
 def _in_place(cache: torch.Tensor, head_dim: int) -> bool:
-    """Whether the native decode kernel serves this cache (fp32 on CPU; else the gathered torch path)."""
-    return cache.dtype == torch.float32 and cache.device.type == "cpu" and head_dim % 8 == 0 \
+    """Whether the native decode kernel serves this cache (fp32 or bf16 on CPU; else the gathered torch
+    path)."""
+    return cache.dtype in (torch.float32, torch.bfloat16) and cache.device.type == "cpu" and head_dim % 8 == 0 \
         and cpu_kernels.available()
 
 

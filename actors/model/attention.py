@@ -13,8 +13,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from . import ops
 from .config import AttentionShape, ModelConfig
-from .layers import Linear, RMSNorm, apply_rope, rms_norm
+from .layers import Linear
+from .ops import RMSNorm
 
 
 def masked_attention(q, k, v, q_pos, k_pos, window: int | None):
@@ -74,11 +76,10 @@ class Attention(nn.Module):
     def forward(self, x, rope, ctx: AttentionContext):
         """x [T, H] (already input-normed); rope = (cos, sin) [T, D] of this layer's kind."""
         T, D = x.shape[0], self.shape.head_dim
-        cos, sin = rope
-        q = apply_rope(self.q_norm(self.q_proj(x).view(T, -1, D)), cos, sin)
+        q_raw = self.q_proj(x).view(T, -1, D)
         k_raw = self.k_proj(x).view(T, -1, D)
         v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(T, -1, D)  # k_eq_v: V from the raw k
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
-        v = rms_norm(v_raw, None, self.eps)
+        # q and k: their norms, then RoPE; v: an unweighted norm
+        q, k, v = ops.qkv(q_raw, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, *rope, self.eps)
         out = ctx.attend(self.layer, self.shape, q, k, v)
         return self.o_proj(out.reshape(T, -1))

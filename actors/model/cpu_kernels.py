@@ -4,14 +4,17 @@
 bf16 weights packed by ``pack_panels``, in fp32, in one call for a whole MoE layer (``kernels/bf16_linear.c``).
 It is what lets the routed experts stay in memory as bf16, the checkpoint's own dtype, while the model
 computes in fp32 on CPU: a decode step reads half the expert bytes, and no call widens a weight matrix into
-an fp32 copy. ``paged_decode_attention``: decode attention reading the KV cache's blocks in place
-(``kernels/paged_attention.c``). Plain C (no torch headers), so it
+an fp32 copy. ``grouped_linear_bf16``: the same in bf16 (bf16 activations and weights in the checkpoint's
+layout, fp32 accumulation) with AVX512-BF16's pair dot products (``kernels/bf16_dot.c``), for a model that
+computes in bf16 on a CPU that has them. ``paged_decode_attention``: decode attention reading the KV cache's
+blocks (fp32 or bf16) in place (``kernels/paged_attention.c``). Plain C (no torch headers), so it
 compiles in about a second; the shared object is cached under ``$EPSERVE_CACHE/kernels`` (default
 ``~/.cache/epserve/kernels``) by a hash of the source and the compiler command, and written atomically, so
 concurrent actors on one machine build it at most a few times and never load a half-written file.
 
-Without a compiler, on a CPU without AVX2/FMA, or with ``EPSERVE_CPU_KERNELS=0``, ``available()`` is False
-and the model keeps fp32 expert weights (same results, more bytes).
+Without a compiler, on a CPU without AVX2/FMA, or with ``EPSERVE_CPU_KERNELS=0``, ``available()`` is False:
+the model keeps fp32 expert weights under fp32 compute (same results, more bytes) and uses torch's grouped
+GEMM. ``bf16_dot_available()`` also needs AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from .precision import cpu_flags
+
 log = logging.getLogger("epserve.kernels")
 SOURCES = sorted(Path(__file__).with_name("kernels").glob("*.c"))
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
 
@@ -73,9 +78,13 @@ def _load():
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             lib.bf16_grouped_linear.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
             lib.bf16_grouped_linear.restype = None
-            lib.paged_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
-                                                   i64, ptr, ctypes.c_int]
-            lib.paged_decode_attention.restype = ctypes.c_int
+            lib.bf16_dot_grouped_linear.argtypes = lib.bf16_grouped_linear.argtypes
+            lib.bf16_dot_grouped_linear.restype = None
+            _declare_fused(lib)
+            for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
+                getattr(lib, name).argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
+                                               i64, ptr, ctypes.c_int]
+                getattr(lib, name).restype = ctypes.c_int
             _lib = lib
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
             log.warning("bf16 CPU kernel unavailable (%s): expert weights stay fp32", e)
@@ -83,8 +92,40 @@ def _load():
     return _lib
 
 
+def _declare_fused(lib) -> None:
+    """Argument types of kernels/fused.c (pointers, int64 sizes, fp32 scalars, the dtype flag)."""
+    p, i, f, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "fused_rms_norm": [p, flag, i, i, p, f, p],
+        "fused_add_rms_norm": [p, p, flag, i, i, p, f, p],
+        "fused_ffn_inputs": [p, flag, i, i, p, p, p, f, f, p, p, p],
+        "fused_ffn_output": [p, p, p, flag, i, i, p, p, p, f, f, p],
+        "fused_qkv": [p, p, p, flag, i, i, i, i, p, p, p, p, f, p, p, p],
+        "fused_route": [p, flag, i, i, i, p, p, p],
+        "fused_moe_align": [p, i, i, i, p, flag, i, p, p, p],
+        "fused_moe_combine": [p, flag, i, p, p, i, i, i, p],
+        "fused_gelu_mul": [p, p, i, flag, i, i, p],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, (i if name == "fused_moe_align" else None)
+
+
 def available() -> bool:
     return bool(_load())
+
+
+def lib():
+    """The loaded kernels (``available()`` must be true)."""
+    loaded = _load()
+    if not loaded:
+        raise RuntimeError("the CPU kernels are unavailable")
+    return loaded
+
+
+def bf16_dot_available() -> bool:
+    """Whether ``grouped_linear_bf16`` runs here (the kernels, and a CPU with AVX512-BF16)."""
+    return "avx512_bf16" in cpu_flags() and available()
 
 
 def packable(*widths: int) -> bool:
@@ -111,32 +152,53 @@ def unpack_panels(w: torch.Tensor) -> torch.Tensor:
     return w.view(G, N // PANEL, K, PANEL // 2, 2).permute(0, 1, 4, 3, 2).reshape(G, N, K)
 
 
-def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [S, N] (into ``out`` if given: rows may be strided): rows offsets[g] .. offsets[g + 1] of x [S, K]
-    fp32 times w[g].T, where w [G, N, K] holds bf16 weights packed by ``pack_panels``; offsets: int64 [G + 1],
-    non-decreasing from 0 to S. Rows of x may be strided."""
-    lib = _load()
-    if not lib:
-        raise RuntimeError("the CPU kernels are unavailable")
+def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """fp32 [S, N]: rows offsets[g] .. offsets[g + 1] of x [S, K] fp32 times w[g].T, where w [G, N, K] holds bf16
+    weights packed by ``pack_panels``; offsets: int64 [G + 1], non-decreasing from 0 to S. Rows of x may be
+    strided. ``check=False`` skips checking the offsets (the model's own, made by ``ops.moe_align``)."""
+    ok = x.dtype == torch.float32 and packable(w.shape[1])
+    return _grouped("bf16_grouped_linear", x, offsets, w, torch.float32, ok, check,
+                    "fp32 x [S, K] and packed bf16 w [G, N, K]")
+
+
+def grouped_linear_bf16(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """bf16 [S, N]: as ``grouped_linear`` with bf16 x and w [G, N, K] in the checkpoint's layout (fp32
+    accumulation, one rounding); N a multiple of 4, K of 32 (``dot_shapes``). Needs AVX512-BF16."""
+    if "avx512_bf16" not in cpu_flags():
+        raise RuntimeError("the bf16 dot-product kernel needs a CPU with AVX512-BF16")
+    ok = x.dtype == torch.bfloat16 and dot_shapes(w.shape[1], x.shape[1])
+    return _grouped("bf16_dot_grouped_linear", x, offsets, w, torch.bfloat16, ok, check,
+                    "bf16 x [S, K] and bf16 w [G, N, K] with N % 4 == 0 and K % 32 == 0")
+
+
+def _grouped(kernel: str, x, offsets, w, out_dtype, ok: bool, check: bool, needs: str) -> torch.Tensor:
     S, K = x.shape
     G, N = w.shape[0], w.shape[1]
-    if (x.dtype != torch.float32 or w.dtype != torch.bfloat16 or w.dim() != 3 or w.shape[2] != K
-            or not packable(N) or x.device.type != "cpu" or w.device.type != "cpu" or not w.is_contiguous()):
-        raise ValueError(f"grouped_linear needs fp32 x [S, K] and packed bf16 w [G, N, K] on CPU, got {x.dtype} "
-                         f"{tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")
-    offsets = offsets.to(torch.int64).contiguous()
-    if offsets.shape != (G + 1,) or offsets[0] != 0 or offsets[-1] != S or (offsets.diff() < 0).any():
-        raise ValueError(f"offsets must rise from 0 to {S} over {G + 1} entries, got {offsets.tolist()[:8]}...")
+    if (not ok or w.dtype != torch.bfloat16 or w.dim() != 3 or w.shape[2] != K or x.device.type != "cpu"
+            or w.device.type != "cpu" or not w.is_contiguous()):
+        raise ValueError(f"{kernel} needs {needs} on CPU, got {x.dtype} {tuple(x.shape)} and {w.dtype} "
+                         f"{tuple(w.shape)}")
+    if check:
+        offsets = _checked_offsets(offsets, G, S)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if out is None:
-        out = torch.empty(S, N, dtype=torch.float32)
-    elif out.shape != (S, N) or out.dtype != torch.float32 or out.stride(1) != 1:
-        raise ValueError(f"out must be fp32 [{S}, {N}] with contiguous rows, got {out.dtype} {tuple(out.shape)}")
-    lib.bf16_grouped_linear(x.data_ptr(), x.stride(0), offsets.data_ptr(), G, w.data_ptr(), out.data_ptr(),
-                            out.stride(0), N, K, torch.get_num_threads())
+    out = torch.empty(S, N, dtype=out_dtype)
+    getattr(lib(), kernel)(x.data_ptr(), x.stride(0), offsets.data_ptr(), G, w.data_ptr(), out.data_ptr(),
+                           out.stride(0), N, K, torch.get_num_threads())
     return out
+
+
+def dot_shapes(n: int, k: int) -> bool:
+    """Whether ``grouped_linear_bf16`` takes weights [.., n, k]."""
+    return n % 4 == 0 and k % 32 == 0
+
+
+def _checked_offsets(offsets: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
+    offsets = offsets.to(torch.int64).contiguous()
+    if offsets.shape != (groups + 1,) or offsets[0] != 0 or offsets[-1] != rows or (offsets.diff() < 0).any():
+        raise ValueError(f"offsets must rise from 0 to {rows} over {groups + 1} entries, got "
+                         f"{offsets.tolist()[:8]}...")
+    return offsets
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -149,28 +211,31 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                            pos: torch.Tensor, lo: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Attention of one query per request over its keys in the cache, read in place (fp32, CPU).
+    """Attention of one query per request over its keys in the cache, read in place (CPU; an fp32 or a bf16
+    cache, computed in fp32).
 
     q [B, N, D]; k_cache / v_cache [G, slots, D] (one layer, head-major); blocks [B, NB]: the physical blocks
     of each request's logical blocks lo // bs, lo // bs + 1, ...; pos [B]: the query's position, which sees
-    the keys at positions lo .. pos. Returns [B, N, D]."""
+    the keys at positions lo .. pos. Returns [B, N, D] in q's dtype."""
     lib = _load()
     if not lib:
         raise RuntimeError("the CPU kernels are unavailable")
     B, N, D = q.shape
     G = k_cache.shape[0]
+    kernel = {torch.float32: lib.paged_decode_attention_f32,
+              torch.bfloat16: lib.paged_decode_attention_bf16}.get(k_cache.dtype)
     tensors = (q, k_cache, v_cache)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or D % 8 or N % G:
-        raise ValueError(f"paged_decode_attention needs fp32 CPU tensors, D % 8 == 0 and N % G == 0, got q "
-                         f"{tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)} {k_cache.dtype}")
+    if (kernel is None or v_cache.dtype != k_cache.dtype or any(t.device.type != "cpu" for t in tensors)
+            or D % 8 or N % G):
+        raise ValueError(f"paged_decode_attention needs CPU tensors, an fp32 or bf16 cache, D % 8 == 0 and "
+                         f"N % G == 0, got q {tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)} {k_cache.dtype}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(2) != 1:
         raise ValueError("k and v caches must share a layout with contiguous head vectors")
-    q = q.contiguous()
+    q32 = q.float().contiguous()
     blocks, pos, lo = (t.to(torch.int64).contiguous() for t in (blocks, pos, lo))
-    out = torch.empty_like(q)
-    if lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(1),
-                                  k_cache.stride(0), blocks.data_ptr(), blocks.shape[1], pos.data_ptr(),
-                                  lo.data_ptr(), B, G, N // G, D, block_size, out.data_ptr(),
-                                  torch.get_num_threads()):
+    out = torch.empty_like(q32)
+    if kernel(q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(1), k_cache.stride(0),
+              blocks.data_ptr(), blocks.shape[1], pos.data_ptr(), lo.data_ptr(), B, G, N // G, D, block_size,
+              out.data_ptr(), torch.get_num_threads()):
         raise MemoryError("paged attention: no memory for the scores")
-    return out
+    return out.to(q.dtype)

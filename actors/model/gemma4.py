@@ -13,9 +13,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from . import ops
 from .attention import Attention, AttentionContext
 from .config import FULL, SLIDING, ModelConfig
-from .layers import RMSNorm, linear, rope_tables
+from .layers import linear, rope_tables
+from .ops import RMSNorm
 from .moe import DenseMLP, Experts, Router
 
 
@@ -78,16 +80,23 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, h, rope, ctx: AttentionContext, experts: ExpertExecutor):
-        r = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, ctx))
-        weights, ids = self.router(r)
-        xe = self.pre_feedforward_layernorm_2(r)
-        pending = experts.submit(self.index, xe, ids, weights)
-        m1 = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
-        # variants with a separate shared expert: its output joins the routed sum, before its norm
-        shared = self.shared_expert(xe).float() if self.shared_expert is not None else 0.0
-        y = experts.wait(pending) + shared
-        m2 = self.post_feedforward_layernorm_2(y.to(r.dtype))  # only after every shard's partial is summed
-        return (r + self.post_feedforward_layernorm(m1 + m2)) * self.layer_scalar
+        eps = self.input_layernorm.eps
+        r = ops.add_rms_norm(h, self.self_attn(self.input_layernorm(h), rope, ctx),
+                             self.post_attention_layernorm.weight, eps)
+        # the dense MLP's input, the experts' input and the router's, from r (spec §1.3)
+        x_dense, x_experts, z = ops.ffn_inputs(r, self.pre_feedforward_layernorm.weight,
+                                               self.pre_feedforward_layernorm_2.weight, self.router.scale,
+                                               self.router.root, eps)
+        weights, ids = self.router(z)
+        pending = experts.submit(self.index, x_experts, ids, weights)
+        m = self.mlp(x_dense)
+        y = experts.wait(pending)  # fp32
+        if self.shared_expert is not None:  # variants with a separate shared expert: it joins the routed sum
+            y = y + self.shared_expert(x_experts).float()
+        # post_feedforward_layernorm_2 only after every shard's partial is summed
+        return ops.ffn_output(r, m, y, self.post_feedforward_layernorm_1.weight,
+                              self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                              self.layer_scalar, eps)
 
 
 class Gemma4Model(nn.Module):

@@ -3,8 +3,8 @@ layout (``model.language_model.*``) or the text-only one (``model.*``).
 
 An expert range ``[first, first + count)`` is read with ``get_slice`` so that a process holding a shard of
 the experts never reads the other experts' bytes; every load reports the tensors and bytes it materialised.
-Routed-expert weights stored as bf16 stay bf16 under fp32 compute on CPU (``moe.expert_dtype``), repacked
-for the native kernel (``Experts.pack_``).
+Routed-expert weights stored as bf16 stay bf16 under fp32 compute on CPU (``moe.expert_dtype``); each layer's
+experts then choose how their grouped projections run (``Experts.prepare_``).
 """
 
 from __future__ import annotations
@@ -110,10 +110,9 @@ def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, 
         held = expert_dtype(t.dtype, dtype, device, ckpt.config) if expert else dtype
         state[name] = t.to(device=device, dtype=held)
     module.load_state_dict(state, assign=True, strict=True)
-    if dtype == torch.float32:  # bf16 experts under fp32 compute: the native kernel's layout
-        for m in module.modules():
-            if isinstance(m, Experts):
-                m.pack_()
+    for m in module.modules():
+        if isinstance(m, Experts):
+            m.prepare_(dtype)
 
 
 def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS) -> Gemma4Model:

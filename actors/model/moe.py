@@ -2,9 +2,10 @@
 
 Legend: T tokens, H hidden, E experts (local to this process), K top-k slots, I expert width.
 The experts compute is one function, ``grouped_experts``, used both by the in-process model and by the
-expert-shard actors: tokens are sorted by expert once, each expert runs one GEMM over all of its tokens, and
-each token's K contributions are summed in fp32 (weights applied before the sum), so a shard can return one
-partial sum per token.
+expert-shard actors: tokens are sorted by expert once, each projection runs as one grouped GEMM over every
+expert's tokens (a native CPU kernel or torch's grouped GEMM: never a loop over experts), and each token's K
+contributions are summed in fp32 (weights applied before the sum), so a shard can return one partial sum per
+token.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from . import cpu_kernels, ops
 from .config import ModelConfig
-from .layers import Linear, gelu_tanh, linear, rms_norm
+from .layers import Linear
 
 
 class DenseMLP(nn.Module):
@@ -27,11 +28,12 @@ class DenseMLP(nn.Module):
         self.down_proj = Linear(width, hidden)
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
-    """Reads the raw residual; returns fp32 routing weights [T, K] and expert ids [T, K] (sorted by prob)."""
+    """From its input z (the raw residual, normed without weight, times ``scale`` and hidden^-1/2:
+    ``ops.ffn_inputs``), fp32 routing weights [T, K] and expert ids [T, K] (sorted by prob)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -40,12 +42,8 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
         self.top_k, self.eps, self.root = cfg.top_k, cfg.rms_norm_eps, cfg.hidden_size**-0.5
 
-    def forward(self, r):
-        z = rms_norm(r, None, self.eps) * self.scale * self.root
-        probs = torch.softmax(self.proj(z), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.per_expert_scale[ids], ids
+    def forward(self, z):
+        return ops.route(self.proj(z), self.top_k, self.per_expert_scale)
 
 
 def expert_dtype(stored: torch.dtype, compute: torch.dtype, device, cfg: ModelConfig) -> torch.dtype:
@@ -57,49 +55,52 @@ def expert_dtype(stored: torch.dtype, compute: torch.dtype, device, cfg: ModelCo
     return torch.bfloat16 if keep else compute
 
 
+# How an ``Experts`` module runs its two grouped projections (``Experts.prepare_``), each one call per layer:
+PANELS = "panels"  # fp32 activations, bf16 weights packed in panels: the native AVX2 kernel (fp32 compute)
+BF16_DOT = "bf16-dot"  # bf16 activations and weights: the native AVX512-BF16 kernel (bf16 compute on CPU)
+GROUPED_MM = "grouped-mm"  # torch's grouped GEMM: CUDA, and every other dtype or CPU
+
+
+def grouped_mm(x_SK, w_GNK, offsets_G1) -> torch.Tensor:
+    """torch's grouped GEMM, y = x[rows of g] @ w[g].T, in x's dtype (offsets: int64 [G + 1] from 0). Where
+    torch has no grouped kernel for the dtype (fp32 on CUDA in some versions), one batched GEMM over the
+    groups' rows padded to the longest group: still one call per projection."""
+    mm = getattr(nn.functional, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
+    key = (x_SK.device.type, x_SK.dtype)
+    if key not in _NO_GROUPED_MM:
+        try:
+            return mm(x_SK, w_GNK.transpose(1, 2), offs=offsets_G1[1:].to(torch.int32))
+        except (RuntimeError, NotImplementedError):
+            _NO_GROUPED_MM.add(key)
+    counts = offsets_G1.diff()
+    group = torch.repeat_interleave(torch.arange(len(counts), device=x_SK.device), counts)
+    row = torch.arange(x_SK.shape[0], device=x_SK.device) - offsets_G1[group]
+    padded = x_SK.new_zeros(len(counts), int(counts.max()), x_SK.shape[1])
+    padded[group, row] = x_SK
+    return torch.bmm(padded, w_GNK.transpose(1, 2))[group, row]
+
+
+_NO_GROUPED_MM: set = set()  # (device type, dtype) pairs torch's grouped GEMM refused
+
+
 def grouped_experts(x_TH, ids_TK, weights_TK, experts: "Experts") -> torch.Tensor:
     """Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) in fp32 [T, H]. ids are local expert ids; -1 marks a slot that
     belongs to another process and is skipped."""
-    gate_up_EIH, down_EHI = experts.gate_up_proj, experts.down_proj
-    T, H = x_TH.shape
-    K = ids_TK.shape[1]
-    flat_ids = ids_TK.reshape(-1)
-    mine = (flat_ids >= 0).nonzero().squeeze(1)
-    if mine.numel() == 0:
-        return torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
-    # torch.sort as transformers' grouped_mm path: the same row order inside each expert's GEMM
-    order = torch.sort(flat_ids[mine]).indices
-    slots = mine[order]  # (token, slot) pairs sorted by expert
-    S = slots.numel()
-    counts = torch.bincount(flat_ids[slots], minlength=gate_up_EIH.shape[0]).tolist()
-    xs = x_TH[slots // K]
-    ys = torch.empty(S + 1, H, dtype=x_TH.dtype, device=x_TH.device)  # the last row: zeros, for others' slots
-    ys[S] = 0
-    if experts.packed:  # bf16 experts under fp32 compute (``expert_dtype``): the layer in two kernel calls
-        offsets = torch.tensor([0, *counts]).cumsum(0)
-        gate, up = cpu_kernels.grouped_linear(xs, offsets, gate_up_EIH).chunk(2, dim=-1)
-        cpu_kernels.grouped_linear(gelu_tanh(gate) * up, offsets, down_EHI, out=ys[:S])
-    else:
-        start = 0
-        for e, n in enumerate(counts):  # one GEMM per expert that has tokens: never a loop over tokens
-            if n:
-                gate, up = linear(xs[start : start + n], gate_up_EIH[e]).chunk(2, dim=-1)
-                ys[start : start + n] = linear(gelu_tanh(gate) * up, down_EHI[e])
-                start += n
-    weighted = ys.float()  # in place when the model computes in fp32
-    weighted[:S] *= weights_TK.reshape(-1)[slots, None]
-    # w·y per (token, slot) back in token order, then summed over the K slots in top-k order, in fp32
-    # (transformers' grouped_mm reduction; an index_add_ in expert order is a different fp32 association)
-    row_of_slot = torch.full((T * K,), S, dtype=torch.long, device=x_TH.device)
-    row_of_slot[slots] = torch.arange(S, device=x_TH.device)
-    return weighted[row_of_slot].view(T, K, H).sum(dim=1)
+    xs_SH, offsets_G1, row_of_slot, S = ops.moe_align(ids_TK, experts.count, x_TH)
+    if S == 0:
+        return torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+    gate, up = experts.project(xs_SH, offsets_G1, experts.gate_up_proj).chunk(2, dim=-1)
+    ys_SH = experts.project(ops.gelu_mul(gate, up), offsets_G1, experts.down_proj)
+    return ops.moe_combine(ys_SH, weights_TK, row_of_slot, S)
 
 
 class Experts(nn.Module):
-    """The routed experts ``[first, first + count)`` of one layer, with the checkpoint's shapes. Held as bf16
-    on CPU (``expert_dtype``), each expert's matrices are repacked once after loading into the native kernel's
-    panel order (``pack_``: same shapes and bytes, so slices by expert and byte counts keep their meaning);
-    ``unpacked`` gives them back in the checkpoint's order."""
+    """The routed experts ``[first, first + count)`` of one layer, with the checkpoint's shapes.
+
+    ``prepare_(compute dtype)`` picks, once the weights are loaded, how the two grouped projections run
+    (``path``: ``PANELS``, ``BF16_DOT`` or ``GROUPED_MM``); for ``PANELS`` it repacks each expert's matrices
+    into the native kernel's panel order (same shapes and bytes, so slices by expert and byte counts keep
+    their meaning), and ``unpacked`` gives them back in the checkpoint's order."""
 
     def __init__(self, cfg: ModelConfig, first: int = 0, count: int | None = None):
         super().__init__()
@@ -108,21 +109,36 @@ class Experts(nn.Module):
         self.first, self.count = first, count
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(count, H, I))
-        self.packed = False
+        self.path = GROUPED_MM
 
-    def pack_(self) -> "Experts":
-        """Repack bf16 CPU weights for the native kernel (a no-op for any other weights)."""
+    def prepare_(self, compute: torch.dtype) -> "Experts":
+        """Choose the projections' path for a model computing in ``compute`` (and pack for it)."""
         w = self.gate_up_proj
-        if not self.packed and w.dtype == torch.bfloat16 and w.device.type == "cpu" and cpu_kernels.available():
+        (I2, H), I = w.shape[1:], self.down_proj.shape[2]
+        if self.path != GROUPED_MM or w.device.type != "cpu" or w.dtype != torch.bfloat16:
+            return self
+        if compute == torch.float32 and cpu_kernels.packable(I2, H) and cpu_kernels.available():
             with torch.no_grad():
                 self.gate_up_proj.data = cpu_kernels.pack_panels(self.gate_up_proj.data)
                 self.down_proj.data = cpu_kernels.pack_panels(self.down_proj.data)
-            self.packed = True
+            self.path = PANELS
+        elif (compute == torch.bfloat16 and cpu_kernels.dot_shapes(I2, H) and cpu_kernels.dot_shapes(H, I)
+              and cpu_kernels.bf16_dot_available()):
+            self.path = BF16_DOT
         return self
+
+    def project(self, x_SK, offsets_G1, w_GNK) -> torch.Tensor:
+        """x[rows of g] @ w[g].T for every expert g in one call (rows offsets[g] .. offsets[g + 1]), in the
+        model dtype."""
+        if self.path == PANELS:
+            return cpu_kernels.grouped_linear(x_SK, offsets_G1, w_GNK, check=False)
+        if self.path == BF16_DOT:
+            return cpu_kernels.grouped_linear_bf16(x_SK, offsets_G1, w_GNK, check=False)
+        return grouped_mm(x_SK, w_GNK, offsets_G1)
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj, down_proj) in the checkpoint's order."""
-        if not self.packed:
+        if self.path != PANELS:
             return self.gate_up_proj, self.down_proj
         return tuple(cpu_kernels.unpack_panels(t) for t in (self.gate_up_proj, self.down_proj))
 

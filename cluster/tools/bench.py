@@ -230,7 +230,7 @@ def main(args) -> int:
     workload = Workload(args.requests, args.prompt_len, args.output_len, args.random_lengths, args.vocab_size,
                         args.seed)
     engine = {"max_num_seqs": max(args.concurrency), "enable_prefix_caching": False}
-    target = make_target(args.target, args.checkpoint, args.shards, args.model, engine)
+    target = make_target(args.target, args.checkpoint, args.shards, args.model, engine, args.dtype)
     result = asyncio.run(sweep(target, workload, args.concurrency, args.rate, args.duration_s, args.warmup))
     result["target"] = args.target or (f"cluster ({args.shards} shards)" if args.shards else "in-process engine")
     print(report_table(result))

@@ -142,19 +142,19 @@ class EngineTarget:
     """A Frontend in this process (``shards=0``: every expert local) or a cluster of ``shards`` actors."""
 
     def __init__(self, checkpoint: str, shards: int = 0, engine: dict | None = None,
-                 cluster: dict | None = None):
-        self.checkpoint, self.shards, self.engine = checkpoint, shards, engine or {}
+                 cluster: dict | None = None, dtype: str = ClusterConfig.dtype):
+        self.checkpoint, self.shards, self.engine, self.dtype = checkpoint, shards, engine or {}, dtype
         self.settings = cluster or {}  # more ClusterConfig fields for shards > 0
         self.cluster, self.vocab_size = None, None
 
     async def start(self) -> None:
         if self.shards:
             cfg = ClusterConfig(checkpoint=self.checkpoint, shards=self.shards, engine=self.engine,
-                                **self.settings)
+                                dtype=self.dtype, **self.settings)
             self.cluster = await asyncio.to_thread(Cluster(cfg).start)
             self.client = FrontendClient(self.cluster.frontend)
         else:
-            frontend = await asyncio.to_thread(Frontend, self.checkpoint, 0, self.engine)
+            frontend = await asyncio.to_thread(Frontend, self.checkpoint, 0, self.engine, dtype=self.dtype)
             await frontend.start()
             self.client = FrontendClient(frontend)
         self.vocab_size = (await self.client.model_info()).vocab_size
@@ -173,10 +173,10 @@ class EngineTarget:
 
 
 def make_target(target: str | None, checkpoint: str | None, shards: int, model: str | None,
-                engine: dict | None = None):
+                engine: dict | None = None, dtype: str = ClusterConfig.dtype):
     """``grpc://host:port``, ``http://host:port`` (OpenAI), or None for the in-process engine / cluster."""
     if target is None:
-        return EngineTarget(checkpoint_or_builtin(checkpoint), shards, engine)
+        return EngineTarget(checkpoint_or_builtin(checkpoint), shards, engine, dtype=dtype)
     if target.startswith("grpc://"):
         return GrpcTarget(target[len("grpc://"):])
     if target.startswith(("http://", "https://")):

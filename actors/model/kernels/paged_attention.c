@@ -1,10 +1,11 @@
-/* Decode attention over a paged KV cache, in fp32 (AVX2 + FMA): one query token per request, its keys and
- * values read where they lie in the cache's blocks (no gathered copy: at decode that copy cost more than
- * the attention itself).
+/* Decode attention over a paged KV cache, computed in fp32 (AVX2 + FMA): one query token per request, its keys
+ * and values read where they lie in the cache's blocks (no gathered copy: at decode that copy cost more than
+ * the attention itself). The cache holds fp32 or bf16 numbers (the model's dtype): a bf16 number widens to
+ * fp32 exactly (it is the top half of one), so both caches share one algorithm, generated twice below.
  *
  * Request b's query at position pos[b] sees the keys at positions lo[b] .. pos[b] (lo > 0 for a sliding
  * window); position u lives in slot blocks[b][u / bs - lo[b] / bs] * bs + u % bs. The cache of one layer is
- * k, v [.., slots, .., D] with the given strides (in floats) between slots and between KV heads. Query heads
+ * k, v [.., slots, .., D] with the given strides (in elements) between slots and between KV heads. Query heads
  * h = g * n .. g * n + n - 1 share KV head g (GQA). Per (request, KV head): scores = q . k (attention
  * scaling 1.0, Gemma 4), a softmax in fp32 (max-subtracted exponentials over their sum), out = p . v.
  */
@@ -21,75 +22,89 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* scores[h][i] = q_h . k_(lo + i) for n query heads (n <= 8) */
-static void scores_of(const float *q, int64_t n, const float *k, int64_t slot_stride, const int64_t *blocks,
-                      int64_t bs, int64_t lo, int64_t count, int64_t D, float *scores, int64_t ld) {
-    const int64_t first = lo / bs;
-    for (int64_t i = 0; i < count; i++) {
-        const int64_t u = lo + i;
-        const float *ku = k + (blocks[u / bs - first] * bs + u % bs) * slot_stride;
-        __m256 acc[8];
-        for (int h = 0; h < n; h++) acc[h] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {
-            const __m256 kv = _mm256_loadu_ps(ku + d);
-            for (int h = 0; h < n; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + d), kv, acc[h]);
-        }
-        for (int h = 0; h < n; h++) scores[h * ld + i] = hsum(acc[h]);
-    }
+/* 8 cache elements as fp32 */
+static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 load_bf16(const uint16_t *p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-/* out[n, D] = p[n, count] . v (64 columns at a time: 8 accumulators per head) */
-static void values_of(const float *p, int64_t ld, int64_t n, const float *v, int64_t slot_stride,
-                      const int64_t *blocks, int64_t bs, int64_t lo, int64_t count, int64_t D, float *out) {
-    const int64_t first = lo / bs;
-    for (int h = 0; h < n; h++)
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {
-            const int64_t w = D - d0 < 64 ? (D - d0) / 8 : 8;
-            __m256 acc[8];
-            for (int j = 0; j < w; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t i = 0; i < count; i++) {
-                const int64_t u = lo + i;
-                const float *vu = v + (blocks[u / bs - first] * bs + u % bs) * slot_stride + d0;
-                const __m256 pu = _mm256_set1_ps(p[h * ld + i]);
-                for (int j = 0; j < w; j++) acc[j] = _mm256_fmadd_ps(pu, _mm256_loadu_ps(vu + 8 * j), acc[j]);
-            }
-            for (int j = 0; j < w; j++) _mm256_storeu_ps(out + h * D + d0 + 8 * j, acc[j]);
-        }
+/* The kernel for a cache of element type T (read with LOAD): paged_decode_attention_<NAME>. */
+#define DEFINE_ATTENTION(NAME, T, LOAD)                                                                    \
+/* scores[h][i] = q_h . k_(lo + i) for n query heads (n <= 8) */                                          \
+static void scores_##NAME(const float *q, int64_t n, const T *k, int64_t slot_stride, const int64_t *blocks,\
+                          int64_t bs, int64_t lo, int64_t count, int64_t D, float *scores, int64_t ld) {   \
+    const int64_t first = lo / bs;                                                                         \
+    for (int64_t i = 0; i < count; i++) {                                                                  \
+        const int64_t u = lo + i;                                                                          \
+        const T *ku = k + (blocks[u / bs - first] * bs + u % bs) * slot_stride;                            \
+        __m256 acc[8];                                                                                     \
+        for (int h = 0; h < n; h++) acc[h] = _mm256_setzero_ps();                                          \
+        for (int64_t d = 0; d < D; d += 8) {                                                               \
+            const __m256 kv = LOAD(ku + d);                                                                \
+            for (int h = 0; h < n; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + d), kv, acc[h]);\
+        }                                                                                                  \
+        for (int h = 0; h < n; h++) scores[h * ld + i] = hsum(acc[h]);                                     \
+    }                                                                                                      \
+}                                                                                                          \
+                                                                                                           \
+/* out[n, D] = p[n, count] . v (64 columns at a time: 8 accumulators per head) */                         \
+static void values_##NAME(const float *p, int64_t ld, int64_t n, const T *v, int64_t slot_stride,          \
+                          const int64_t *blocks, int64_t bs, int64_t lo, int64_t count, int64_t D, float *out) {\
+    const int64_t first = lo / bs;                                                                         \
+    for (int h = 0; h < n; h++)                                                                            \
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {                                                           \
+            const int64_t w = D - d0 < 64 ? (D - d0) / 8 : 8;                                              \
+            __m256 acc[8];                                                                                 \
+            for (int j = 0; j < w; j++) acc[j] = _mm256_setzero_ps();                                      \
+            for (int64_t i = 0; i < count; i++) {                                                          \
+                const int64_t u = lo + i;                                                                  \
+                const T *vu = v + (blocks[u / bs - first] * bs + u % bs) * slot_stride + d0;               \
+                const __m256 pu = _mm256_set1_ps(p[h * ld + i]);                                           \
+                for (int j = 0; j < w; j++) acc[j] = _mm256_fmadd_ps(pu, LOAD(vu + 8 * j), acc[j]);        \
+            }                                                                                              \
+            for (int j = 0; j < w; j++) _mm256_storeu_ps(out + h * D + d0 + 8 * j, acc[j]);                \
+        }                                                                                                  \
+}                                                                                                          \
+                                                                                                           \
+/* q, out: fp32 [B, G * n, D] contiguous; blocks: [B, max_blocks]; D a multiple of 8. Returns 0, or -1 when \
+ * out of memory for the scores. */                                                                        \
+int paged_decode_attention_##NAME(const float *q, const T *k, const T *v, int64_t slot_stride,             \
+                                  int64_t head_stride, const int64_t *blocks, int64_t max_blocks,          \
+                                  const int64_t *pos, const int64_t *lo, int64_t B, int64_t G, int64_t n,   \
+                                  int64_t D, int64_t bs, float *out, int threads) {                        \
+    int64_t longest = 1, failed = 0;                                                                       \
+    for (int64_t b = 0; b < B; b++)                                                                        \
+        if (pos[b] - lo[b] + 1 > longest) longest = pos[b] - lo[b] + 1;                                    \
+    const int parallel = threads > 1 && B * G > 1;                                                         \
+    _Pragma("omp parallel num_threads(threads) if (parallel) reduction(| : failed)")                       \
+    {                                                                                                      \
+        float *scores = malloc(sizeof(float) * (n < 8 ? n : 8) * longest);                                 \
+        if (!scores) failed = 1;                                                                           \
+        _Pragma("omp for schedule(dynamic, 1)")                                                            \
+        for (int64_t item = 0; item < B * G; item++) {                                                     \
+            if (!scores) continue;                                                                         \
+            const int64_t b = item / G, g = item % G, count = pos[b] - lo[b] + 1;                          \
+            const int64_t *table = blocks + b * max_blocks;                                                \
+            for (int64_t h0 = 0; h0 < n; h0 += 8) { /* query heads of this KV head, 8 at a time */         \
+                const int64_t hn = n - h0 < 8 ? n - h0 : 8;                                                \
+                const float *qh = q + (b * G * n + g * n + h0) * D;                                        \
+                scores_##NAME(qh, hn, k + g * head_stride, slot_stride, table, bs, lo[b], count, D, scores,\
+                              longest);                                                                    \
+                for (int h = 0; h < hn; h++) { /* softmax in fp32, as torch.softmax: exp(s - max) / sum */ \
+                    float *s = scores + h * longest, top = s[0], sum = 0.0f;                               \
+                    for (int64_t i = 1; i < count; i++) top = s[i] > top ? s[i] : top;                     \
+                    for (int64_t i = 0; i < count; i++) sum += (s[i] = expf(s[i] - top));                  \
+                    for (int64_t i = 0; i < count; i++) s[i] /= sum;                                       \
+                }                                                                                          \
+                values_##NAME(scores, longest, hn, v + g * head_stride, slot_stride, table, bs, lo[b], count,\
+                              D, out + (b * G * n + g * n + h0) * D);                                      \
+            }                                                                                              \
+        }                                                                                                  \
+        free(scores);                                                                                      \
+    }                                                                                                      \
+    return failed ? -1 : 0;                                                                                \
 }
 
-/* q, out: [B, G * n, D] contiguous; blocks: [B, max_blocks]; D a multiple of 8. Returns 0, or -1 when out of
- * memory for the scores. */
-int paged_decode_attention(const float *q, const float *k, const float *v, int64_t slot_stride, int64_t head_stride,
-                           const int64_t *blocks, int64_t max_blocks, const int64_t *pos, const int64_t *lo,
-                           int64_t B, int64_t G, int64_t n, int64_t D, int64_t bs, float *out, int threads) {
-    int64_t longest = 1, failed = 0;
-    for (int64_t b = 0; b < B; b++)
-        if (pos[b] - lo[b] + 1 > longest) longest = pos[b] - lo[b] + 1;
-    const int parallel = threads > 1 && B * G > 1;
-#pragma omp parallel num_threads(threads) if (parallel) reduction(| : failed)
-    {
-        float *scores = malloc(sizeof(float) * (n < 8 ? n : 8) * longest);
-        if (!scores) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < B * G; item++) {
-            if (!scores) continue;
-            const int64_t b = item / G, g = item % G, count = pos[b] - lo[b] + 1;
-            const int64_t *table = blocks + b * max_blocks;
-            for (int64_t h0 = 0; h0 < n; h0 += 8) {  /* query heads of this KV head, 8 at a time */
-                const int64_t hn = n - h0 < 8 ? n - h0 : 8;
-                const float *qh = q + (b * G * n + g * n + h0) * D;
-                scores_of(qh, hn, k + g * head_stride, slot_stride, table, bs, lo[b], count, D, scores, longest);
-                for (int h = 0; h < hn; h++) {  /* softmax in fp32, as torch.softmax: exp(s - max) / sum */
-                    float *s = scores + h * longest, top = s[0], sum = 0.0f;
-                    for (int64_t i = 1; i < count; i++) top = s[i] > top ? s[i] : top;
-                    for (int64_t i = 0; i < count; i++) sum += (s[i] = expf(s[i] - top));
-                    for (int64_t i = 0; i < count; i++) s[i] /= sum;
-                }
-                values_of(scores, longest, hn, v + g * head_stride, slot_stride, table, bs, lo[b], count, D,
-                          out + (b * G * n + g * n + h0) * D);
-            }
-        }
-        free(scores);
-    }
-    return failed ? -1 : 0;
-}
+DEFINE_ATTENTION(f32, float, load_f32)
+DEFINE_ATTENTION(bf16, uint16_t, load_bf16)

@@ -124,6 +124,7 @@ app.kubernetes.io/part-of: epserve
 {{- $_ := set $cluster "shards" .Values.cluster.shards -}}
 {{- $_ := set $cluster "placement" .Values.cluster.placement -}}
 {{- $_ := set $cluster "device" .Values.cluster.device -}}
+{{- $_ := set $cluster "dtype" .Values.cluster.dtype -}}
 {{- $_ := set $cluster "frontend_resources" (dict (include "epserve.roleResource.frontend" .) 1) -}}
 {{- $_ := set $cluster "shard_resources" (dict (include "epserve.roleResource.expert" .) 1) -}}
 {{- $args := dict "grpc_host" "0.0.0.0" "grpc_port" .Values.serve.grpcPort "drain_s" .Values.serve.drainSeconds "cluster" $cluster -}}

@@ -1,0 +1,273 @@
+/* The small steps of a decoder layer fused into one call each: RMSNorms with what surrounds them, RoPE, the
+ * router's softmax and top-k, and the experts' sort and weighted sum. At decode each of these is a few
+ * thousand numbers per token, and as a chain of torch operators it cost more in per-operator overhead than
+ * in arithmetic (docs/performance.md, "Decode step, by part"); here each is one pass over its rows.
+ *
+ * Every function computes what actors/model/ops.py's torch reference computes, in the same order: fp32
+ * arithmetic on fp32 or bf16 tensors (bf16 widens exactly), rounded to the tensor's dtype wherever torch
+ * stores an intermediate tensor (``st``), so that a bf16 model rounds where transformers' does. Sums of
+ * squares are taken in fp32 in a fixed order (8 lanes, then a fixed tree), so a row's result depends on that
+ * row alone (batch invariance). Compiled with -ffp-contract=off: a * b + c stays two roundings, as in torch.
+ *
+ * Tensors are passed as raw pointers with an element type: 0 = fp32, 1 = bf16. Rows are contiguous.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_DIM 16384 /* the widest row these kernels take (scratch on the stack); checked in ops.py */
+
+static inline float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* the value a tensor of type `bf16` stores for f */
+static inline float rnd(float f, int bf16) { return bf16 ? from_bf16(to_bf16(f)) : f; }
+
+static inline void load_row(const void *p, int bf16, int64_t n, float *out) {
+    if (bf16) {
+        const uint16_t *b = p;
+        for (int64_t i = 0; i < n; i++) out[i] = from_bf16(b[i]);
+    } else {
+        memcpy(out, p, sizeof(float) * n);
+    }
+}
+
+static inline void store_row(void *p, int bf16, int64_t n, const float *in) {
+    if (bf16) {
+        uint16_t *b = p;
+        for (int64_t i = 0; i < n; i++) b[i] = to_bf16(in[i]);
+    } else {
+        memcpy(p, in, sizeof(float) * n);
+    }
+}
+
+static inline const void *row_of(const void *p, int bf16, int64_t i, int64_t n) {
+    return (const char *)p + (bf16 ? 2 : 4) * i * n;
+}
+static inline void *mrow_of(void *p, int bf16, int64_t i, int64_t n) {
+    return (char *)p + (bf16 ? 2 : 4) * i * n;
+}
+
+/* (mean(x²) + eps)^-1/2 of one fp32 row: the sum in 8 lanes, then a fixed tree */
+static float inverse_rms(const float *x, int64_t n, float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (; i < n; i++) s += x[i] * x[i];
+    return 1.0f / sqrtf(s / (float)n + eps);
+}
+
+/* x[i] <- stored(x[i] * inv [* w[i]]) : torch's rms_norm (x̂ · w, cast back) */
+static void normalize(float *x, int64_t n, float inv, const float *w, int bf16) {
+    for (int64_t i = 0; i < n; i++) x[i] = rnd(w ? (x[i] * inv) * w[i] : x[i] * inv, bf16);
+}
+
+/* y = rms_norm(x, w) over rows of n (w may be NULL) */
+void fused_rms_norm(const void *x, int bf16, int64_t rows, int64_t n, const float *w, float eps, void *y) {
+    float buf[MAX_DIM];
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(row_of(x, bf16, r, n), bf16, n, buf);
+        normalize(buf, n, inverse_rms(buf, n, eps), w, bf16);
+        store_row(mrow_of(y, bf16, r, n), bf16, n, buf);
+    }
+}
+
+/* out = residual + rms_norm(x, w) (post-attention) */
+void fused_add_rms_norm(const void *residual, const void *x, int bf16, int64_t rows, int64_t n, const float *w,
+                        float eps, void *out) {
+    float buf[MAX_DIM], res[MAX_DIM];
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(row_of(x, bf16, r, n), bf16, n, buf);
+        normalize(buf, n, inverse_rms(buf, n, eps), w, bf16);
+        load_row(row_of(residual, bf16, r, n), bf16, n, res);
+        for (int64_t i = 0; i < n; i++) buf[i] = rnd(res[i] + buf[i], bf16);
+        store_row(mrow_of(out, bf16, r, n), bf16, n, buf);
+    }
+}
+
+/* The three inputs of the feed-forward block, from the residual r: the dense MLP's (pre_feedforward_layernorm),
+ * the experts' (pre_feedforward_layernorm_2), and the router's (an unweighted norm, times router.scale, times
+ * hidden^-1/2, each product stored). */
+void fused_ffn_inputs(const void *r, int bf16, int64_t rows, int64_t n, const float *w_dense, const float *w_experts,
+                      const float *router_scale, float root, float eps, void *x_dense, void *x_experts,
+                      void *x_router) {
+    float buf[MAX_DIM], out[MAX_DIM];
+    for (int64_t t = 0; t < rows; t++) {
+        load_row(row_of(r, bf16, t, n), bf16, n, buf);
+        const float inv = inverse_rms(buf, n, eps);
+        for (int64_t i = 0; i < n; i++) out[i] = rnd((buf[i] * inv) * w_dense[i], bf16);
+        store_row(mrow_of(x_dense, bf16, t, n), bf16, n, out);
+        for (int64_t i = 0; i < n; i++) out[i] = rnd((buf[i] * inv) * w_experts[i], bf16);
+        store_row(mrow_of(x_experts, bf16, t, n), bf16, n, out);
+        for (int64_t i = 0; i < n; i++) out[i] = rnd(rnd(rnd(buf[i] * inv, bf16) * router_scale[i], bf16) * root, bf16);
+        store_row(mrow_of(x_router, bf16, t, n), bf16, n, out);
+    }
+}
+
+/* The end of a layer: h = (r + norm(norm(m)·w1 + norm(stored(y))·w2)·w_post) · layer_scalar, with m the dense
+ * MLP's output and y the experts' fp32 sum. */
+void fused_ffn_output(const void *r, const void *m, const float *y, int bf16, int64_t rows, int64_t n,
+                      const float *w1, const float *w2, const float *w_post, float layer_scalar, float eps, void *h) {
+    float a[MAX_DIM], b[MAX_DIM];
+    for (int64_t t = 0; t < rows; t++) {
+        load_row(row_of(m, bf16, t, n), bf16, n, a);
+        normalize(a, n, inverse_rms(a, n, eps), w1, bf16);
+        for (int64_t i = 0; i < n; i++) b[i] = rnd(y[t * n + i], bf16);
+        normalize(b, n, inverse_rms(b, n, eps), w2, bf16);
+        for (int64_t i = 0; i < n; i++) a[i] = rnd(a[i] + b[i], bf16);
+        normalize(a, n, inverse_rms(a, n, eps), w_post, bf16);
+        load_row(row_of(r, bf16, t, n), bf16, n, b);
+        for (int64_t i = 0; i < n; i++) a[i] = rnd(rnd(b[i] + a[i], bf16) * layer_scalar, bf16);
+        store_row(mrow_of(h, bf16, t, n), bf16, n, a);
+    }
+}
+
+/* GeGLU's middle: out[r] = stored(stored(gelu_tanh(gate[r])) · up[r]) over n columns; gate and up rows are ld
+ * elements apart (the two halves of one [rows, 2n] tensor, or two [rows, n] tensors). gelu_tanh as torch
+ * computes it: 0.5 · g · (1 + tanh(√(2/π) · (g + 0.044715 · g³))). */
+void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int64_t rows, int64_t n, void *out) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;
+    float g[MAX_DIM], u[MAX_DIM];
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(row_of(gate, bf16, r, ld), bf16, n, g);
+        load_row(row_of(up, bf16, r, ld), bf16, n, u);
+        for (int64_t i = 0; i < n; i++) {
+            const float x = g[i], inner = beta * (x + kappa * (x * x * x));
+            g[i] = rnd(rnd(0.5f * x * (1.0f + tanhf(inner)), bf16) * u[i], bf16);
+        }
+        store_row(mrow_of(out, bf16, r, n), bf16, n, g);
+    }
+}
+
+/* rotate-half RoPE of one head vector in place: x·cos + rotate_half(x)·sin, each product stored */
+static void rope(float *x, int64_t d, const float *cos, const float *sin, int bf16) {
+    const int64_t half = d / 2;
+    float out[MAX_DIM];
+    for (int64_t i = 0; i < d; i++) {
+        const float rotated = i < half ? -x[i + half] : x[i - half];
+        out[i] = rnd(rnd(x[i] * cos[i], bf16) + rnd(rotated * sin[i], bf16), bf16);
+    }
+    memcpy(x, out, sizeof(float) * d);
+}
+
+/* q, k, v of the step's tokens from the raw projections: q = rope(q_norm(q)), k = rope(k_norm(k)),
+ * v = norm(v) (unweighted); v_raw may be k_raw (k_eq_v). q_raw [T, nq, d], k_raw / v_raw [T, nk, d];
+ * cos / sin [T, d] in the model dtype. */
+void fused_qkv(const void *q_raw, const void *k_raw, const void *v_raw, int bf16, int64_t T, int64_t nq,
+               int64_t nk, int64_t d, const float *wq, const float *wk, const void *cos, const void *sin, float eps,
+               void *q, void *k, void *v) {
+    float buf[MAX_DIM], c[MAX_DIM], s[MAX_DIM];
+    for (int64_t t = 0; t < T; t++) {
+        load_row(row_of(cos, bf16, t, d), bf16, d, c);
+        load_row(row_of(sin, bf16, t, d), bf16, d, s);
+        for (int64_t h = 0; h < nq; h++) {
+            load_row(row_of(q_raw, bf16, t * nq + h, d), bf16, d, buf);
+            normalize(buf, d, inverse_rms(buf, d, eps), wq, bf16);
+            rope(buf, d, c, s, bf16);
+            store_row(mrow_of(q, bf16, t * nq + h, d), bf16, d, buf);
+        }
+        for (int64_t h = 0; h < nk; h++) {
+            load_row(row_of(v_raw, bf16, t * nk + h, d), bf16, d, buf);
+            normalize(buf, d, inverse_rms(buf, d, eps), NULL, bf16);
+            store_row(mrow_of(v, bf16, t * nk + h, d), bf16, d, buf);
+            load_row(row_of(k_raw, bf16, t * nk + h, d), bf16, d, buf);
+            normalize(buf, d, inverse_rms(buf, d, eps), wk, bf16);
+            rope(buf, d, c, s, bf16);
+            store_row(mrow_of(k, bf16, t * nk + h, d), bf16, d, buf);
+        }
+    }
+}
+
+/* The router's choice from its logits [T, E] (model dtype): softmax in fp32, the top-k probabilities in
+ * descending order (ties: the lower expert first), renormalised over the k, times per_expert_scale.
+ * weights [T, k] fp32, ids [T, k] int64. */
+void fused_route(const void *logits, int bf16, int64_t T, int64_t E, int64_t k, const float *per_expert_scale,
+                 float *weights, int64_t *ids) {
+    float p[MAX_DIM];
+    for (int64_t t = 0; t < T; t++) {
+        load_row(row_of(logits, bf16, t, E), bf16, E, p);
+        float top = p[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; e++) top = p[e] > top ? p[e] : top;
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - top));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float *w = weights + t * k, chosen = 0.0f;
+        int64_t *id = ids + t * k;
+        for (int64_t j = 0; j < k; j++) { /* k passes of a max: k is 8 at most in practice */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                if (p[e] < 0.0f) continue; /* taken */
+                if (best < 0 || p[e] > p[best]) best = e;
+            }
+            id[j] = best;
+            w[j] = p[best];
+            p[best] = -1.0f;
+        }
+        for (int64_t j = 0; j < k; j++) chosen += w[j];
+        for (int64_t j = 0; j < k; j++) w[j] = (w[j] / chosen) * per_expert_scale[id[j]];
+    }
+}
+
+/* The experts' rows in expert order: for the (token, slot) pairs with a local expert id (>= 0; -1 = another
+ * process's), a stable counting sort by expert. offsets [E + 1]; row_of_slot [T * k]: the slot's row, or S
+ * for the others' slots; xs [S, n] the tokens' rows gathered. Returns S. */
+int64_t fused_moe_align(const int64_t *ids, int64_t T, int64_t k, int64_t E, const void *x, int bf16, int64_t n,
+                        int64_t *offsets, int64_t *row_of_slot, void *xs) {
+    const int64_t size = bf16 ? 2 : 4;
+    memset(offsets, 0, sizeof(int64_t) * (E + 1));
+    for (int64_t i = 0; i < T * k; i++)
+        if (ids[i] >= 0) offsets[ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    const int64_t S = offsets[E];
+    for (int64_t e = E; e > 0; e--) offsets[e] = offsets[e - 1]; /* cursors, shifted: offsets[e+1] = start of e */
+    for (int64_t i = 0; i < T * k; i++) {
+        if (ids[i] < 0) {
+            row_of_slot[i] = S;
+            continue;
+        }
+        const int64_t row = offsets[ids[i] + 1]++;
+        row_of_slot[i] = row;
+        memcpy((char *)xs + row * n * size, (const char *)x + (i / k) * n * size, n * size);
+    }
+    offsets[0] = 0;
+    return S;
+}
+
+/* out[t] = Σ_j weights[t, j] · ys[row_of_slot[t·k + j]] in fp32, j in top-k order; rows S (others' slots) add
+ * nothing. ys [S, n] in the model dtype, out [T, n] fp32. */
+void fused_moe_combine(const void *ys, int bf16, int64_t S, const float *weights, const int64_t *row_of_slot,
+                       int64_t T, int64_t k, int64_t n, float *out) {
+    float row[MAX_DIM];
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * n;
+        for (int64_t i = 0; i < n; i++) o[i] = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t r = row_of_slot[t * k + j];
+            const float w = weights[t * k + j];
+            if (r >= S) {
+                for (int64_t i = 0; i < n; i++) o[i] += w * 0.0f;
+                continue;
+            }
+            load_row(row_of(ys, bf16, r, n), bf16, n, row);
+            for (int64_t i = 0; i < n; i++) o[i] += w * row[i];
+        }
+    }
+}

@@ -1,0 +1,92 @@
+"""The fused steps of a decoder layer (actors/model/ops.py): each native kernel against its torch definition,
+in fp32 and in bf16, on shapes with remainders (widths that are not multiples of 8, one row, a k_eq_v v)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epserve.actors.model import cpu_kernels, ops
+from epserve.actors.model.config import RopeConfig
+from epserve.actors.model.layers import gelu_tanh, rms_norm, rope_tables
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(ours, ref, dtype):
+    """fp32: a few ulps of the tensor's scale (the sums of squares add in another order, tanh and exp are
+    another implementation); bf16: at most a rounding or two apart."""
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    ours, ref = ours.float(), ref.float()
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    assert (ours - ref).abs().max() <= tol * ref.abs().max(), (ours - ref).abs().max().item()
+
+
+def rand(*shape, dtype, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H", [(1, 8), (5, 37), (64, 256)])
+def test_norms(dtype, T, H):
+    x, h, w = rand(T, H, dtype=dtype), rand(T, H, dtype=dtype, seed=1), rand(H, dtype=dtype, seed=2) + 1
+    close(ops.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6), dtype)
+    close(ops.rms_norm(x, None, 1e-6), rms_norm(x, None, 1e-6), dtype)
+    close(ops.add_rms_norm(h, x, w, 1e-6), ops.torch_add_rms_norm(h, x, w, 1e-6), dtype)
+    scale = rand(H, dtype=dtype, seed=3) + 1
+    for ours, ref in zip(ops.ffn_inputs(x, w, scale, w * 2, H**-0.5, 1e-6),
+                         ops.torch_ffn_inputs(x, w, scale, w * 2, H**-0.5, 1e-6)):
+        close(ours, ref, dtype)
+    m, y, lam = rand(T, H, dtype=dtype, seed=4), rand(T, H, dtype=torch.float32, seed=5), torch.tensor([0.7]).to(dtype)
+    close(ops.ffn_output(h, m, y, w, scale, w * 3, lam, 1e-6),
+          ops.torch_ffn_output(h, m, y, w, scale, w * 3, lam, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k_eq_v", [True, False])
+def test_qkv_norms_and_rope(dtype, k_eq_v):
+    T, N, G, D = 7, 4, 2, 24
+    q, k = rand(T, N, D, dtype=dtype), rand(T, G, D, dtype=dtype, seed=1)
+    v = k if k_eq_v else rand(T, G, D, dtype=dtype, seed=2)
+    wq, wk = rand(D, dtype=dtype, seed=3) + 1, rand(D, dtype=dtype, seed=4) + 1
+    cos, sin = rope_tables(RopeConfig(10_000.0, 0.5).inv_freq(D), torch.arange(40, 40 + T), dtype)
+    for ours, ref in zip(ops.qkv(q, k, v, wq, wk, cos, sin, 1e-6), ops.torch_qkv(q, k, v, wq, wk, cos, sin, 1e-6)):
+        close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_mul_on_halves_and_on_two_tensors(dtype):
+    gu = rand(9, 2 * 40, dtype=dtype, scale=3)
+    gate, up = gu.chunk(2, dim=-1)
+    close(ops.gelu_mul(gate, up), gelu_tanh(gate) * up, dtype)
+    a, b = gate.contiguous(), up.contiguous()
+    close(ops.gelu_mul(a, b), gelu_tanh(a) * b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_picks_the_top_k_and_weighs_them(dtype):
+    T, E, K = 33, 20, 4
+    g = torch.Generator().manual_seed(0)  # distinct logits, exact in bf16 too: the top-k is unambiguous
+    logits = torch.stack([torch.randperm(E, generator=g) * 0.25 - 2 for _ in range(T)]).to(dtype)
+    scale = rand(E, dtype=dtype, seed=1).abs() + 0.5
+    w, ids = ops.route(logits, K, scale)
+    w_ref, ids_ref = ops.torch_route(logits, K, scale)
+    assert torch.equal(ids, ids_ref) and w.dtype == torch.float32
+    assert torch.allclose(w, w_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_align_and_combine(dtype):
+    T, K, E, H = 11, 3, 5, 16
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, E, (T, K), generator=g)  # -1: another process's slot
+    x, w = rand(T, H, dtype=dtype), torch.rand(T, K, generator=g)
+    xs, offsets, row_of_slot, S = ops.moe_align(ids, E, x)
+    xs_ref, offsets_ref, rows_ref, S_ref = ops.torch_moe_align(ids, E, x)
+    assert S == S_ref == int((ids >= 0).sum())
+    assert torch.equal(offsets, offsets_ref) and torch.equal(row_of_slot, rows_ref) and torch.equal(xs, xs_ref)
+    ys = rand(S, H, dtype=dtype, seed=1)
+    strided = w.T.contiguous().T  # the shards' weights are a strided view too
+    out = ops.moe_combine(ys, strided, row_of_slot, S)
+    assert torch.allclose(out, ops.torch_moe_combine(ys, w, row_of_slot, S), rtol=1e-6, atol=1e-6)
