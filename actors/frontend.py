@@ -25,17 +25,19 @@ import queue
 import threading
 import time
 from dataclasses import asdict
+from typing import AsyncIterator
 
 import torch
 
 from . import dispatch, process_group
 from .engine.config import EngineConfig
-from .engine.engine import LLMEngine
+from .engine.engine import LLMEngine, RequestOutput
 from .engine.sampling import SamplingParams
 from .metrics import FrontendMetrics, report
 from .model.attention import WholeSequence
 from .model import precision
 from .model.loader import load_model
+from .model_info import ModelInfo
 
 log = logging.getLogger("epserve.frontend")
 
@@ -129,15 +131,16 @@ class Frontend:
         return True
 
     # ---- requests ---------------------------------------------------------------------------------------
-    async def stream(self, prompt_ids: list[int], params: dict | None = None, request_id: str | None = None):
-        """Yields one dict per step with the request's new tokens; the last one has ``finished``."""
+    async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields what each step produced for the request; the last one is ``finished``. A caller that leaves
+        early aborts the request itself (cluster/serving/frontend_client.py): this only stops delivering."""
         if self.error:
             raise EngineFailure(self.error)
-        sp = SamplingParams(**(params or {}))
         out_q: asyncio.Queue = asyncio.Queue()
 
         def add():  # registered in the engine thread, before any step can produce output for it
-            rid = self.engine.add_request(prompt_ids, sp, request_id)
+            rid = self.engine.add_request(prompt_ids, params or SamplingParams(), request_id)
             self._streams[rid] = out_q
             self._metrics.on_add(self.engine.requests[rid])
             return rid
@@ -150,20 +153,18 @@ class Frontend:
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished
-                yield asdict(item)
+                yield item
         finally:
             self._streams.pop(rid, None)
-            if not finished and not self.error:  # the caller went away: free its blocks at once
-                self._post(lambda: self._abort(rid))
 
-    async def generate(self, prompts: list[list[int]], params: dict | None = None) -> list[dict]:
+    async def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[dict]:
         """Run prompts to completion as one continuous batch: [{token_ids, finish_reason}] in order."""
 
         async def one(prompt):
             tokens, reason = [], None
             async for out in self.stream(prompt, params):
-                tokens += out["new_token_ids"]
-                reason = out["finish_reason"]
+                tokens += out.new_token_ids
+                reason = out.finish_reason
             return {"token_ids": tokens, "finish_reason": reason}
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -199,13 +200,8 @@ class Frontend:
                 "dispatch": asdict(d), "error": self.error,
                 "suspended": self.suspended}
 
-    def model_info(self) -> dict:
-        c = self.model.cfg
-        return {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
-                "num_experts": c.num_experts, "top_k": c.top_k, "num_shards": self.num_shards,
-                "max_model_len": self.engine.max_model_len, "eos_token_ids": list(c.eos_token_ids),
-                "device": str(self.device), "dtype": precision.dtype_name(self.dtype),
-                "cpu_isa": precision.cpu_isa()}
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.of(self)
 
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None \
@@ -222,10 +218,6 @@ class Frontend:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
         return await asyncio.wrap_future(fut)
-
-    def _post(self, fn) -> None:
-        """Queue a command without waiting for it (safe from a finally block of a cancelled stream)."""
-        self._commands.put((fn, concurrent.futures.Future()))
 
     def _deliver(self, item) -> None:
         q = self._streams.get(item.request_id)

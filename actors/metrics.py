@@ -8,7 +8,7 @@ Design (docs/observability.md has the whole picture):
   served, expert compute time). Nothing here opens a port: an actor answers ``metrics()`` with
   ``report(registry)``, a dict whose ``families`` are the registry's collected ``Metric`` objects
   (plain, picklable data), so one Ray actor call per actor fetches everything it knows.
-* The Serve ingress replica turns those into ONE scrape target (``epserve.cluster.metrics``): a custom
+* The Serve ingress replica turns those into ONE scrape target (``epserve.cluster.serving.metrics``): a custom
   collector that, on each scrape, asks every actor of the cluster, merges the families by name and adds
   what only the ingress knows (shard up/down, shard restarts).
 * Names follow vLLM's (``vllm:`` becomes ``epserve:``) where the meaning is the same; the expert-parallel

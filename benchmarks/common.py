@@ -19,11 +19,11 @@ RELIABILITY_MD = ROOT / "docs" / "reliability.md"
 
 def checkpoint(preset: str, layout: str = "released", seed: int = 0) -> Path:
     """A random-weight checkpoint of a preset, made once under the epserve cache directory."""
-    from epserve.actors.model.checkpoint import preset as make_preset
-    from epserve.actors.model.checkpoint import write_checkpoint
+    from epserve.actors.cache import cache_dir
+    from epserve.cluster.fixtures.checkpoint import preset as make_preset
+    from epserve.cluster.fixtures.checkpoint import write_checkpoint
 
-    root = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
-    path = root / f"{preset}-{layout}-seed{seed}"
+    path = cache_dir() / f"{preset}-{layout}-seed{seed}"
     if not (path / "config.json").exists():
         print(f"making the {preset} checkpoint in {path} ...", file=sys.stderr, flush=True)
         write_checkpoint(make_preset(preset), path, seed=seed, layout=layout, progress=True)

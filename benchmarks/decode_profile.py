@@ -25,7 +25,7 @@ from epserve.actors.model import precision
 from epserve.actors.model.config import FULL
 from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import Experts
-from epserve.cluster.bench import Workload
+from epserve.cluster.tools.bench import Workload
 
 GEMMS = ("attention projections", "dense MLP", "routed experts' grouped GEMMs", "router projection",
          "tied head")

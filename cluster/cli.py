@@ -1,15 +1,36 @@
-"""The ``epserve`` command."""
+"""The ``epserve`` command.
+
+Every error a user can cause ends as one line on stderr (``epserve <command>: error: ...``) and a non-zero
+exit status: 2 for bad input (options, settings, a checkpoint, a request), 1 when what it runs or talks to
+fails (a server that cannot be reached or does not start, a benchmark with failed requests).
+
+Each command imports what it runs when it runs (the imports inside the ``cmd_*`` functions): torch, Ray and
+Serve take about 5 s to import on the 2-core build machine (torch 2.8 s, ray.serve 1.9 s, measured), which
+``epserve client`` and ``--help`` should not pay.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
+import signal
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+import grpc
+
+from .config import ClusterConfig
+from .serving.config import ServerConfig
+from .serving.security import TOKEN_ENV, load_token
+
+DEFAULT_METRICS_PORT = 9477  # `epserve serve` opens it unless told otherwise (the app's setting has none)
+RANDOM_WEIGHTS_NOTE = ("the built-in model has random weights: its answer is gibberish (with U+FFFD where its "
+                       "bytes are not text), not a fault; `epserve serve --checkpoint DIR` serves a real model")
+
+
+class CommandFailed(RuntimeError):
+    """What the command ran or talked to failed: exit status 1, the message as one line."""
 
 
 def _ids(text: str) -> list[int]:
@@ -19,28 +40,8 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
-def builtin_checkpoint(preset: str = "tiny", seed: int = 0) -> Path:
-    """A small random-weight checkpoint made on first use and kept in the user's cache directory."""
-    from epserve.actors.model.checkpoint import preset as make_preset
-    from epserve.actors.model.checkpoint import write_checkpoint
-
-    root = Path(os.environ.get("EPSERVE_CACHE", Path.home() / ".cache" / "epserve"))
-    path = root / f"{preset}-seed{seed}"
-    if path.exists() and not (path / "tokenizer.json").exists():  # made by an older version: remake it
-        shutil.rmtree(path)
-    if not (path / "config.json").exists():
-        print(f"making the built-in '{preset}' checkpoint in {path} ...", file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
-        write_checkpoint(make_preset(preset), tmp, seed=seed)
-        try:
-            tmp.rename(path)  # atomic: a half-written checkpoint is never picked up
-        except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def cmd_make_checkpoint(args) -> int:
-    from epserve.actors.model.checkpoint import preset, write_checkpoint
+    from .fixtures.checkpoint import preset, write_checkpoint
 
     cfg = preset(args.preset)
     weights = args.preset != "gemma-4-26b-a4b" or args.weights
@@ -57,24 +58,22 @@ def cmd_generate(args) -> int:
     from epserve.actors.engine.engine import LLMEngine
     from epserve.actors.engine.sampling import SamplingParams
     from epserve.actors.model.loader import load_model
+    from epserve.actors.model.precision import resolve_dtype
 
-    checkpoint = str(args.checkpoint or builtin_checkpoint())
-    prompts = args.prompt_ids or [[2, 17, 300, 42]]
+    from .fixtures.builtin import checkpoint_or_builtin
+    from .launcher import Cluster
+
+    checkpoint = checkpoint_or_builtin(args.checkpoint)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     if args.shards:  # through the cluster: a Frontend actor and N ExpertShard actors
-        from .config import ClusterConfig
-        from .launcher import Cluster
-
         cfg = ClusterConfig(checkpoint=checkpoint, shards=args.shards, address=args.address, dtype=args.dtype)
         with Cluster(cfg) as cluster:
-            results = [(o["token_ids"], o["finish_reason"]) for o in cluster.generate(prompts, vars(params))]
+            results = [(o["token_ids"], o["finish_reason"]) for o in cluster.generate(args.prompt_ids, params)]
     else:
-        from epserve.actors.model.precision import resolve_dtype
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(checkpoint, dtype=resolve_dtype(args.dtype, device), device=device)
-        results = [(o.token_ids, o.finish_reason) for o in LLMEngine(model).generate(prompts, params)]
+        results = [(o.token_ids, o.finish_reason) for o in LLMEngine(model).generate(args.prompt_ids, params)]
     for token_ids, reason in results:
         if args.json:
             print(json.dumps({"token_ids": token_ids, "finish_reason": reason}))
@@ -83,41 +82,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _serve_settings(args) -> dict:
-    cluster = {"checkpoint": str(args.checkpoint) if args.checkpoint else None, "shards": args.shards,
-               "address": args.address, "dtype": args.dtype}
-    settings = {"cluster": cluster, "grpc_host": args.host, "grpc_port": args.grpc_port,
-                "metrics_host": args.host, "metrics_port": getattr(args, "metrics_port", 0) or None}
-    if getattr(args, "drain_s", None) is not None:
-        settings["drain_s"] = args.drain_s
-    if bool(getattr(args, "tls_cert", None)) != bool(getattr(args, "tls_key", None)):
+def server_config(args) -> ServerConfig:
+    """The server's settings from the options of ``serve`` (``demo`` has fewer: the rest keep defaults)."""
+    options = vars(args)
+    cert, key = options.get("tls_cert"), options.get("tls_key")
+    if bool(cert) != bool(key):
         raise ValueError("--tls-cert and --tls-key go together")
-    if getattr(args, "tls_cert", None):
-        settings.update(tls_cert_file=os.path.abspath(args.tls_cert), tls_key_file=os.path.abspath(args.tls_key))
-    return settings | _auth_settings(getattr(args, "auth_token_file", None))
+    tls = {"tls_cert_file": os.path.abspath(cert), "tls_key_file": os.path.abspath(key)} if cert else {}
+    cluster = ClusterConfig(checkpoint=options.get("checkpoint"), shards=args.shards, address=options.get("address"),
+                            dtype=args.dtype)
+    return ServerConfig(cluster=cluster, grpc_host=args.host, grpc_port=args.grpc_port, metrics_host=args.host,
+                        metrics_port=options.get("metrics_port") or None,
+                        drain_s=options.get("drain_s", ServerConfig.drain_s), **tls,
+                        **_token_source(options.get("auth_token_file")))
 
 
-def _auth_settings(token_file: str | None) -> dict:
+def _token_source(token_file: str | None) -> dict:
     """Where the server's replica finds the bearer token: the file, or else EPSERVE_AUTH_TOKEN when this
     process has it (a Ray cluster started here passes its environment on). Never the value itself: the app's
     settings are stored by Ray and shown by its dashboard. Checked here, so that a bad source fails at once."""
-    from .security import TOKEN_ENV, load_token
-
-    settings = {"auth_token_file": os.path.abspath(token_file)} if token_file else \
+    source = {"auth_token_file": os.path.abspath(token_file)} if token_file else \
         {"auth_token_env": TOKEN_ENV} if os.environ.get(TOKEN_ENV) else {}
-    load_token(settings.get("auth_token_file"), settings.get("auth_token_env"))
-    return settings
+    load_token(source.get("auth_token_file"), source.get("auth_token_env"))
+    return source
 
 
 def _client_token(token_file: str | None) -> str | None:
-    from .security import TOKEN_ENV, load_token
-
     return load_token(token_file) if token_file else os.environ.get(TOKEN_ENV) or None
 
 
 def _install_sigterm() -> None:
     """SIGTERM stops like Ctrl-C. Installed after ray.init, which sets a handler of its own that aborts."""
-    import signal
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -127,25 +122,32 @@ def _install_sigterm() -> None:
 
 def _ignore_signals() -> None:
     """While shutting down (bounded by --drain-s): a second Ctrl-C / SIGTERM must not cut the cleanup short."""
-    import signal
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def cmd_serve(args) -> int:
-    from .serve_app import LocalServer
+def _start(server) -> None:
+    """Start the server, its start's failure as a CommandFailed."""
+    from .serving.local import StartFailed
 
-    settings = _serve_settings(args)
-    server = LocalServer(settings, args.host, args.http_port, args.address)
-    scheme = "https" if settings.get("tls_cert_file") else "http"
     try:
         server.start()
+    except StartFailed as e:
+        raise CommandFailed(str(e)) from None
+
+
+def cmd_serve(args) -> int:
+    from .serving.local import LocalServer
+
+    config = server_config(args)
+    server = LocalServer(config, args.host, args.http_port)
+    scheme = "https" if config.tls else "http"
+    try:
+        _start(server)
         _install_sigterm()
         print(f"epserve is serving: gRPC on {server.grpc_target} (epserve.v1.Inference, health, reflection"
               f"{', TLS' if scheme == 'https' else ''}); OpenAI HTTP on {scheme}://{args.host}:{args.http_port}/v1"
-              f"{' (bearer token required)' if 'auth_token_file' in settings or 'auth_token_env' in settings else ''}"
-              f" . Ctrl-C to stop.", flush=True)
+              f"{' (bearer token required)' if config.needs_token else ''} . Ctrl-C to stop.", flush=True)
         if server.metrics_url:
             print(f"Prometheus metrics on {server.metrics_url} (also /metrics on the HTTP port)", flush=True)
         # short sleeps: a process-wide signal may be delivered to any of the server's threads (gRPC, Ray),
@@ -155,7 +157,7 @@ def cmd_serve(args) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         _ignore_signals()
-        print(f"shutting down: draining requests in flight (up to {args.drain_s:g} s) ...", file=sys.stderr,
+        print(f"shutting down: draining requests in flight (up to {config.drain_s:g} s) ...", file=sys.stderr,
               flush=True)
     finally:
         server.shutdown()
@@ -163,12 +165,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_client(args) -> int:
-    from . import client
+    from .tools import client
 
-    req = client.request(args.prompt, args.prompt_ids[0] if args.prompt_ids else None, args.max_tokens,
-                         args.temperature, args.seed, args.ignore_eos)
-    pieces = client.stream(args.address, req, args.timeout, ca_file=args.tls_ca,
-                           token=_client_token(args.auth_token_file))
+    req = client.request(args.prompt, args.prompt_ids, args.max_tokens, args.temperature, args.seed,
+                         args.ignore_eos)
+    try:
+        pieces = client.stream(args.address, req, args.timeout, ca_file=args.tls_ca,
+                               token=_client_token(args.auth_token_file))
+    except grpc.RpcError as e:
+        raise CommandFailed(f"{args.address}: {e.code().name}: {e.details()}") from None
     last = pieces[-1] if pieces else None
     if last is not None:
         print(f"[request {last.request_id}: {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
@@ -177,22 +182,29 @@ def cmd_client(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from .tools import bench
+    from .tools.bench_targets import RequestFailed
 
-    return bench.main(args)
+    try:
+        return bench.main(args)
+    except RequestFailed as e:
+        raise CommandFailed(str(e)) from None
 
 
 def cmd_demo(args) -> int:
-    from . import client
-    from .serve_app import LocalServer
+    from .serving.local import LocalServer
+    from .tools import client
 
-    args.checkpoint, args.address = None, None
-    with LocalServer(_serve_settings(args), args.host, args.http_port) as server:
+    server = LocalServer(server_config(args), args.host, args.http_port)
+    try:
+        _start(server)
         _install_sigterm()
         print(f"server up: gRPC {server.grpc_target}, OpenAI HTTP http://{args.host}:{args.http_port}/v1",
               flush=True)
-        print(f"prompt: {args.prompt!r}\nanswer (streamed):", flush=True)
+        print(f"prompt: {args.prompt!r}\n{RANDOM_WEIGHTS_NOTE}\nanswer (streamed):", flush=True)
         client.stream(server.grpc_target, client.request(args.prompt, max_tokens=args.max_tokens, ignore_eos=True))
+    finally:
+        server.shutdown()
     print("To keep serving, run `epserve serve` and talk to it with `epserve client --prompt ...` or any "
           "OpenAI client.")
     return 0
@@ -211,12 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_checkpoint)
 
     def dtype_option(p):
-        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=ClusterConfig.dtype,
                        help="compute dtype; auto: bf16 on GPUs and on CPUs with native bf16 arithmetic "
                             "(AMX-BF16, AVX512-BF16), else fp32")
 
     def sampling_options(p, max_tokens):
-        p.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids")
         p.add_argument("--max-tokens", type=int, default=max_tokens)
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
         p.add_argument("--seed", type=int)
@@ -224,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate from token ids (several --prompt-ids run as one batch)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
+    p.add_argument("--prompt-ids", type=_ids, action="append", required=True,
+                   help="comma-separated token ids (repeat for a batch)")
     sampling_options(p, 16)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--shards", type=int, default=0,
@@ -232,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     dtype_option(p)
     p.set_defaults(func=cmd_generate)
 
-    def server_options(p, shards=2):
+    def server_options(p, shards=ClusterConfig.shards):
         p.add_argument("--shards", type=int, default=shards, help="expert-shard actors")
-        p.add_argument("--host", default="127.0.0.1", help="address gRPC and HTTP listen on")
-        p.add_argument("--grpc-port", type=int, default=50051)
+        p.add_argument("--host", default=ServerConfig.grpc_host, help="address gRPC and HTTP listen on")
+        p.add_argument("--grpc-port", type=int, default=ServerConfig.grpc_port)
         p.add_argument("--http-port", type=int, default=8000)
         dtype_option(p)
 
@@ -243,12 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     server_options(p)
-    p.add_argument("--metrics-port", type=int, default=9477,
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Prometheus scrape target for the whole cluster, on --host (0: none; /metrics on the "
                         "HTTP port either way)")
-    p.add_argument("--drain-s", type=float, default=30.0,
+    p.add_argument("--drain-s", type=float, default=ServerConfig.drain_s,
                    help="on SIGTERM / Ctrl-C: refuse new requests and let those in flight finish for up to this "
-                        "long, then end them with UNAVAILABLE / 503 (default 30)")
+                        f"long, then end them with UNAVAILABLE / 503 (default {ServerConfig.drain_s:g})")
     p.add_argument("--tls-cert", help="PEM certificate (chain): gRPC over TLS and HTTPS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--auth-token-file", help="require this file's bearer token on every inference call (or set "
@@ -256,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="send a prompt over gRPC and stream the answer")
-    p.add_argument("--address", default="127.0.0.1:50051", help="gRPC host:port")
-    p.add_argument("--prompt", help="text (needs a model with a tokenizer)")
+    p.add_argument("--address", default=ServerConfig().grpc_target, help="gRPC host:port")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text (needs a model with a tokenizer)")
+    prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids")
     sampling_options(p, 32)
     p.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")
     p.add_argument("--tls-ca", help="connect over TLS, verifying the server against this PEM certificate")
@@ -265,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("bench", help="drive a workload against a server on 127.0.0.1 or an in-process engine")
-    p.add_argument("--target", help="grpc://127.0.0.1:50051 (ours) or http://127.0.0.1:8000 (any OpenAI-compatible "
-                                    "server); default: an engine in this process (--shards N: a cluster)")
+    p.add_argument("--target", help=f"grpc://{ServerConfig().grpc_target} (ours) or http://127.0.0.1:8000 (any "
+                                    "OpenAI-compatible server); default: an engine in this process (--shards N: "
+                                    "a cluster)")
     p.add_argument("--checkpoint", help="for the in-process engine (default: the built-in tiny model)")
     p.add_argument("--shards", type=int, default=0, help="in-process target: N expert-shard actors (0: none)")
     dtype_option(p)
@@ -280,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="open loop: Poisson arrivals at this many requests/s")
     p.add_argument("--duration-s", type=float, help="stop sending after this many seconds per run")
     p.add_argument("--warmup", type=int, default=2, help="short requests sent first, not measured")
-    p.add_argument("--vocab-size", type=int, help="prompt ids are drawn below this (default: the checkpoint's)")
+    p.add_argument("--vocab-size", type=int, help="prompt ids are drawn below this (default: the served model's "
+                                                  "vocabulary, as the server or engine says)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG of throughput and latency against concurrency here")
@@ -296,15 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from epserve.actors.engine.sampling import RequestError
-    from epserve.actors.model.config import ConfigError
-    from epserve.actors.model.loader import CheckpointError
-
     try:
         return args.func(args)
-    except (RequestError, ConfigError, CheckpointError, ValueError) as e:
+    except ValueError as e:  # RequestError, ConfigError, CheckpointError and a busy port are ValueErrors
         print(f"epserve {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except CommandFailed as e:
+        print(f"epserve {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,13 +1,10 @@
-"""Cluster settings: one dataclass, from YAML or the command line. Defaults serve the built-in tiny model
-on a local Ray cluster started on demand."""
+"""Cluster settings: one dataclass, from the server's settings (cluster/serving/config.py) or the command line.
+Defaults serve the built-in tiny model on a local Ray cluster started on demand."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-
-import yaml
 
 from epserve.actors.engine.config import EngineConfig
 from epserve.actors.model.precision import DTYPES
@@ -52,7 +49,7 @@ class ClusterConfig:
 
     def __post_init__(self):
         if isinstance(self.engine, dict):
-            self.engine = EngineConfig(**self.engine)
+            self.engine = EngineConfig(**known_fields(EngineConfig, self.engine, "engine settings"))
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
         if self.placement not in PLACEMENTS:
@@ -72,20 +69,23 @@ class ClusterConfig:
             _check_resources(name, getattr(self, name))
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ClusterConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ClusterConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown cluster settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: dict) -> ClusterConfig:
+        return cls(**known_fields(cls, data, "cluster settings"))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def known_fields(cls, data, what: str) -> dict:
+    """``data`` when each of its keys is a field of the dataclass ``cls``; else a one-line ValueError that names
+    the unknown ones (a misspelt setting must not be ignored)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a mapping, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    return data
 
 
 def _check_resources(name: str, resources) -> None:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
+from dataclasses import replace
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.expert_shard import ExpertShard
 from epserve.actors.frontend import Frontend
 
 from .config import ClusterConfig
+from .fixtures.builtin import checkpoint_or_builtin
 from .supervisor import Supervisor
 
 NAMESPACE = "epserve"
@@ -56,11 +58,7 @@ class Cluster:
 
     # ---- bring-up ---------------------------------------------------------------------------------------
     def start(self) -> "Cluster":
-        cfg = self.config
-        if cfg.checkpoint is None:
-            from .cli import builtin_checkpoint
-
-            cfg.checkpoint = str(builtin_checkpoint())
+        self.config = cfg = replace(self.config, checkpoint=checkpoint_or_builtin(self.config.checkpoint))
         self._connect()
         self.use_gpu = self._use_gpu()
         self.backend = "nccl" if self.use_gpu else "gloo"
@@ -144,7 +142,8 @@ class Cluster:
     def _check_dtypes(self) -> None:
         """Every rank computes in the same dtype: the rows on the wire are in it. ``auto`` resolves per actor,
         so actors on machines of different kinds can disagree; then the dtype must be set explicitly."""
-        infos = ray.get([self.frontend.model_info.remote(), *(s.info.remote() for s in self.shards)])
+        front, *shards = ray.get([self.frontend.model_info.remote(), *(s.info.remote() for s in self.shards)])
+        infos = [front.to_dict(), *shards]
         if len({i["dtype"] for i in infos}) > 1:
             found = ", ".join(f"{self.role(r)} {i['dtype']} ({i['device']}, {i['cpu_isa']})"
                               for r, i in enumerate(infos))
@@ -173,7 +172,9 @@ class Cluster:
         print(f"[epserve] {message}", file=sys.stderr, flush=True)
 
     # ---- use --------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: dict | None = None) -> list[dict]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | dict | None = None) -> list[dict]:
+        """Run prompts to completion as one batch: [{token_ids, finish_reason}] in order."""
+        params = SamplingParams(**params) if isinstance(params, dict) else params
         return ray.get(self.frontend.generate.remote(prompts, params))
 
     def shard_info(self) -> list[dict]:
@@ -209,11 +210,3 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.shutdown()
-
-
-def wait_ready(cluster: Cluster, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ray.get(cluster.frontend.ready.remote()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("the front-end did not become ready")
-        time.sleep(0.1)

@@ -26,8 +26,10 @@ import pytest
 import torch
 
 from epserve.actors.model.attention import WholeSequence
-from epserve.actors.model.checkpoint import preset, write_checkpoint
 from epserve.actors.model.loader import load_model
+from epserve.cluster.fixtures.checkpoint import preset, write_checkpoint
+
+from helpers import missing_tools_line
 
 torch.set_num_threads(2)
 
@@ -151,6 +153,13 @@ def shared_expert_dir(tmp_path_factory, tiny_cfg):
 
 
 @pytest.fixture(scope="session")
+def short_context_dir(tmp_path_factory, tiny_cfg):
+    """The tiny preset trained, as its config.json says, for 2048 positions (the released model: 262144)."""
+    cfg = dataclasses.replace(tiny_cfg, max_position_embeddings=2048)
+    return write_checkpoint(cfg, tmp_path_factory.mktemp("tiny-short-context"), seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     return load_model(tiny_dir)
 
@@ -212,3 +221,15 @@ def tls_files(tmp_path_factory):
                                                        serialization.NoEncryption()))
     (folder / "key.pem").chmod(0o600)
     return types.SimpleNamespace(cert=str(folder / "cert.pem"), key=str(folder / "key.pem"))
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The run's last words: which tests skipped for want of a program, and how to get it (one line)."""
+    reasons = [str(r.longrepr[2] if isinstance(r.longrepr, tuple) else r.longrepr)
+               for r in terminalreporter.stats.get("skipped", [])]
+    line = missing_tools_line(reasons)
+    if line:
+        terminalreporter.write_line(line, yellow=True)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from epserve.cluster.api import codegen
-from epserve.cluster.config import ClusterConfig
+from epserve.cluster.serving.config import ServerConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 
 
 def test_generated_grpc_modules_are_fresh():
@@ -18,12 +17,6 @@ def test_generated_grpc_modules_are_fresh():
     for name, text in fresh.items():
         committed = (codegen.OUT / name).read_text()
         assert committed == text, f"cluster/api/{name} is stale: run `python -m epserve.cluster.api.codegen`"
-
-
-def deploy_app_args() -> dict:
-    """The arguments deploy/serve.yaml gives its application (tests/test_grpc.py serves with them)."""
-    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
-    return config["applications"][0]["args"]
 
 
 def test_serve_config_is_valid_and_builds():
@@ -41,7 +34,7 @@ def test_serve_config_is_valid_and_builds():
     built = getattr(importlib.import_module(module), attr)(app.args)
     assert isinstance(built, Application)
     deployment = built._bound_deployment
-    assert deployment.name == "Ingress" and deployment.init_args == (app.args,)
+    config = ServerConfig.from_dict(app.args)  # every setting of the file is one the server knows
+    assert deployment.name == "Ingress" and deployment.init_args == (config,)
     assert deployment._deployment_config.graceful_shutdown_timeout_s >= app.args["drain_s"]
-    cluster = ClusterConfig.from_dict(app.args["cluster"])
-    assert cluster.shards == 2 and app.args["grpc_port"] == 50051
+    assert config.cluster.shards == 2 and config.grpc_port == app.args["grpc_port"] == 50051

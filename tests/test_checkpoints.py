@@ -19,10 +19,10 @@ from transformers import (
 )
 
 from epserve.actors.model import ops
-from epserve.actors.model.checkpoint import preset, write_checkpoint
 from epserve.actors.model.config import FULL, SLIDING, ConfigError, ModelConfig
 from epserve.actors.model.gemma4 import Gemma4Model, count_text_parameters
 from epserve.actors.model.loader import load_model
+from epserve.cluster.fixtures.checkpoint import preset, write_checkpoint
 
 PROMPT = 80  # > the tiny preset's window (32)
 

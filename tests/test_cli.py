@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampling import SamplingParams
-from epserve.actors.model.checkpoint import preset
 from epserve.actors.model.loader import load_model
-from epserve.cluster.cli import builtin_checkpoint
+from epserve.cluster.fixtures.builtin import builtin_checkpoint
+from epserve.cluster.fixtures.checkpoint import preset
 
-EPSERVE = [sys.executable, "-m", "epserve.cluster.cli"]
-
-
-def run(*args, check=True):
-    return subprocess.run([*EPSERVE, *map(str, args)], capture_output=True, text=True, timeout=300, check=check)
+from helpers import free_port, run
 
 
 def test_generate_matches_transformers_greedy(tiny_dir, tools):
@@ -66,11 +61,46 @@ def test_make_checkpoint_presets(tmp_path):
     assert (tmp_path / "t" / "model.safetensors").exists()
 
 
+def one_line_error(done, command: str, status: int = 2) -> str:
+    """The message of a command that failed as it should: one line on stderr, no traceback, the status."""
+    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"epserve {command}: error: "), done.stderr
+    return done.stderr
+
+
 def test_errors_are_one_line(tmp_path):
-    bad = run("generate", "--checkpoint", tmp_path / "missing", check=False)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+    bad = run("generate", "--checkpoint", tmp_path / "missing", "--prompt-ids", "1,2", check=False)
+    assert "does not exist" in one_line_error(bad, "generate")
     bad = run("generate", "--prompt-ids", "1,x", check=False)
     assert bad.returncode == 2 and "comma-separated token ids" in bad.stderr
+
+
+def test_commands_need_the_input_their_synopsis_names():
+    """No silent default prompt: generate needs --prompt-ids, client --prompt or --prompt-ids (one of them)."""
+    bad = run("generate", "--max-tokens", 2, check=False)
+    assert bad.returncode == 2 and "the following arguments are required: --prompt-ids" in bad.stderr
+    bad = run("client", "--max-tokens", 2, check=False)
+    assert bad.returncode == 2 and "one of the arguments --prompt --prompt-ids is required" in bad.stderr
+    bad = run("client", "--prompt", "hi", "--prompt-ids", "1,2", check=False)
+    assert bad.returncode == 2 and "not allowed with argument" in bad.stderr
+
+
+def test_client_without_a_server_is_one_line(tmp_path):
+    port = free_port()  # nothing listens there
+    bad = run("client", "--address", f"127.0.0.1:{port}", "--prompt", "hi", "--timeout", 5, check=False)
+    message = one_line_error(bad, "client", status=1)
+    assert f"127.0.0.1:{port}: UNAVAILABLE" in message
+
+
+def test_serve_with_a_bad_checkpoint_fails_before_ray_starts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for checkpoint, words in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "no config.json")):
+        started = time.monotonic()
+        bad = run("serve", "--checkpoint", checkpoint, "--grpc-port", free_port(), "--http-port", free_port(),
+                  "--metrics-port", free_port(), check=False)
+        assert words in one_line_error(bad, "serve")
+        assert time.monotonic() - started < 30 and "Ray" not in bad.stdout + bad.stderr
 
 
 def test_builtin_checkpoint_is_made_once_then_reused(tmp_path, monkeypatch, capsys):

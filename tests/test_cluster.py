@@ -143,7 +143,7 @@ def test_dead_shard_without_recovery_is_an_error_not_a_hang(ray_session, tiny_di
         assert cluster.generate([[5, 6, 7]], PARAMS)[0]["finish_reason"] == "length"
         ray.kill(cluster.shards[1], no_restart=True)
         with pytest.raises(ray.exceptions.RayTaskError, match="EngineFailure.*more than the 0 allowed"):
-            ray.get(cluster.frontend.generate.remote([[5, 6, 7]], {"max_tokens": 200, "ignore_eos": True}),
+            ray.get(cluster.frontend.generate.remote([[5, 6, 7]], SamplingParams(max_tokens=200, ignore_eos=True)),
                     timeout=60)
         assert not ray.get(cluster.frontend.ready.remote())
         assert not cluster.supervisor.serving and "shard 1" in cluster.supervisor.failed
@@ -187,7 +187,7 @@ def test_bf16_cluster_computes_what_the_bf16_engine_does(ray_session, tiny_dir):
     model = load_model(tiny_dir, dtype=torch.bfloat16)
     want = LLMEngine(model).generate(PROMPTS, SamplingParams(**PARAMS))
     with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=2, dtype="bfloat16")) as cluster:
-        infos = [ray.get(cluster.frontend.model_info.remote()), *cluster.shard_info()]
+        infos = [ray.get(cluster.frontend.model_info.remote()).to_dict(), *cluster.shard_info()]
         outs = cluster.generate(PROMPTS, PARAMS)
         remote = ray.get(cluster.frontend.score.remote(PROMPTS[3]))
     assert {i["dtype"] for i in infos} == {"bfloat16"} and {i["expert_dtype"] for i in infos[1:]} == {"bfloat16"}

@@ -15,7 +15,7 @@ from epserve.cluster import cli
 from epserve.cluster.config import ClusterConfig
 from epserve.cluster.launcher import Cluster
 
-from test_cli import run
+from helpers import run
 
 PROMPTS = [[2, 17, 300, 42], list(range(3, 90)), [100]]  # 87 tokens: past the tiny window (32)
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)

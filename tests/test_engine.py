@@ -15,6 +15,7 @@ from epserve.actors.engine.sampler import filtered_probs, sample
 from epserve.actors.engine.sampling import RequestError, SamplingParams
 from epserve.actors.engine.sequence import Sequence, Status
 from epserve.actors.model.config import FULL, SLIDING
+from epserve.actors.model.loader import load_model
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
@@ -295,3 +296,18 @@ def test_seed_reproduces_and_logprobs_match(tiny_model):
     tokens, logprobs = sample(logits, seqs)
     assert tokens == logits.argmax(-1).tolist()
     assert logprobs == pytest.approx(torch.log_softmax(logits, -1)[range(3), tokens].tolist(), abs=1e-6)
+
+
+def test_the_context_is_what_the_model_was_trained_for(short_context_dir):
+    """max_model_len: at most the model's max_position_embeddings, even when the KV cache could hold more; a
+    setting may lower it, never raise it; a longer request is refused naming the limit."""
+    model = load_model(short_context_dir)
+    assert model.cfg.max_position_embeddings == 2048
+    budget = EngineConfig(kv_cache_bytes=64 << 20)
+    engine = LLMEngine(model, budget)
+    assert engine.runner.full_capacity > 2048 and engine.max_model_len == 2048
+    with pytest.raises(RequestError, match="exceeds the context length 2048") as refused:
+        engine.add_request([5] * 5000, SamplingParams(max_tokens=16))
+    assert refused.value.field == "prompt"
+    assert LLMEngine(model, dataclasses.replace(budget, max_model_len=1000)).max_model_len == 1000
+    assert LLMEngine(model, dataclasses.replace(budget, max_model_len=4096)).max_model_len == 2048

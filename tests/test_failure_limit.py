@@ -14,10 +14,10 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
-from epserve.cluster.client import request
+from epserve.cluster.tools.client import request
 from epserve.cluster.launcher import NAMESPACE, shard_name
 
-from test_grpc import engine_greedy, tiny_server
+from helpers import engine_greedy, tiny_server
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -4,9 +4,6 @@ real gRPC on 127.0.0.1, a stock health client and a stock reflection client."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import threading
 import time
 import urllib.request
 
@@ -15,75 +12,13 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from epserve.actors.engine.config import EngineConfig
-from epserve.actors.engine.engine import LLMEngine
-from epserve.actors.engine.sampling import SamplingParams
 from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
-from epserve.cluster.client import request
-from epserve.cluster.serve_app import LocalServer
-from test_api_files import deploy_app_args
+from epserve.cluster.tools.client import request
 
-MAX_LEN = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class HealthWatcher(threading.Thread):
-    """A stock ``grpc.health.v1`` client polling the overall health of a gRPC address from before the server
-    exists: the statuses it answered, in order (calls that found no server yet are not statuses)."""
-
-    def __init__(self, target: str):
-        super().__init__(daemon=True)
-        self.target, self.seen, self.done = target, [], threading.Event()
-
-    def run(self):
-        with grpc.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while not self.done.is_set():
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                    if not self.seen or self.seen[-1] != status:
-                        self.seen.append(status)
-                except grpc.RpcError:
-                    pass
-                self.done.wait(0.05)
-
-
-@contextlib.contextmanager
-def tiny_server(tiny_dir, **cluster):
-    """The Serve app of deploy/serve.yaml over the tiny checkpoint (a front-end and 2 shards, fp32, as the
-    references it is compared with) on the session's Ray cluster, with ``cluster`` settings on top; shut down
-    on exit. ``grpc_health_seen``: what a stock
-    health client polling the gRPC port from before the start was told, until it said SERVING."""
-    settings = deploy_app_args()  # the application of deploy/serve.yaml, on loopback ports, tiny checkpoint
-    settings.update(grpc_host="127.0.0.1", grpc_port=free_port(), metrics_port=None, drain_s=5)
-    settings["cluster"].update(checkpoint=str(tiny_dir), engine={"max_model_len": MAX_LEN, "max_num_seqs": 64},
-                               dtype="float32")
-    settings["cluster"].update(cluster)
-    watcher = HealthWatcher(f"127.0.0.1:{settings['grpc_port']}")
-    watcher.start()
-    try:
-        srv = LocalServer(settings, "127.0.0.1", free_port()).start(timeout_s=300)
-        until = time.monotonic() + 10  # the gRPC health service follows the app's state within moments
-        while watcher.seen[-1:] != ["SERVING"] and time.monotonic() < until:
-            time.sleep(0.05)
-    finally:
-        watcher.done.set()
-        watcher.join()
-    srv.grpc_health_seen = watcher.seen
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
+from helpers import MAX_LEN, engine_greedy, tiny_server
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +31,6 @@ def server(ray_session, tiny_dir):
 def stub(server):
     with grpc.insecure_channel(server.grpc_target) as channel:
         yield pb_grpc.InferenceStub(channel)
-
-
-def engine_greedy(model, prompts, max_tokens):
-    outs = LLMEngine(model, EngineConfig(max_num_seqs=64)).generate(
-        prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    return [o.token_ids for o in outs]
 
 
 def kv_blocks_used() -> int:
@@ -358,7 +287,7 @@ def test_deadline_is_honoured_and_frees_blocks(server, stub):
 
 
 def test_text_in_text_out(stub, tiny_model, tiny_dir):
-    from epserve.cluster.tokenizer import Tokenizer
+    from epserve.cluster.serving.tokenizer import Tokenizer
 
     tok = Tokenizer.from_checkpoint(tiny_dir)
     prompt = "The expert shards say hello"
@@ -373,7 +302,7 @@ def test_openai_client_through_serve(server, tiny_model, tiny_dir):
     """The OpenAI-compatible API as Serve's HTTP proxy serves it, driven by the official client."""
     import openai
 
-    from epserve.cluster.tokenizer import Tokenizer
+    from epserve.cluster.serving.tokenizer import Tokenizer
 
     tok = Tokenizer.from_checkpoint(tiny_dir)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", timeout=60,

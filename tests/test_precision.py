@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from epserve.actors.model import cpu_kernels, moe, precision
-from epserve.actors.model.checkpoint import preset
 from epserve.actors.model.layers import gelu_tanh
 from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import BF16_DOT, GROUPED_MM, PANELS, Experts
+from epserve.cluster.fixtures.checkpoint import preset
 
 BF16_BUDGET = 1.5  # our bf16 error may be at most this multiple of transformers' own bf16 error
 

@@ -26,12 +26,12 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epserve.cluster import client
+from epserve.cluster.tools import client
 from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
-from epserve.cluster.serve_app import LocalServer
+from epserve.cluster.serving.local import LocalServer
 
-from test_grpc import free_port
+from helpers import free_port
 
 TOKEN = f"epserve-test-{secrets.token_hex(16)}"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -255,7 +255,7 @@ def test_memory_returns_to_its_baseline_after_bursts(server, tls_files):
 def test_the_token_is_never_logged(server, https):
     context, base = https
     http_call(context, f"{base}/v1/models", token="Bearer-but-wrong")  # refusals are logged too
-    assert TOKEN not in json.dumps(server.settings)  # the settings (stored by Ray) only say where it is
+    assert TOKEN not in json.dumps(server.config.to_dict())  # the settings (stored by Ray) only say where it is
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     time.sleep(2)  # let the replica's log handlers flush
     leaked = [str(f) for f in logs.rglob("*") if f.is_file() and TOKEN in f.read_text(errors="ignore")]
@@ -263,8 +263,8 @@ def test_the_token_is_never_logged(server, https):
 
 
 def test_token_sources_and_comparison(tmp_path, monkeypatch):
-    from epserve.cluster.cli import _serve_settings, build_parser
-    from epserve.cluster.security import BearerToken, load_token
+    from epserve.cluster.cli import build_parser, server_config
+    from epserve.cluster.serving.security import BearerToken, load_token
 
     monkeypatch.setenv("EPSERVE_TEST_TOKEN", " abc \n")
     assert load_token(env="EPSERVE_TEST_TOKEN") == "abc"
@@ -280,7 +280,7 @@ def test_token_sources_and_comparison(tmp_path, monkeypatch):
     assert not any(token.accepts(h) for h in (None, "", "abc", "Bearer ab", "Bearer abcd", "Basic abc"))
     # `epserve serve` with the token in its environment: the settings name the variable, never the value
     monkeypatch.setenv("EPSERVE_AUTH_TOKEN", "s3cret-value")
-    settings = _serve_settings(build_parser().parse_args(["serve"]))
+    settings = server_config(build_parser().parse_args(["serve"])).to_dict()
     assert settings["auth_token_env"] == "EPSERVE_AUTH_TOKEN" and "s3cret-value" not in json.dumps(settings)
-    settings = _serve_settings(build_parser().parse_args(["serve", "--auth-token-file", str(tmp_path / "token")]))
-    assert settings["auth_token_file"] == str(tmp_path / "token") and "auth_token_env" not in settings
+    settings = server_config(build_parser().parse_args(["serve", "--auth-token-file", str(tmp_path / "token")]))
+    assert settings.auth_token_file == str(tmp_path / "token") and settings.auth_token_env is None

@@ -1,6 +1,6 @@
 """Recovery from a lost actor, end to end: a real Serve app on the session's Ray cluster (a front-end and
 two expert shards over gloo), real gRPC on 127.0.0.1, and faults injected mid-run under a load of
-concurrent streaming requests (cluster/drill.py): a shard killed, a shard stopped with SIGSTOP, the
+concurrent streaming requests (cluster/tools/drill.py): a shard killed, a shard stopped with SIGSTOP, the
 front-end killed. The tests share one server, which each leaves serving again."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import grpc
 import pytest
 import ray
 
-from epserve.cluster import drill
+from epserve.cluster.tools import drill
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
-from epserve.cluster.client import request
+from epserve.cluster.tools.client import request
 from epserve.cluster.launcher import NAMESPACE, shard_name
 
-from test_grpc import engine_greedy, tiny_server
+from helpers import engine_greedy, tiny_server
 
 STREAMS, MAX_TOKENS = 32, 40
 PROMPTS = [[3 + i, 7, 11 + (i * 13) % 900] + [i % 50 + 3] * (i % 9) for i in range(STREAMS)]

@@ -23,10 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
-from epserve.cluster.client import request
+from epserve.cluster.tools.client import request
 
-from test_cli import EPSERVE
-from test_grpc import engine_greedy, free_port
+from helpers import EPSERVE, engine_greedy, free_port
 
 DRAIN_S = 6.0
 
@@ -43,7 +42,7 @@ def other_grpc_server():
     server.stop(0)
 
 
-@pytest.mark.parametrize("option", ["--grpc-port", "--metrics-port"])
+@pytest.mark.parametrize("option", ["--grpc-port", "--http-port", "--metrics-port"])
 def test_serve_fails_at_once_on_a_busy_port(ray_session, tiny_dir, other_grpc_server, option):
     ports = {"--grpc-port": free_port(), "--http-port": free_port(), "--metrics-port": free_port(),
              option: other_grpc_server}
@@ -53,7 +52,7 @@ def test_serve_fails_at_once_on_a_busy_port(ray_session, tiny_dir, other_grpc_se
                           capture_output=True, text=True, timeout=120)
     assert time.monotonic() - started < 60  # before Ray or Serve is asked for anything
     assert done.returncode == 2 and "is serving" not in done.stdout, done.stdout + done.stderr
-    what = "gRPC" if option == "--grpc-port" else "metrics"
+    what = {"--grpc-port": "gRPC", "--http-port": "HTTP", "--metrics-port": "metrics"}[option]
     assert done.stderr.strip() == (f"epserve serve: error: cannot listen on 127.0.0.1:{other_grpc_server} for "
                                    f"{what}: Address already in use (choose another port with {option})")
 
@@ -62,6 +61,7 @@ def test_serve_fails_at_once_on_a_busy_port(ray_session, tiny_dir, other_grpc_se
 class Served:
     proc: subprocess.Popen
     target: str  # gRPC host:port
+    http_port: int
     metrics_port: int
     log: Path  # its stdout and stderr
 
@@ -80,7 +80,7 @@ def served(ray_session, tiny_dir, tmp_path_factory):
                                  "--http-port", str(http_port), "--metrics-port", str(metrics_port),
                                  "--drain-s", str(DRAIN_S), "--dtype", "float32"],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Served(proc, f"127.0.0.1:{grpc_port}", metrics_port, log)
+    server = Served(proc, f"127.0.0.1:{grpc_port}", http_port, metrics_port, log)
     try:
         deadline = time.monotonic() + 300
         while "is serving" not in server.output():
@@ -95,7 +95,7 @@ def served(ray_session, tiny_dir, tmp_path_factory):
 
 
 def test_client_streams_the_answer(served, tiny_dir, tiny_model):
-    from epserve.cluster.tokenizer import Tokenizer
+    from epserve.cluster.serving.tokenizer import Tokenizer
 
     assert served.target in served.output()
     tok = Tokenizer.from_checkpoint(tiny_dir)
@@ -108,6 +108,14 @@ def test_client_streams_the_answer(served, tiny_dir, tiny_model):
     assert re.fullmatch(rf"\[request \S+: {len(tok.encode(prompt))} prompt \+ 6 generated tokens\]\n", done.stderr)
 
 
+def test_client_with_bad_input_is_one_line(served):
+    done = subprocess.run([*EPSERVE, "client", "--address", served.target, "--prompt-ids", "5,5000"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"epserve client: error: {served.target}: INVALID_ARGUMENT: token_ids: token ids "
+                                  "[5000] are outside the vocabulary [0, 1024)"), done.stderr
+
+
 def test_metrics_port_serves_the_whole_cluster(served):
     url = f"http://127.0.0.1:{served.metrics_port}/metrics"
     assert f"Prometheus metrics on {url}" in served.output()
@@ -117,6 +125,35 @@ def test_metrics_port_serves_the_whole_cluster(served):
                                                                  "epserve:request_success"}
     assert [s.value for s in families["epserve:frontend_up"].samples] == [1.0]
     assert {s.labels["shard"]: s.value for s in families["epserve:shard_up"].samples} == {"0": 1.0, "1": 1.0}
+
+
+def bench(target: str, *flags) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``epserve bench`` against ``target`` with a small workload: the process, and the cells of its table's
+    row."""
+    done = subprocess.run([*EPSERVE, "bench", "--target", target, "--requests", "6", "--prompt-len", "12",
+                           "--output-len", "4", "--concurrency", "3", "--warmup", "1", *flags],
+                          capture_output=True, text=True, timeout=300)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 3 |")]
+    assert len(rows) == 1, done.stdout + done.stderr
+    return done, [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+@pytest.mark.parametrize("scheme", ["grpc", "http"])
+def test_bench_against_the_server_needs_no_flag_about_the_model(served, scheme):
+    """The workload's prompt ids come from the served model's vocabulary (1024 here), as its ModelInfo or
+    /v1/models card says: every request completes."""
+    target = f"grpc://{served.target}" if scheme == "grpc" else f"http://127.0.0.1:{served.http_port}"
+    done, (concurrency, completed, errors, *_, first_error) = bench(target)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (completed, errors, first_error) == ("6", "0", "")
+
+
+def test_bench_shows_why_requests_failed(served):
+    done, (concurrency, completed, errors, *_, first_error) = bench(f"grpc://{served.target}", "--vocab-size",
+                                                                     "5000")
+    assert done.returncode == 1 and (completed, errors) == ("0", "6")
+    assert first_error.startswith("RequestFailed: INVALID_ARGUMENT: token_ids: token ids [")
+    assert "outside the vocabulary [0, 1024)" in first_error
 
 
 def test_serve_drains_then_stops_on_sigterm(served):

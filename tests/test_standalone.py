@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-EPSERVE = [sys.executable, "-m", "epserve.cluster.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from helpers import EPSERVE, free_port
 
 def marked(marker: str) -> list[int]:
     """Pids of live processes whose environment holds the marker."""
@@ -49,6 +40,16 @@ def assert_nothing_left(marker: str, within_s: float = 30.0) -> None:
     assert not left, f"processes left behind: {left}"
 
 
+# Lines that look like failures, which a healthy start and a clean stop used to print (Serve's notice about
+# options "not applied" on a brand-new cluster, Ray's report of the Serve controller's tasks when it is shut down)
+ALARMING = ("will not be applied", "killed by `ray.kill`", "Traceback", "ERROR")
+
+
+def assert_quiet(output: str) -> None:
+    found = [line for line in output.splitlines() if any(words in line for words in ALARMING)]
+    assert not found, found
+
+
 @pytest.fixture
 def env(tmp_path):
     """A fresh environment: no address of the test session's Ray cluster, a cache of its own (the built-in
@@ -69,6 +70,8 @@ def test_demo_answers_a_prompt_and_leaves_nothing_behind(env):
     answer = done.stdout.split("answer (streamed):\n", 1)[1].split("To keep serving", 1)[0]
     assert answer.strip(), done.stdout  # a real, non-empty answer streamed back
     assert "epserve serve" in done.stdout
+    assert "the built-in model has random weights: its answer is gibberish" in done.stdout  # says why it is
+    assert_quiet(done.stdout + done.stderr)
     assert_nothing_left(marker)
 
 
@@ -90,6 +93,7 @@ def test_serve_stops_on_ctrl_c_and_leaves_nothing_behind(env):
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out[-3000:]
         assert "shutting down" in out
+        assert_quiet("".join(lines) + out)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,4 +1,4 @@
-"""The built-in tokenizer that ``write_checkpoint`` writes, and cluster/tokenizer.py: encoding as transformers
+"""The built-in tokenizer that ``write_checkpoint`` writes, and cluster/serving/tokenizer.py: encoding as transformers
 encodes, the Gemma chat template, and the incremental detokenizer used for streaming."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from epserve.actors.model.checkpoint import preset, write_checkpoint
-from epserve.actors.model.tokenizer_files import FILES, tokenizer_json, write_tokenizer
-from epserve.cluster.tokenizer import ChatTemplateError, Tokenizer
+from epserve.cluster.fixtures.checkpoint import preset, write_checkpoint
+from epserve.cluster.fixtures.tokenizer_files import FILES, tokenizer_json, write_tokenizer
+from epserve.cluster.serving.tokenizer import ChatTemplateError, Tokenizer
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -65,7 +65,7 @@ def test_presets_get_a_tokenizer_of_exactly_their_vocabulary(name, tmp_path):
     assert tok.has_chat_template
     # text round-trips
     for text in TEXTS:
-        assert tok.decode(tok.encode(text, add_bos=False), skip_special_tokens=False) == text
+        assert tok.decode(tok.encode(text, add_special_tokens=False), skip_special_tokens=False) == text
 
 
 def test_real_architecture_gets_no_tokenizer(tmp_path):
@@ -101,9 +101,27 @@ def test_transformers_encodes_the_same_ids(tok, hf_tok):
         ours = tok.encode(text)
         assert ours[0] == 2
         assert hf_tok.encode(text) == ours, text
-        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text, add_bos=False) == ours[1:]
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False) == ours[1:]
         assert hf_tok.decode(ours, skip_special_tokens=True) == tok.decode(ours)
         assert hf_tok.decode(ours) == tok.decode(ours, skip_special_tokens=False)
+
+
+def test_a_tokenizer_that_adds_no_bos_is_followed(tmp_path, tiny_tok_dir):
+    """A tokenizer whose own rules add no <bos> (no post-processor, ``add_bos_token`` false) gets none in front
+    of a prompt: text tokenizes as transformers' AutoTokenizer tokenizes it, with add_special_tokens=True."""
+    out = tmp_path / "no-bos"
+    out.mkdir()
+    for name in FILES:
+        data = json.loads((tiny_tok_dir / name).read_text())
+        if name == "tokenizer.json":
+            data["post_processor"] = None
+        if name == "tokenizer_config.json":
+            data["add_bos_token"] = False
+        (out / name).write_text(json.dumps(data))
+    ours, hf = Tokenizer.from_checkpoint(out), AutoTokenizer.from_pretrained(str(out))
+    for text in TEXTS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=True), text
+    assert ours.encode("Hello world")[0] != 2 and ours.encode("<bos>Hello")[:2] == [2, hf.encode("Hello")[0]]
 
 
 def test_bench_tokenizer_matches_transformers(tmp_path):
@@ -121,7 +139,7 @@ def test_chat_template_renders_as_transformers_does(messages, tok, hf_tok):
     ours = tok.apply_chat_template(messages)
     assert ours == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours.startswith("<bos><start_of_turn>user\n") and ours.endswith("<end_of_turn>\n<start_of_turn>model\n")
-    assert tok.encode(ours, add_bos=False) == hf_tok.encode(ours, add_special_tokens=False)
+    assert tok.encode(ours, add_special_tokens=False) == hf_tok.encode(ours, add_special_tokens=False)
     assert tok.apply_chat_template(messages, add_generation_prompt=False) == \
         hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
@@ -131,7 +149,7 @@ def test_chat_template_gemma_layout(tok):
     assert text == ("<bos><start_of_turn>user\nYou are kind.\n\nHello<end_of_turn>\n"
                     "<start_of_turn>model\nHello! How can I help?<end_of_turn>\n"
                     "<start_of_turn>user\nTell me a story.<end_of_turn>\n<start_of_turn>model\n")
-    ids = tok.encode(text, add_bos=False)
+    ids = tok.encode(text, add_special_tokens=False)
     assert ids[:2] == [2, 105] and ids.count(105) == 4 and ids.count(106) == 3
 
 
@@ -168,7 +186,7 @@ def _pieces(tok, ids, rng, skip=True):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_incremental_detokenizer_never_splits_a_character(tok, text):
-    ids = tok.encode(text, add_bos=False)
+    ids = tok.encode(text, add_special_tokens=False)
     d = tok.detokenizer(skip_special_tokens=False)
     pieces = [d.step([t]) for t in ids]
     assert "\ufffd" not in "".join(pieces)  # multi-byte characters come out whole, never as U+FFFD
@@ -193,6 +211,6 @@ def test_incremental_detokenizer_equals_decode_on_random_ids(tok):
 
 def test_token_bytes_and_text(tok):
     assert tok.token_bytes(105) == b"<start_of_turn>" and tok.token_text(105) == "<start_of_turn>"
-    ids = tok.encode(" hello", add_bos=False)
+    ids = tok.encode(" hello", add_special_tokens=False)
     assert b"".join(tok.token_bytes(t) for t in ids) == b" hello"
     assert "".join(tok.token_text(t) for t in ids) == " hello"

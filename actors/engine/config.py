@@ -12,7 +12,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 1 << 30  # memory for the KV cache, split between sliding and full layers
     num_blocks: dict[str, int] | None = None  # explicit blocks per attention kind (overrides the budget)
-    max_model_len: int | None = None  # prompt + output tokens; default: what the full-layer cache can hold
+    # prompt + output tokens of one request; at most (and by default) the model's max_position_embeddings and
+    # what the full-layer cache can hold
+    max_model_len: int | None = None
     enable_prefix_caching: bool = True
     # Requests that may wait for a running slot (beyond the max_num_seqs running ones); more are refused at
     # once (Overloaded), so that a burst costs the servers a bounded amount of memory. None: no limit

@@ -46,7 +46,9 @@ class LLMEngine:
         self.blocks = BlockManager(self.config.block_size, self.runner.num_blocks, self.runner.windows,
                                    self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
-        self.max_model_len = min(self.config.max_model_len or self.runner.full_capacity, self.runner.full_capacity)
+        # the context: what the model was trained for and the full layers' KV cache can hold (a setting may lower it)
+        limit = min(model.cfg.max_position_embeddings, self.runner.full_capacity)
+        self.max_model_len = min(self.config.max_model_len or limit, limit)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_steps = 0

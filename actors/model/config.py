@@ -64,6 +64,7 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # 0: no separate shared expert (the released model)
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float | None = 30.0
+    max_position_embeddings: int = 131072  # positions the model was trained for (transformers' default)
     eos_token_ids: tuple[int, ...] = (1,)
     bos_token_id: int = 2
     pad_token_id: int = 0
@@ -72,10 +73,6 @@ class ModelConfig:
 
     def attention(self, layer: int) -> AttentionShape:
         return self.full if self.layer_types[layer] == FULL else self.sliding
-
-    @property
-    def max_window(self) -> int | None:
-        return self.sliding.window if SLIDING in self.layer_types else None
 
     @property
     def embed_scale(self) -> float:
@@ -147,7 +144,7 @@ class ModelConfig:
             "attention_bias": False,
             "tie_word_embeddings": True,
             "use_bidirectional_attention": "vision",
-            "max_position_embeddings": 262144,
+            "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids[0] if self.eos_token_ids else None,
             "pad_token_id": self.pad_token_id,
@@ -255,6 +252,7 @@ def _parse_text_config(text: dict, eos: tuple[int, ...], layout: str) -> ModelCo
         shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size") or 0),
         rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
         final_logit_softcapping=float(softcap) if softcap else None,
+        max_position_embeddings=int(text.get("max_position_embeddings") or 131072),
         eos_token_ids=eos,
         bos_token_id=int(text.get("bos_token_id", 2) or 2),
         pad_token_id=int(text.get("pad_token_id", 0) or 0),

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65pserve/v1/inference.proto\x12\nepserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa0\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\nmin_tokens\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_min_tokens\"\x97\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xac\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.epserve.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xa2\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\x19\n\x11\x65xperts_per_token\x18\x07 \x01(\x05\x12\x12\n\nnum_shards\x18\x08 \x01(\x05\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\r\n\x05\x64type\x18\r \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe5\x01\n\tInference\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse\x12H\n\tModelInfo\x12\x1c.epserve.v1.ModelInfoRequest\x1a\x1d.epserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65pserve/v1/inference.proto\x12\nepserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xae\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\nmin_tokens\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x0c\n\x04stop\x18\n \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_min_tokens\"\x97\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.epserve.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.epserve.v1.SamplingParamsB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xac\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.epserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.epserve.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xb3\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x06 \x01(\x05\x12\x19\n\x11\x65xperts_per_token\x18\x07 \x01(\x05\x12\x12\n\nnum_shards\x18\x08 \x01(\x05\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x0b \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x0f\n\x07\x63pu_isa\x18\x0e \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe5\x01\n\tInference\x12G\n\x08Generate\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.epserve.v1.GenerateRequest\x1a\x1c.epserve.v1.GenerateResponse\x12H\n\tModelInfo\x12\x1c.epserve.v1.ModelInfoRequest\x1a\x1d.epserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epserve.cluster.api.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1059
-  _globals['_FINISHREASON']._serialized_end=1179
+  _globals['_FINISHREASON']._serialized_start=1090
+  _globals['_FINISHREASON']._serialized_end=1210
   _globals['_TOKENIDS']._serialized_start=42
   _globals['_TOKENIDS']._serialized_end=65
   _globals['_SAMPLINGPARAMS']._serialized_start=68
-  _globals['_SAMPLINGPARAMS']._serialized_end=356
-  _globals['_GENERATEREQUEST']._serialized_start=359
-  _globals['_GENERATEREQUEST']._serialized_end=510
-  _globals['_USAGE']._serialized_start=512
-  _globals['_USAGE']._serialized_end=569
-  _globals['_GENERATERESPONSE']._serialized_start=572
-  _globals['_GENERATERESPONSE']._serialized_end=744
-  _globals['_MODELINFOREQUEST']._serialized_start=746
-  _globals['_MODELINFOREQUEST']._serialized_end=764
-  _globals['_MODELINFORESPONSE']._serialized_start=767
-  _globals['_MODELINFORESPONSE']._serialized_end=1057
-  _globals['_INFERENCE']._serialized_start=1182
-  _globals['_INFERENCE']._serialized_end=1411
+  _globals['_SAMPLINGPARAMS']._serialized_end=370
+  _globals['_GENERATEREQUEST']._serialized_start=373
+  _globals['_GENERATEREQUEST']._serialized_end=524
+  _globals['_USAGE']._serialized_start=526
+  _globals['_USAGE']._serialized_end=583
+  _globals['_GENERATERESPONSE']._serialized_start=586
+  _globals['_GENERATERESPONSE']._serialized_end=758
+  _globals['_MODELINFOREQUEST']._serialized_start=760
+  _globals['_MODELINFOREQUEST']._serialized_end=778
+  _globals['_MODELINFORESPONSE']._serialized_start=781
+  _globals['_MODELINFORESPONSE']._serialized_end=1088
+  _globals['_INFERENCE']._serialized_start=1213
+  _globals['_INFERENCE']._serialized_end=1442
 # @@protoc_insertion_point(module_scope)

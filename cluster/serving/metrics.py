@@ -10,7 +10,7 @@ that call to the Frontend and every ExpertShard of the cluster at once (one Ray 
 * ``epserve:shard_restarts_total{shard}``: new incarnations of a shard seen (its actor start time changed
   between two scrapes: a Ray restart or a replacement by the cluster).
 
-``MetricsEndpoint`` owns that collector's registry. The ingress replica (``cluster/serve_app.py``) starts it:
+``MetricsEndpoint`` owns that collector's registry. The ingress replica (``app.py``) starts it:
 with ``metrics_port`` set (``epserve serve --metrics-port P``, ``metrics_port`` in ``deploy/serve.yaml``) it
 serves http://<metrics_host>:P/metrics from prometheus_client's own threaded HTTP server, and the same text
 is served at ``/metrics`` of the Serve HTTP app. Starting it in the replica rather than in the driver means
@@ -25,11 +25,13 @@ first, cannot ingest.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import ray
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
@@ -156,8 +158,4 @@ class _QuietHandler(WSGIRequestHandler):
 
 async def metrics_response(endpoint: MetricsEndpoint):
     """The Serve app's ``/metrics`` route: the same text as the metrics port, rendered off the event loop."""
-    import asyncio
-
-    from fastapi.responses import Response
-
     return Response(await asyncio.to_thread(endpoint.render), media_type=CONTENT_TYPE_LATEST)

@@ -16,7 +16,9 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from .bench_targets import make_target
 
 
 @dataclass
@@ -25,10 +27,12 @@ class Workload:
     prompt_len: int = 128
     output_len: int = 128
     random_lengths: bool = False  # lengths uniform in [len/2, len*3/2] instead of fixed
-    vocab_size: int = 32768
+    vocab_size: int | None = None  # prompt ids are drawn below it; None: the served model's (``sweep``)
     seed: int = 0
 
     def requests(self) -> list[tuple[list[int], int]]:
+        if self.vocab_size is None:
+            raise ValueError("the workload has no vocabulary size")
         rng = random.Random(self.seed)
 
         def length(n):
@@ -161,9 +165,14 @@ def summarize(records: list[RequestRecord], elapsed_s: float) -> dict:
 
 async def sweep(target, workload: Workload, concurrencies: list[int], rate: float | None = None,
                 duration_s: float | None = None, warmup: int = 2) -> dict:
-    """Start the target, warm it up, run the workload once per concurrency, close it."""
+    """Start the target, warm it up, run the workload once per concurrency, close it. A workload without a
+    vocabulary size takes the served model's."""
     await target.start()
     try:
+        if workload.vocab_size is None:
+            if target.vocab_size is None:
+                raise ValueError("the server does not say its vocabulary size: give --vocab-size")
+            workload = replace(workload, vocab_size=target.vocab_size)
         reqs = workload.requests()
         if warmup:
             await run_load(target, [(p, 2) for p, _ in reqs[:warmup]], warmup, label="warm-up")
@@ -202,29 +211,23 @@ def plot(result: dict, path: str, title: str = "epserve bench") -> None:
 
 
 def report_table(result: dict) -> str:
+    """A markdown table, one row per run; a run with errors shows the first one's message."""
     lines = ["| concurrency | requests | errors | output tok/s | total tok/s | req/s | TTFT p50 / p90 / p99 (ms) "
-             "| ITL p50 / p90 / p99 (ms) |", "|---|---|---|---|---|---|---|---|"]
+             "| ITL p50 / p90 / p99 (ms) | first error |", "|---|---|---|---|---|---|---|---|---|"]
 
     def ms(d):
         return " / ".join("-" if d[p] is None else f"{1000 * d[p]:.0f}" for p in ("p50", "p90", "p99"))
 
     for r in result["runs"]:
+        first_error = " ".join(r["first_errors"][0].replace("|", "/").split()) if r["first_errors"] else ""
         lines.append(f"| {r['concurrency']} | {r['completed']} | {r['errors']} | {r['output_tok_s']:.1f} | "
-                     f"{r['total_tok_s']:.1f} | {r['requests_s']:.2f} | {ms(r['ttft_s'])} | {ms(r['itl_s'])} |")
+                     f"{r['total_tok_s']:.1f} | {r['requests_s']:.2f} | {ms(r['ttft_s'])} | {ms(r['itl_s'])} | "
+                     f"{first_error} |")
     return "\n".join(lines)
 
 
 def main(args) -> int:
-    from .bench_targets import make_target
-
-    vocab = args.vocab_size
-    if vocab is None and args.target is None:
-        from epserve.actors.model.config import ModelConfig
-
-        from .cli import builtin_checkpoint
-
-        vocab = ModelConfig.from_json(args.checkpoint or builtin_checkpoint()).vocab_size
-    workload = Workload(args.requests, args.prompt_len, args.output_len, args.random_lengths, vocab or 32768,
+    workload = Workload(args.requests, args.prompt_len, args.output_len, args.random_lengths, args.vocab_size,
                         args.seed)
     engine = {"max_num_seqs": max(args.concurrency), "enable_prefix_caching": False}
     target = make_target(args.target, args.checkpoint, args.shards, args.model, engine, args.dtype)

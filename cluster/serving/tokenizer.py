@@ -2,7 +2,8 @@
 (jinja2, rendered as transformers renders it) and an incremental detokenizer for streaming.
 
 The checkpoints from ``epserve make-checkpoint`` carry a small byte-level BPE tokenizer (see
-``actors/model/tokenizer_files.py``); a released checkpoint's own tokenizer.json and chat template work the same.
+``cluster/fixtures/tokenizer_files.py``); a released checkpoint's own tokenizer.json and chat template work the
+same.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 from tokenizers import Tokenizer as _Backend
 
 
@@ -87,13 +91,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text`` (special-token strings in it, like ``<start_of_turn>``, become their ids), with
-        ``<bos>`` in front when ``add_bos``."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
-        return ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` as transformers' ``AutoTokenizer`` makes them: special-token strings in it (like
+        ``<start_of_turn>``) become their ids, and, with ``add_special_tokens``, the tokenizer's own rules (its
+        post-processor: ``<bos>`` in front for Gemma's) add what they add."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -132,10 +134,6 @@ class Tokenizer:
 
     @cached_property
     def _compiled_template(self):
-        import jinja2
-        import jinja2.ext
-        import jinja2.sandbox
-
         def raise_exception(message):
             raise ChatTemplateError(message)
 
@@ -153,11 +151,9 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text of a conversation (it starts with ``<bos>`` when the template writes it: encode it
-        with ``add_bos=False``). Raises ChatTemplateError when the template refuses the messages."""
+        with ``add_special_tokens=False``). Raises ChatTemplateError when the template refuses the messages."""
         if not self.chat_template:
             raise ChatTemplateError("this tokenizer has no chat template")
-        import jinja2
-
         special = {k: _token_content(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token",
                                                                    "unk_token")}
         try:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import grpc
 
-from .api import inference_pb2 as pb
-from .api import inference_pb2_grpc as pb_grpc
+from ..api import inference_pb2 as pb
+from ..api import inference_pb2_grpc as pb_grpc
 
 
 def request(prompt: str | None = None, prompt_ids: list[int] | None = None, max_tokens: int = 32,
             temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False,
-            request_id: str = "") -> pb.GenerateRequest:
-    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
+            request_id: str = "", stop: list[str] = ()) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos, stop=stop)
     if seed is not None:
         sampling.seed = seed
     req = pb.GenerateRequest(request_id=request_id, sampling=sampling)

@@ -1,6 +1,9 @@
 """How the servers reach the engine: a Frontend actor of the cluster, or a Frontend object in this process
 (``num_shards=0``). Both are driven through the same async API, so the gRPC and OpenAI servers do not care
-which one they talk to.
+which one they talk to. What crosses is typed: ``SamplingParams`` in, ``RequestOutput`` and ``ModelInfo`` out.
+
+A caller that leaves a stream early (it cancelled, its client went away, it stopped reading at a stop string,
+the drain ran out) aborts the request here, and only here: the engine frees its KV blocks at once.
 
 A Frontend actor that dies takes the requests it held with it: their calls end with ``EngineFailure`` and a
 message that says so (the servers answer UNAVAILABLE: retriable, since the cluster restarts the front-end).
@@ -10,11 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import ray
 
+from epserve.actors.engine.engine import RequestOutput
+from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.frontend import EngineFailure, Frontend
+from epserve.actors.model_info import ModelInfo
 
 FRONTEND_LOST = ("the front-end was lost with this request (it is being restarted; the request's progress is "
                  "gone): retry it")
@@ -39,7 +46,7 @@ class FrontendClient:
         self.frontend = frontend
         self.local = isinstance(frontend, Frontend)
         self.accepting = True  # False once draining: new streams raise Draining
-        self._live: dict[object, asyncio.Future] = {}  # per stream in flight: its pending next item
+        self._live: dict[object, asyncio.Future] = {}  # per stream in flight: its pending next output
         self._ended: set[object] = set()  # streams that the drain ends
 
     @property
@@ -57,43 +64,48 @@ class FrontendClient:
         except ray.exceptions.RayActorError:
             raise EngineFailure(FRONTEND_LOST) from None
 
-    async def stream(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[dict]:
-        """One dict per engine step: request_id, new_token_ids, new_logprobs, finished, finish_reason,
-        num_prompt_tokens, num_output_tokens. Leaving early (cancel, disconnect) aborts the request."""
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     request_id: str) -> AsyncIterator[RequestOutput]:
+        """What each engine step produced for the request, until one is ``finished``. Leaving early (cancel,
+        disconnect, closing this iterator, the drain running out) aborts the request."""
         if not self.accepting:
             raise Draining("the server is shutting down: retry on another replica or later")
-        finished = False
-        items = self.frontend.stream(prompt_ids, params, request_id) if self.local else \
+        outputs = self.frontend.stream(prompt_ids, params, request_id) if self.local else \
             self._remote_stream(prompt_ids, params, request_id)
+        finished = False
         try:
-            async for item in self._until_drained(items):
-                finished = item["finished"]
-                yield item
-        finally:
+            async with aclosing(self._until_drained(outputs)) as steps:
+                async for out in steps:
+                    finished = out.finished
+                    yield out
+        except (GeneratorExit, asyncio.CancelledError, Draining):
             if not finished:  # not awaited: the caller's task may be being cancelled right now
                 task = asyncio.get_running_loop().create_task(self._abort_quietly(request_id))
                 _pending.add(task)
                 task.add_done_callback(_pending.discard)
+            raise
 
-    async def _until_drained(self, items: AsyncIterator[dict]) -> AsyncIterator[dict]:
-        """``items``, each awaited as a future of its own that ``drain`` can cancel: a stream still in flight
-        when the drain time runs out ends with Draining (its engine request is then aborted)."""
-        key, it = object(), items.__aiter__()
+    async def _until_drained(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """``outputs``, each awaited as a future of its own that ``drain`` can cancel: a stream still in flight
+        when the drain time runs out ends with Draining. Closes ``outputs`` when it ends."""
+        key, it, step = object(), outputs.__aiter__(), None
         try:
             while True:
                 self._live[key] = step = asyncio.ensure_future(it.__anext__())
                 try:
-                    item = await step
+                    out = await step
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
                     if key in self._ended:
                         raise Draining("the server shut down before the request finished: retry it") from None
                     raise
-                yield item
+                yield out
         finally:
             self._live.pop(key, None)
             self._ended.discard(key)
+            if step is None or step.done():  # (a step still running ends the stream by itself)
+                await it.aclose()
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new streams, wait up to ``timeout_s`` for those in flight to finish, and end the rest with
@@ -109,7 +121,8 @@ class FrontendClient:
             step.cancel()
         return len(left)
 
-    async def _remote_stream(self, prompt_ids: list[int], params: dict, request_id: str) -> AsyncIterator[dict]:
+    async def _remote_stream(self, prompt_ids: list[int], params: SamplingParams,
+                             request_id: str) -> AsyncIterator[RequestOutput]:
         gen = self.frontend.stream.options(num_returns="streaming").remote(prompt_ids, params, request_id)
         exhausted = False
         try:
@@ -122,7 +135,7 @@ class FrontendClient:
         except ray.exceptions.RayActorError:
             raise EngineFailure(FRONTEND_LOST) from None
         finally:
-            if not exhausted:  # left early: else the actor's side of the stream would wait for items forever
+            if not exhausted:  # left early: else the actor's side of the stream would wait for outputs forever
                 ray.cancel(gen)
 
     async def _abort_quietly(self, request_id: str) -> None:
@@ -134,7 +147,7 @@ class FrontendClient:
     async def abort(self, request_id: str) -> bool:
         return await self._call("abort", request_id)
 
-    async def model_info(self) -> dict:
+    async def model_info(self) -> ModelInfo:
         return await self._call("model_info")
 
     async def ready(self) -> bool:

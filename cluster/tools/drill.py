@@ -21,9 +21,9 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .api import inference_pb2_grpc as pb_grpc
+from ..api import inference_pb2_grpc as pb_grpc
+from ..launcher import FRONTEND_NAME, NAMESPACE, shard_name
 from .client import request
-from .launcher import FRONTEND_NAME, NAMESPACE, shard_name
 
 FAULTS = ("shard-kill", "shard-stall", "frontend-kill")
 SERVING, NOT_SERVING = "SERVING", "NOT_SERVING"

@@ -25,7 +25,9 @@ INVALID = Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error")
 UNAUTHENTICATED = Status(grpc.StatusCode.UNAUTHENTICATED, 401, "invalid_request_error", "invalid_api_key")
 TOO_LARGE = Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error", "request_too_large")
 OVERLOADED = Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error", "server_overloaded")
-UNAVAILABLE = Status(grpc.StatusCode.UNAVAILABLE, 503, "server_error", "server_unavailable")
+UNAVAILABLE = Status(grpc.StatusCode.UNAVAILABLE, 503, "server_error", "server_unavailable")  # draining
+NOT_READY = Status(grpc.StatusCode.UNAVAILABLE, 503, "server_error", "model_not_ready")  # starting, recovering
+STOPPED = Status(grpc.StatusCode.UNAVAILABLE, 503, "server_error", "cluster_stopped")  # recovery gave up
 
 _BY_EXCEPTION = ((RequestError, INVALID), (Overloaded, OVERLOADED), (Draining, UNAVAILABLE))
 

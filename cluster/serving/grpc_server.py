@@ -6,29 +6,32 @@ a grpc.aio server in a replica answers a unary call in 2.5-6 ms and supports hea
 natively, while Serve's proxy costs 13-15 ms per call and needs extra work for standard health checks
 (docs/grpc.md has the numbers and the command).
 
-Every request is checked field by field (cluster/validation.py, shared with the OpenAI API) before it reaches
-the engine: INVALID_ARGUMENT with a message that starts with the field (``sampling.top_p: ...``), also for a
-request that does not parse. Refusals keep their meaning (cluster/statuses.py): RESOURCE_EXHAUSTED when the
-engine's waiting queue is full, UNAVAILABLE while starting, recovering or draining. Optionally the port speaks
-TLS only, and every call but health checks needs the bearer token (``Guard``; cluster/security.py).
+Every request is checked field by field (validation.py, shared with the OpenAI API) before it reaches the
+engine: INVALID_ARGUMENT with a message that starts with the field (``sampling.top_p: ...``), also for a
+request that does not parse. Refusals keep their meaning (statuses.py): RESOURCE_EXHAUSTED when the engine's
+waiting queue is full, UNAVAILABLE while starting, recovering or draining. The text is decoded and cut at stop
+strings as the OpenAI API does it (text_stream.py). Optionally the port speaks TLS only, and every call but
+health checks needs the bearer token (``Guard``; security.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import aclosing
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from epserve.actors.engine.sampling import RequestError
+from epserve.actors.engine.sampling import RequestError, SamplingParams
 
+from ..api import inference_pb2 as pb
+from ..api import inference_pb2_grpc as pb_grpc
 from . import statuses, validation
-from .api import inference_pb2 as pb
-from .api import inference_pb2_grpc as pb_grpc
 from .security import BearerToken, TLSFiles
-from .serving import ServingState, new_request_id
+from .state import ServingState, new_request_id
+from .text_stream import TextStream
 
 SERVICE = "epserve.v1.Inference"
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -45,57 +48,68 @@ def sampling_fields(s: pb.SamplingParams) -> dict:
 
 def field_names(request: pb.GenerateRequest) -> dict[str, str]:
     """The engine's field names -> the message's (the prompt is whichever input is set)."""
-    sampling = {f: f"sampling.{f}" for f in OPTIONAL_SAMPLING + ("stop_token_ids",)}
+    sampling = {f: f"sampling.{f}" for f in OPTIONAL_SAMPLING + ("stop_token_ids", "stop")}
     return {"prompt": request.WhichOneof("input") or "input", **sampling}
+
+
+def model_info_response(state: ServingState) -> pb.ModelInfoResponse:
+    """Every fact of the served model's ModelInfo, and what only the server knows."""
+    return pb.ModelInfoResponse(model_name=state.model_name, has_tokenizer=state.tokenizer is not None,
+                                **state.info.to_dict())
 
 
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, state: ServingState):
         self.state = state
 
-    def _checked(self, request) -> tuple[str, list[int] | str, dict]:
-        """(request id, prompt token ids or text, sampling params) of a valid request; RequestError naming the
-        message's field otherwise."""
-        limits = validation.Limits.of(self.state.info)
+    def _checked(self, request) -> tuple[str, list[int] | str, SamplingParams, list[str]]:
+        """(request id, prompt token ids or text, sampling params, stop strings) of a valid request;
+        RequestError naming the message's field otherwise."""
+        info, tokenizer = self.state.info, self.state.tokenizer
         kind = request.WhichOneof("input")
         try:
             rid = validation.request_id(request.request_id) if request.request_id else new_request_id()
             if kind is None:
                 raise RequestError("input", "set token_ids or text")
-            if kind == "text" and self.state.tokenizer is None:
+            if kind == "text" and tokenizer is None:
                 raise RequestError("text", "this model has no tokenizer; send token_ids")
-            prompt = validation.text(request.text, limits) if kind == "text" else \
-                validation.token_ids(list(request.token_ids.ids), limits)
-            return rid, prompt, validation.sampling(limits, **sampling_fields(request.sampling))
+            prompt = validation.text(request.text, info) if kind == "text" else \
+                validation.token_ids(list(request.token_ids.ids), info)
+            stop = validation.stop_strings(list(request.sampling.stop))
+            if stop and tokenizer is None:
+                raise RequestError("stop", "this model has no tokenizer, so no text to find stop strings in")
+            return rid, prompt, validation.sampling(info, **sampling_fields(request.sampling)), stop
         except RequestError as e:
             raise validation.renamed(e, field_names(request)) from None
 
+    async def _refuse(self, context, new_request: bool = True) -> None:
+        refusal = self.state.refusal(new_request)
+        if refusal is not None:
+            await context.abort(refusal[0].grpc, refusal[1])
+
     async def _stream(self, request, context):
-        if self.state.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere or later")
-        await self._refuse_unless_ready(context)
+        await self._refuse(context)
+        client = self.state.client
         try:
-            rid, prompt, params = self._checked(request)
+            rid, prompt, params, stop = self._checked(request)
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if isinstance(prompt, str):
             prompt = self.state.tokenizer.encode(prompt)
-        detok = self.state.tokenizer.detokenizer() if self.state.tokenizer is not None else None
-        t0, n_out, reason = time.monotonic(), 0, None
+        text = TextStream(self.state.tokenizer, stop)
+        t0 = time.monotonic()
         try:
-            async for item in self.state.client.stream(prompt, params, rid):
-                n_out = item["num_output_tokens"]
-                reason = item["finish_reason"]
-                text = detok.step(item["new_token_ids"]) if detok else ""
-                if detok and item["finished"]:
-                    text += detok.flush()
-                msg = pb.GenerateResponse(request_id=rid, token_ids=item["new_token_ids"],
-                                          logprobs=item["new_logprobs"] or [], text=text)
-                if item["finished"]:
-                    msg.finish_reason = FINISH.get(reason, pb.FINISH_REASON_UNSPECIFIED)
-                    msg.usage.prompt_tokens = item["num_prompt_tokens"]
-                    msg.usage.completion_tokens = n_out
-                yield msg
+            async with aclosing(client.stream(prompt, params, rid)) as outputs:
+                async for out in outputs:
+                    msg = pb.GenerateResponse(request_id=rid, token_ids=out.new_token_ids,
+                                              logprobs=out.new_logprobs or [], text=text.add(out))
+                    if text.done:
+                        msg.finish_reason = FINISH.get(text.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+                        msg.usage.prompt_tokens = out.num_prompt_tokens
+                        msg.usage.completion_tokens = len(text.token_ids)
+                    yield msg
+                    if text.done:  # at a stop string: leaving the stream aborts the request
+                        break
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # noqa: BLE001 - refused by the engine, or the engine failed or restarts
@@ -106,8 +120,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             message = validation.renamed(e, field_names(request)) if isinstance(e, RequestError) else e
             await context.abort(status.grpc, str(message))
         finally:
-            log.info("request %s prompt_tokens=%d output_tokens=%d finish=%s %.3fs", rid, len(prompt), n_out,
-                     reason or "cancelled", time.monotonic() - t0)
+            log.info("request %s prompt_tokens=%d output_tokens=%d finish=%s %.3fs", rid, len(prompt),
+                     len(text.token_ids), text.finish_reason or "cancelled", time.monotonic() - t0)
 
     async def Generate(self, request, context):
         async for piece in self._stream(request, context):
@@ -125,21 +139,9 @@ class InferenceService(pb_grpc.InferenceServicer):
                 whole.usage.CopyFrom(piece.usage)
         return whole
 
-    async def _refuse_unless_ready(self, context) -> None:
-        if self.state.stopped:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the cluster stopped serving: {self.state.stopped}")
-        if not self.state.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the cluster is starting or recovering; retry")
-
     async def ModelInfo(self, request, context):
-        await self._refuse_unless_ready(context)
-        i = self.state.info
-        return pb.ModelInfoResponse(
-            model_name=self.state.model_name, architecture="Gemma4ForConditionalGeneration (text decoder)",
-            vocab_size=i["vocab_size"], hidden_size=i["hidden_size"], num_layers=i["num_layers"],
-            num_experts=i["num_experts"], experts_per_token=i["top_k"], num_shards=i["num_shards"],
-            max_model_len=i["max_model_len"], eos_token_ids=i["eos_token_ids"],
-            has_tokenizer=self.state.tokenizer is not None, device=i["device"], dtype=i["dtype"])
+        await self._refuse(context, new_request=False)
+        return model_info_response(self.state)
 
 
 def _short(e: Exception) -> str:
@@ -218,13 +220,12 @@ def _tolerant(handler):
 
 class GrpcEndpoint:
     """The grpc.aio server: the Inference service, health (NOT_SERVING until ``set_serving``, and again once
-    draining), reflection; TLS and a bearer token when given."""
+    draining), reflection; TLS when given, and the state's bearer token when it has one."""
 
-    def __init__(self, state: ServingState, host: str = "127.0.0.1", port: int = 50051,
-                 max_message_bytes: int = 4 << 20, tls: TLSFiles | None = None, token: BearerToken | None = None):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self.server = grpc.aio.server(options=options, interceptors=[Guard(token)])
+    def __init__(self, state: ServingState, host: str, port: int, tls: TLSFiles | None = None):
+        options = [("grpc.max_receive_message_length", validation.MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", validation.MAX_MESSAGE_BYTES)]
+        self.server = grpc.aio.server(options=options, interceptors=[Guard(state.token)])
         self.state = state
         pb_grpc.add_InferenceServicer_to_server(InferenceService(state), self.server)
         self.health = health.aio.HealthServicer()

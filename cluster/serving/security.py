@@ -20,18 +20,11 @@ import grpc
 
 TOKEN_ENV = "EPSERVE_AUTH_TOKEN"  # where `epserve serve` and `epserve client` look when no file is given
 
+
 @dataclass(frozen=True)
 class TLSFiles:
     cert_file: str
     key_file: str
-
-    @classmethod
-    def from_settings(cls, settings: dict) -> TLSFiles | None:
-        """``tls_cert_file`` and ``tls_key_file`` of the app's settings: both or neither."""
-        cert, key = settings.get("tls_cert_file"), settings.get("tls_key_file")
-        if bool(cert) != bool(key):
-            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
-        return cls(str(cert), str(key)) if cert else None
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())])
@@ -59,10 +52,10 @@ class BearerToken:
                                                                   self._token)
 
     @classmethod
-    def from_settings(cls, settings: dict) -> BearerToken | None:
-        """From the file ``auth_token_file`` or the environment variable named ``auth_token_env``; None when
-        neither is set (no auth)."""
-        token = load_token(settings.get("auth_token_file"), settings.get("auth_token_env"))
+    def load(cls, path: str | None = None, env: str | None = None) -> BearerToken | None:
+        """The token in the file ``path`` or the environment variable ``env``; None when neither is given (no
+        auth)."""
+        token = load_token(path, env)
         return cls(token) if token is not None else None
 
 
