@@ -1,167 +1,247 @@
-"""Expert parallelism over ``torch.distributed``: the front-end's dispatcher and the shard's side of it.
+"""Expert parallelism: M front-ends and N expert shards in one group, talking over a transport
+(actors/transport.py: ``torch.distributed``, or shared memory on one host).
 
-Ranks: 0 is the front-end, 1..N the expert shards; shard s owns experts [first_s, first_s + count_s) of every
-MoE layer. Each step begins with a header from rank 0 (run a step, idle heartbeat, or stop); a
-step then runs one exchange per MoE layer, and every rank joins every collective, with zero rows if it has
-none:
+Ranks: front-ends 0 .. M-1, shards M .. M+N-1 (``Ranks``); where each expert lives is a ``Placement``. Each step
+begins with a header every rank joins (``exchange_header``): the op (step, idle heartbeat, stop) and every
+front-end's token count. A step then runs, per MoE layer, two all-to-all collectives, and every rank joins
+both, with zero rows if it has none:
 
-  1. counts    all_to_all_single of row counts (rank 0 -> each shard: tokens that need it)
-  2. dispatch  all_to_all_single of the rows: x [n, H] in the model dtype, plus [n, 2K] fp32 with the
-               token's local expert ids on that shard (-1 for slots on other shards) and routing weights
-  3. compute   the shard runs ``grouped_experts`` and sums its own top-k contributions per token in fp32
-  4. combine   all_to_all_single of the fp32 partial sums back to rank 0, which adds the shards in fp32
+  dispatch  each front-end sends each shard the rows of its tokens that need it, once per distinct shard (not
+            once per expert), each with the token's local expert slots there (-1: another shard's). Front-end
+            j sends every shard a block of 1 + T_j rows (the header told every rank T_j), the first holding the
+            count: no separate exchange of counts.
+  combine   each shard returns, per front-end, the output of every (row, slot) it computed, in the model dtype,
+            in row-major slot order; the front-end sums each token's K outputs, weighted, in fp32 in top-k order
+            (``ops.moe_combine``), exactly as the in-process model does: the result does not depend on how many
+            shards there are or on where an expert lives (with batch-invariant expert kernels, the CPU ones).
 
-A token goes once to each *distinct* shard it needs (not once per expert), so dispatch bytes are
-H x (distinct shards hit) per token. The payload collectives are asynchronous: the front-end computes the
-dense FFN while the rows travel and the shards compute, then waits (``submit`` / ``wait``).
+The two sides speak the same words: on a front-end ``handle = ep.dispatch(layer, x_TH, ids_TK, weights_TK)``
+then ``y_TH = ep.combine(handle)``; on a shard ``handle = ep.dispatch(layer)`` (the rows it received) then
+``ep.combine(handle, ys)``. Between the two a front-end computes the dense MLP (``overlap``, decided here and
+only here: on with GPUs, where the shards compute elsewhere, off on CPUs, where they share the cores).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
-from .model.moe import grouped_experts
+from .model import ops
+from .model.moe import expert_outputs
+from .placement import Placement
+from .transport import Transport
 
 OP_IDLE, OP_STEP, OP_STOP = 0, 1, 2
 
 
-def expert_ranges(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
-    """(first, count) of each shard: contiguous, [s*E/N, (s+1)*E/N) with integer division."""
-    bounds = [s * num_experts // num_shards for s in range(num_shards + 1)]
-    return [(bounds[s], bounds[s + 1] - bounds[s]) for s in range(num_shards)]
+@dataclass(frozen=True)
+class Ranks:
+    """Who is who in the process group: front-ends first, then shards."""
+
+    frontends: int
+    shards: int
+
+    @property
+    def world(self) -> int:
+        return self.frontends + self.shards
+
+    def shard_rank(self, shard: int) -> int:
+        return self.frontends + shard
 
 
-def broadcast_header(op: int, device) -> int:
-    """Rank 0's ``op`` to every rank (the others pass OP_IDLE = 0). An all-reduce rather than a broadcast,
-    because a broadcast's root need not wait for its receivers: this way every header, the idle heartbeat
-    too, waits for every rank, and a stalled shard is noticed within the collective deadline even while
-    the front-end has no work."""
-    header = torch.tensor([op if dist.get_rank() == 0 else OP_IDLE], dtype=torch.int64, device=device)
-    dist.all_reduce(header)
-    return int(header.item())
+def exchange_header(op: int, tokens: int, ranks: Ranks, transport: Transport, device) -> tuple[int, list[int]]:
+    """Every rank's (op, tokens) combined: (the largest op: a step if any front-end steps, a stop if any stops;
+    every front-end's token count). Shards pass OP_IDLE and 0. Every rank waits for every other, the idle
+    heartbeat too, so a stalled peer is noticed within the collective deadline even without work."""
+    header = torch.zeros(1 + ranks.frontends, dtype=torch.int64, device=device)
+    header[0] = op
+    if transport.rank < ranks.frontends:
+        header[1 + transport.rank] = tokens
+    values = transport.header(header).tolist()
+    return values[0], values[1:]
+
+
+def max_message_bytes(tokens: int, ranks: Ranks, hidden: int, top_k: int, dtype) -> int:
+    """The largest message between two ranks in a step of at most ``tokens`` tokens per front-end: a dispatch
+    block, a shard's answer to one front-end (every slot of its tokens, at worst), or the header."""
+    return max((1 + tokens) * row_bytes(hidden, top_k, dtype), tokens * top_k * hidden * dtype.itemsize,
+               8 * (1 + ranks.frontends))
+
+
+def row_bytes(hidden: int, top_k: int, dtype: torch.dtype) -> int:
+    """Bytes of one dispatched row: the hidden state, then the K local slots (int32), padded to 8 bytes."""
+    return -(-(hidden * dtype.itemsize + 4 * top_k) // 8) * 8
 
 
 @dataclass
 class DispatchStats:
-    """Counters of the front-end's dispatcher (read by metrics and benchmarks)."""
+    """Counters of a front-end's exchange (read by metrics and benchmarks)."""
 
     layers: int = 0
     rows: int = 0  # (token, shard) pairs sent
     token_slots: int = 0  # (token, expert) pairs routed
-    bytes_dispatched: int = 0
-    dispatch_seconds: float = 0.0  # counts exchange + posting the payload
-    wait_seconds: float = 0.0  # waiting for the payload and the combine after the dense FFN
+    bytes_dispatched: int = 0  # the rows' bytes (hidden state and slots), padding not counted
+    dispatch_seconds: float = 0.0  # routing the rows and posting them
+    wait_seconds: float = 0.0  # waiting for the experts' outputs (after the dense FFN when overlapped)
     tokens_per_shard: list[int] = field(default_factory=list)
     tokens_per_expert: list[int] = field(default_factory=list)
     tokens_per_layer_shard: list[list[int]] = field(default_factory=list)  # [layer][shard] rows (balancedness)
 
 
 @dataclass
-class _Pending:
-    tokens: torch.Tensor  # [R] token of each row sent, grouped by shard
-    rows_per_rank: list[int]
-    works: list
-    T: int
-    H: int
+class FrontendHandle:
+    """A layer in flight: what was sent where, and how to read the answer."""
+
+    weights_TK: torch.Tensor
+    row_of_slot: torch.Tensor  # [T * K]: the row of the combine buffer that holds each (token, slot)'s output
+    slots_per_shard: list[int]
+    sent: Callable[[], None]  # waits until the dispatch collective is done
+    ys: torch.Tensor | None = None  # the outputs, once received (at once, without the overlap)
 
 
-class ExpertDispatcher:
-    """The front-end's expert executor (see ``ExpertExecutor`` in ``model/gemma4.py``)."""
+class FrontendExchange:
+    """A front-end's side: the expert executor of its model (see ``ExpertExecutor`` in model/gemma4.py)."""
 
-    def __init__(self, num_experts: int, num_shards: int, hidden: int, dtype, device, overlap: bool = True):
-        self.overlap = overlap  # False: wait for the experts before the dense FFN (to measure the overlap)
-        self.ranges = expert_ranges(num_experts, num_shards)
-        self.num_shards, self.hidden, self.dtype, self.device = num_shards, hidden, dtype, device
-        shard_of = torch.empty(num_experts, dtype=torch.long)
-        for s, (first, count) in enumerate(self.ranges):
-            shard_of[first : first + count] = s
-        self.shard_of = shard_of.to(device)
-        self.first_of_shard = torch.tensor([f for f, _ in self.ranges], device=device)
-        self.stats = DispatchStats(tokens_per_shard=[0] * num_shards, tokens_per_expert=[0] * num_experts)
+    def __init__(self, ranks: Ranks, placement: Placement, hidden: int, top_k: int, dtype, device,
+                 overlap: bool | None = None):
+        self.transport: Transport | None = None  # the group's, once joined (``Frontend.join``)
+        self.ranks, self.placement, self.hidden, self.top_k = ranks, placement, hidden, top_k
+        self.dtype, self.device = dtype, device
+        self.overlap = torch.device(device).type == "cuda" if overlap is None else overlap
+        self.row_bytes = row_bytes(hidden, top_k, dtype)
+        self.tokens = 0  # this step's, from begin_step
+        N, E = ranks.shards, placement.num_experts
+        self.stats = DispatchStats(tokens_per_shard=[0] * N, tokens_per_expert=[0] * E)
         self.on_dispatch = self.on_combine = None  # metrics hooks: called with each layer's seconds
 
-    def begin_step(self) -> None:
-        broadcast_header(OP_STEP, self.device)
+    def begin_step(self, tokens: int) -> None:
+        """The step's header: this front-end computes ``tokens`` tokens in every layer."""
+        exchange_header(OP_STEP, tokens, self.ranks, self.transport, self.device)
+        self.tokens = tokens
 
-    def submit(self, layer, x_TH, ids_TK, weights_TK) -> _Pending:
+    def heartbeat(self) -> None:
+        exchange_header(OP_IDLE, 0, self.ranks, self.transport, self.device)
+
+    def stop(self) -> None:
+        exchange_header(OP_STOP, 0, self.ranks, self.transport, self.device)
+
+    def dispatch(self, layer: int, x_TH, ids_TK, weights_TK) -> FrontendHandle:
         t0 = time.perf_counter()
         T, K = ids_TK.shape
-        shard_TK = self.shard_of[ids_TK]
-        hits_TN = torch.zeros(T, self.num_shards, dtype=torch.bool, device=x_TH.device)
+        N = self.ranks.shards
+        shard_TK, slot_TK = self.placement.route(layer, ids_TK)
+        hits_TN = torch.zeros(T, N, dtype=torch.bool, device=self.device)
         hits_TN.scatter_(1, shard_TK, True)
-        pairs = hits_TN.T.nonzero()  # (shard, token), grouped by shard
-        dest, tokens = pairs[:, 0], pairs[:, 1]
-        per_shard = hits_TN.sum(0).tolist()
-        own = shard_TK[tokens] == dest[:, None]  # [R, K]: the slots this row's shard computes
-        local_ids = torch.where(own, ids_TK[tokens] - self.first_of_shard[dest][:, None], -1)
-        meta = torch.cat([local_ids.float(), torch.where(own, weights_TK[tokens], 0.0).float()], dim=1)
-        rows = [0] + per_shard
-        send_counts = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        dist.all_to_all_single(torch.empty_like(send_counts), send_counts)
-        zeros = [0] * len(rows)
-        works = [
-            dist.all_to_all_single(torch.empty(0, self.hidden, dtype=x_TH.dtype, device=self.device),
-                                   x_TH[tokens].contiguous(), zeros, rows, async_op=True),
-            dist.all_to_all_single(torch.empty(0, 2 * K, dtype=torch.float32, device=self.device),
-                                   meta.contiguous(), zeros, rows, async_op=True),
-        ]
+        dest, tokens = hits_TN.T.nonzero().unbind(1)  # (shard, token) pairs, grouped by shard
+        per_shard = hits_TN.sum(0)
+        own_RK = shard_TK[tokens] == dest[:, None]  # the slots each row's shard computes
+        block = 1 + T  # rows per shard: the count, then room for every token
+        row = dest * block + 1 + torch.arange(len(tokens), device=self.device) - (per_shard.cumsum(0) - per_shard)[dest]
+        send = torch.empty(N * block, self.row_bytes, dtype=torch.uint8, device=self.device)
+        send.view(torch.int64)[torch.arange(N, device=self.device) * block, 0] = per_shard
+        send.view(self.dtype)[row, : self.hidden] = x_TH[tokens]
+        first_slot = self.hidden * self.dtype.itemsize // 4
+        send.view(torch.int32)[row, first_slot : first_slot + K] = torch.where(own_RK, slot_TK[tokens], -1).int()
+        _, sent = self.transport.all_to_all(send, [0] * self.ranks.frontends + [block] * N, [0] * self.ranks.world,
+                                            async_op=True)
+        # where each (token, slot)'s output will land: shards in rank order, rows in order, slots in order
+        row_of_slot = torch.empty(T * K, dtype=torch.int64, device=self.device)
+        flat_slot = (tokens[:, None] * K + torch.arange(K, device=self.device))[own_RK]
+        row_of_slot[flat_slot] = torch.arange(flat_slot.numel(), device=self.device)
+        slots_per_shard = torch.zeros(N, dtype=torch.int64, device=self.device).index_add_(
+            0, dest, own_RK.sum(1)).tolist()
+        handle = FrontendHandle(weights_TK, row_of_slot, slots_per_shard, sent)
+        self._count(layer, T, K, len(tokens), per_shard.tolist(), ids_TK)
+        elapsed = time.perf_counter() - t0
+        self.stats.dispatch_seconds += elapsed
+        if self.on_dispatch is not None:
+            self.on_dispatch(elapsed)
+        if not self.overlap:
+            self._receive(handle)
+        return handle
+
+    def combine(self, handle: FrontendHandle) -> torch.Tensor:
+        """fp32 [T, H]: Σ_k w·expert(x) over every expert, summed as the in-process model sums."""
+        if handle.ys is None:
+            self._receive(handle)
+        return ops.moe_combine(handle.ys, handle.weights_TK, handle.row_of_slot, handle.ys.shape[0])
+
+    def _receive(self, handle: FrontendHandle) -> None:
+        t0 = time.perf_counter()
+        handle.sent()
+        handle.ys, _ = self.transport.all_to_all(torch.empty(0, self.hidden, dtype=self.dtype, device=self.device),
+                                                 [0] * self.ranks.world,
+                                                 [0] * self.ranks.frontends + handle.slots_per_shard)
+        elapsed = time.perf_counter() - t0
+        self.stats.wait_seconds += elapsed
+        if self.on_combine is not None:
+            self.on_combine(elapsed)
+
+    def _count(self, layer, T, K, rows, per_shard, ids_TK) -> None:
         s = self.stats
         s.layers += 1
-        s.rows += len(tokens)
+        s.rows += rows
         s.token_slots += T * K
-        s.bytes_dispatched += len(tokens) * (self.hidden * x_TH.element_size() + 2 * K * 4)
+        s.bytes_dispatched += rows * (self.hidden * self.dtype.itemsize + 4 * K)
         while len(s.tokens_per_layer_shard) <= layer:
-            s.tokens_per_layer_shard.append([0] * self.num_shards)
+            s.tokens_per_layer_shard.append([0] * self.ranks.shards)
         for i, n in enumerate(per_shard):
             s.tokens_per_shard[i] += n
             s.tokens_per_layer_shard[layer][i] += n
         for e, n in enumerate(torch.bincount(ids_TK.reshape(-1), minlength=len(s.tokens_per_expert)).tolist()):
             s.tokens_per_expert[e] += n
-        elapsed = time.perf_counter() - t0
-        s.dispatch_seconds += elapsed
-        if self.on_dispatch is not None:
-            self.on_dispatch(elapsed)
-        pending = _Pending(tokens, rows, works, T, self.hidden)
-        return pending if self.overlap else self._finish(pending)
-
-    def wait(self, p) -> torch.Tensor:
-        return self._finish(p) if self.overlap else p
-
-    def _finish(self, p: _Pending) -> torch.Tensor:
-        t0 = time.perf_counter()
-        for w in p.works:
-            w.wait()
-        partials = torch.empty(sum(p.rows_per_rank), p.H, dtype=torch.float32, device=self.device)
-        dist.all_to_all_single(partials, torch.empty(0, p.H, dtype=torch.float32, device=self.device),
-                               p.rows_per_rank, [0] * len(p.rows_per_rank))
-        out_TH = torch.zeros(p.T, p.H, dtype=torch.float32, device=self.device)
-        out_TH.index_add_(0, p.tokens, partials)  # rows are grouped by shard: shards added in rank order
-        elapsed = time.perf_counter() - t0
-        self.stats.wait_seconds += elapsed
-        if self.on_combine is not None:
-            self.on_combine(elapsed)
-        return out_TH
 
 
-def serve_layer(experts, hidden: int, top_k: int, dtype, device, world: int, on_compute=None) -> int:
-    """The shard's side of one MoE layer's exchange; returns the rows it computed. ``on_compute`` (metrics)
-    is called with the seconds the grouped expert compute took."""
-    counts = torch.empty(world, dtype=torch.int64, device=device)
-    dist.all_to_all_single(counts, torch.zeros(world, dtype=torch.int64, device=device))
-    recv = counts.tolist()
-    zeros = [0] * world
-    x = torch.empty(sum(recv), hidden, dtype=dtype, device=device)
-    meta = torch.empty(sum(recv), 2 * top_k, dtype=torch.float32, device=device)
-    dist.all_to_all_single(x, torch.empty(0, hidden, dtype=dtype, device=device), recv, zeros)
-    dist.all_to_all_single(meta, torch.empty(0, 2 * top_k, dtype=torch.float32, device=device), recv, zeros)
-    ids, weights = meta[:, :top_k].long(), meta[:, top_k:]
+@dataclass
+class ShardHandle:
+    """A layer received: every front-end's rows (hidden states and local slots) and how many slots each sent."""
+
+    x_RH: torch.Tensor
+    slots_RK: torch.Tensor
+    slots_per_frontend: list[int]
+
+
+class ShardExchange:
+    """A shard's side of every layer's exchange."""
+
+    def __init__(self, ranks: Ranks, transport: Transport, hidden: int, top_k: int, dtype, device):
+        self.ranks, self.transport = ranks, transport
+        self.hidden, self.top_k, self.dtype, self.device = hidden, top_k, dtype, device
+        self.row_bytes = row_bytes(hidden, top_k, dtype)
+        self.tokens: list[int] = [0] * ranks.frontends  # this step's, per front-end
+
+    def next_op(self) -> int:
+        """Join the next header: OP_STEP (then ``tokens`` is every front-end's count), OP_IDLE or OP_STOP."""
+        op, self.tokens = exchange_header(OP_IDLE, 0, self.ranks, self.transport, self.device)
+        return op
+
+    def dispatch(self, layer: int) -> ShardHandle:
+        blocks = [1 + t for t in self.tokens]
+        recv, _ = self.transport.all_to_all(torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device),
+                                            [0] * self.ranks.world, blocks + [0] * self.ranks.shards)
+        starts = torch.tensor([0, *blocks[:-1]], device=self.device).cumsum(0)
+        counts = recv.view(torch.int64)[starts, 0].tolist()
+        rows = torch.cat([torch.arange(s + 1, s + 1 + n, device=self.device) for s, n in zip(starts.tolist(), counts)])
+        first_slot = self.hidden * self.dtype.itemsize // 4
+        x_RH = recv.view(self.dtype)[rows, : self.hidden]
+        slots_RK = recv.view(torch.int32)[rows, first_slot : first_slot + self.top_k].long()
+        owned_R = (slots_RK >= 0).sum(1)
+        return ShardHandle(x_RH, slots_RK, [int(part.sum()) for part in torch.split(owned_R, counts)])
+
+    def combine(self, handle: ShardHandle, ys_SH: torch.Tensor) -> None:
+        """Send each front-end the outputs of its rows' slots (row-major slot order)."""
+        self.transport.all_to_all(ys_SH, handle.slots_per_frontend + [0] * self.ranks.shards, [0] * self.ranks.world)
+
+
+def serve_layer(ep: ShardExchange, layer: int, experts, on_compute=None) -> int:
+    """One layer of a shard's loop: receive, compute every slot's output, send back; returns the rows."""
+    handle = ep.dispatch(layer)
     t0 = time.perf_counter()
-    out = grouped_experts(x, ids, weights, experts)
+    ys = expert_outputs(handle.x_RH, handle.slots_RK, experts)
     if on_compute is not None:
         on_compute(time.perf_counter() - t0)
-    dist.all_to_all_single(torch.empty(0, hidden, dtype=torch.float32, device=device), out, zeros, recv)
-    return len(x)
+    ep.combine(handle, ys)
+    return len(handle.x_RH)

@@ -1,5 +1,6 @@
-"""The ExpertShard actor: owns experts [first, first + count) of every MoE layer and serves the front-end's
-per-layer exchanges (``dispatch.serve_layer``) until told to stop, or until a collective fails.
+"""The ExpertShard actor: owns experts [first, first + count) of every MoE layer and serves the front-ends'
+per-layer exchanges (``dispatch.ShardExchange``, ``dispatch.serve_layer``) until told to stop, or until a
+collective fails.
 
 A failed ``serve`` (a peer died or stalled: the collective deadline ran out) leaves the process group and
 raises; the shard keeps its experts and waits for the cluster's supervisor to ``join`` it into a new group
@@ -19,6 +20,8 @@ from .metrics import ShardMetrics, report
 from .model import precision
 from .model.config import ModelConfig
 from .model.loader import load_experts
+from .placement import expert_ranges
+from .transport import shm_available
 
 
 class ExpertShard:
@@ -28,7 +31,8 @@ class ExpertShard:
         self.dtype = precision.resolve_dtype(dtype, self.device)
         self.shard, self.num_shards = shard, num_shards
         cfg = ModelConfig.from_json(checkpoint)
-        self.first, self.count = dispatch.expert_ranges(cfg.num_experts, num_shards)[shard]
+        self.first, self.count = expert_ranges(cfg.num_experts, num_shards)[shard]
+        self.ranks = dispatch.Ranks(1, num_shards)
         self.layers, self.cfg, self.load_report = load_experts(checkpoint, self.first, self.count, self.dtype,
                                                               self.device)
         self.rows_served = 0
@@ -48,24 +52,29 @@ class ExpertShard:
                 "resident_expert_bytes": resident, "expert_dtype": held, "loaded_bytes": self.load_report.bytes,
                 "loaded_tensors": self.load_report.tensors, "pid": os.getpid()}
 
-    def join(self, world_size: int, backend: str, host: str, port: int, timeout_s: float) -> bool:
-        process_group.join(self.shard + 1, world_size, backend, host, port, timeout_s)
+    def join(self, world_size: int, backend: str, host: str, port: int, timeout_s: float,
+             capacity: int = 0) -> bool:
+        self.transport = process_group.join(self.ranks.shard_rank(self.shard), world_size, backend, host, port,
+                                            timeout_s, capacity=capacity)
         self.error = None  # a new group: the last loop's failure is over
         return True
 
+    def where(self) -> tuple[str, bool]:
+        """(this actor's Ray node, whether it can use the shared-memory transport)."""
+        return process_group.node_id(), shm_available()
+
     def serve(self) -> dict:
         """Run the collective loop until the front-end says stop; returns a summary (raises on failure)."""
-        H, K = self.cfg.hidden_size, self.cfg.top_k
-        world = self.num_shards + 1
+        ep = dispatch.ShardExchange(self.ranks, self.transport, self.cfg.hidden_size, self.cfg.top_k, self.dtype,
+                                    self.device)
         try:
             while True:
-                op = dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
+                op = ep.next_op()
                 if op == dispatch.OP_STOP:
                     break
                 if op == dispatch.OP_STEP:
-                    for experts in self.layers:
-                        rows = dispatch.serve_layer(experts, H, K, self.dtype, self.device, world,
-                                                    self._on_compute)
+                    for layer, experts in enumerate(self.layers):
+                        rows = dispatch.serve_layer(ep, layer, experts, self._on_compute)
                         self.rows_served += rows
                         self._metrics.rows.inc(rows)
                     self.steps += 1

@@ -1,5 +1,5 @@
-"""The Frontend actor: the engine (scheduler, KV cache, attention, dense FFN, router, sampler) with the
-expert dispatcher as its expert executor.
+"""The Frontend actor: the engine (scheduler, KV cache, attention, dense FFN, router, sampler) with its side of
+the expert exchange (``dispatch.FrontendExchange``) as its expert executor.
 
 One engine thread owns the model, the engine and the process group; everything else reaches it through a
 command queue (add, abort, score) and gets results back through asyncio queues, so the actor's async
@@ -37,6 +37,8 @@ from .metrics import FrontendMetrics, report
 from .model.attention import WholeSequence
 from .model import precision
 from .model.loader import load_model
+from .placement import Placement
+from .transport import shm_available
 from .model_info import ModelInfo
 
 log = logging.getLogger("epserve.frontend")
@@ -49,7 +51,7 @@ class EngineFailure(RuntimeError):
 
 class Frontend:
     def __init__(self, checkpoint: str, num_shards: int, engine_config: EngineConfig | dict | None = None,
-                 threads: int | None = None, heartbeat_s: float = 1.0, overlap: bool = True,
+                 threads: int | None = None, heartbeat_s: float = 1.0, overlap: bool | None = None,
                  supervised: bool = False, dtype: str = "auto"):
         if threads:
             torch.set_num_threads(threads)
@@ -59,13 +61,18 @@ class Frontend:
         # num_shards = 0: every expert in this process, no process group (the in-process server)
         self.model = load_model(checkpoint, self.dtype, self.device, expert_range=None if num_shards else "all")
         cfg = self.model.cfg
-        self.dispatcher = dispatch.ExpertDispatcher(cfg.num_experts, num_shards, cfg.hidden_size, self.dtype,
-                                                    self.device, overlap) if num_shards else None
+        self.dispatcher = None
+        if num_shards:
+            placement = Placement.contiguous(cfg.num_layers, cfg.num_experts, num_shards).to(self.device)
+            self.dispatcher = dispatch.FrontendExchange(dispatch.Ranks(1, num_shards), placement, cfg.hidden_size,
+                                                        cfg.top_k, self.dtype, self.device, overlap)
         if isinstance(engine_config, dict):
             engine_config = EngineConfig(**engine_config)
         self.engine = LLMEngine(self.model, engine_config, experts=self.dispatcher)
-        self._metrics = FrontendMetrics(self.dispatcher, num_shards)  # Prometheus; see actors/metrics.py
         self.num_shards, self.heartbeat_s = num_shards, heartbeat_s
+        facts = self.model_info()
+        self._metrics = FrontendMetrics(self.dispatcher, num_shards,  # Prometheus; see actors/metrics.py
+                                        info={"dtype": facts.dtype, "device": facts.device, "cpu_isa": facts.cpu_isa})
         self.checkpoint = checkpoint
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -78,14 +85,22 @@ class Frontend:
         self.step_seconds = 0.0
 
     # ---- wiring -----------------------------------------------------------------------------------------
-    def open_store(self, timeout_s: float) -> tuple[str, int]:
+    def open_store(self, timeout_s: float) -> tuple[str, int, int]:
+        """A new rendezvous: (host, port, the largest message a step may send between two ranks)."""
         self._store, host, port = process_group.open_store(self.num_shards + 1, timeout_s)
-        return host, port
+        cfg = self.model.cfg
+        capacity = dispatch.max_message_bytes(self.engine.config.max_num_batched_tokens, self.dispatcher.ranks,
+                                              cfg.hidden_size, cfg.top_k, self.dtype)
+        return host, port, capacity
 
-    async def join(self, backend: str, host: str, port: int, timeout_s: float) -> bool:
-        await asyncio.to_thread(process_group.join, 0, self.num_shards + 1, backend, host, port, timeout_s,
-                                self._store)
+    async def join(self, backend: str, host: str, port: int, timeout_s: float, capacity: int = 0) -> bool:
+        self.dispatcher.transport = await asyncio.to_thread(
+            process_group.join, 0, self.num_shards + 1, backend, host, port, timeout_s, self._store, capacity)
         return True
+
+    def where(self) -> tuple[str, bool]:
+        """(this actor's Ray node, whether it can use the shared-memory transport): see Cluster.connect."""
+        return process_group.node_id(), shm_available()
 
     async def start(self) -> bool:
         """Start the engine thread (after ``join``), or resume a suspended one (after a new ``join``)."""
@@ -185,6 +200,8 @@ class Frontend:
             with torch.inference_mode():
                 ids = torch.tensor(prompt_ids, device=self.device)
                 pos = torch.arange(len(prompt_ids), device=self.device)
+                if self.dispatcher:
+                    self.dispatcher.begin_step(len(prompt_ids))
                 hidden = self.model(ids, pos, WholeSequence(pos), self.dispatcher)  # None: local experts
                 return self.model.logits(hidden).float().cpu()
 
@@ -239,7 +256,7 @@ class Frontend:
                     self._suspend(f"{type(e).__name__}: {e}")
                 self._metrics.refresh(self.engine)
             if self.dispatcher and self.error is None and not self.suspended:
-                dispatch.broadcast_header(dispatch.OP_STOP, self.device)
+                self.dispatcher.stop()
         except Exception as e:  # noqa: BLE001 - every waiting request learns why
             self._metrics.on_engine_error()
             self._end(f"{type(e).__name__}: {e}")
@@ -259,7 +276,7 @@ class Frontend:
     def _step_or_heartbeat(self) -> None:
         if self.engine.has_unfinished():
             t0 = time.perf_counter()
-            outputs = self.engine.step()  # the model's begin_step sends the STEP header
+            outputs = self.engine.step()  # the model runner's begin_step sends the step's header
             elapsed = time.perf_counter() - t0
             self._metrics.on_step(elapsed, self.engine.last_step_tokens, outputs)
             for out in outputs:
@@ -268,7 +285,7 @@ class Frontend:
             self._last_header = time.monotonic()
         elif time.monotonic() - self._last_header >= self.heartbeat_s:
             if self.dispatcher:
-                dispatch.broadcast_header(dispatch.OP_IDLE, self.device)
+                self.dispatcher.heartbeat()
             self._last_header = time.monotonic()
 
     def _suspend(self, reason: str) -> bool:  # in the engine thread

@@ -79,9 +79,15 @@ class _Live:
 class FrontendMetrics:
     """Engine, request and dispatch metrics of the Frontend actor. Hooks are called in the engine thread."""
 
-    def __init__(self, dispatcher=None, num_shards: int = 0, window_s: float = BALANCE_WINDOW_S):
+    def __init__(self, dispatcher=None, num_shards: int = 0, window_s: float = BALANCE_WINDOW_S,
+                 info: dict[str, str] | None = None):
         self.registry = r = new_registry()
         p = PREFIX
+        # ---- what runs: the compute dtype and the CPU's matrix instruction set, as labels (value 1)
+        info = info or {}
+        model_info = Gauge(p + "model_info", "1, labelled with how the model runs: compute dtype, device, the "
+                           "front-end's CPU instruction set (ModelInfo).", list(info), registry=r)
+        (model_info.labels(**info) if info else model_info).set(1)
         # ---- requests (vLLM names)
         self.success = Counter(p + "request_success", "Finished requests, by finish reason.",
                                ["finished_reason"], registry=r)

@@ -23,6 +23,9 @@ class ClusterConfig:
     # Compute dtype (actors/model/precision.py): auto is bf16 on GPUs and on CPUs with native bf16 matrix
     # arithmetic (AMX-BF16, AVX512-BF16), else fp32 (with bf16-stored experts); float32 or bfloat16 force it
     dtype: str = "auto"
+    # How the ranks exchange rows on CPUs: auto is shared memory when every actor is on one node, else gloo
+    # (actors/transport.py); shm insists on shared memory, dist on torch.distributed. GPUs: always NCCL
+    transport: str = "auto"
     cpus_per_actor: float = 0.2  # on CPU-only clusters: a front-end and 4 shards start on one core
     # Custom Ray resources added to the front-end's placement bundle and to each shard's, so that each actor
     # lands on a node that advertises its role (the Helm chart's {"frontend": 1} / {"expert": 1}). Empty: any
@@ -56,6 +59,8 @@ class ClusterConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.transport not in ("auto", "shm", "dist"):
+            raise ValueError(f"transport must be auto, shm or dist, got {self.transport!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.heartbeat_s < self.collective_timeout_s / 2:

@@ -35,6 +35,7 @@ def shard_name(i: int) -> str:
 
 
 FRONTEND_NAME = "epserve-frontend"
+TRANSPORTS = {"nccl": "NCCL", "gloo": "gloo", "shm": "shared memory (one host)"}
 
 
 def bundles(cfg: ClusterConfig, cpus: float, use_gpu: bool) -> list[dict[str, float]]:
@@ -61,7 +62,6 @@ class Cluster:
         self.config = cfg = replace(self.config, checkpoint=checkpoint_or_builtin(self.config.checkpoint))
         self._connect()
         self.use_gpu = self._use_gpu()
-        self.backend = "nccl" if self.use_gpu else "gloo"
         world = cfg.shards + 1
         self.cpus = 1.0 if self.use_gpu else cfg.cpus_per_actor  # per actor
         where = "1 GPU" if self.use_gpu else f"{self.cpus} CPU"
@@ -76,20 +76,23 @@ class Cluster:
         # every rank has loaded its weights before any joins: the rendezvous then takes well under its deadline
         ray.get([self.actor(rank).ping.remote() for rank in range(world)], timeout=cfg.start_timeout_s)
         self._check_dtypes()
-        self._progress(f"joining the {self.backend} process group ({world} ranks)")
+        self._progress(f"joining the group of {world} ranks")
         self.connect(cfg.start_timeout_s)
+        self._progress(f"the ranks talk over {TRANSPORTS[self.backend]}")
         ray.get(self.frontend.start.remote(), timeout=cfg.start_timeout_s)
         self.supervisor = Supervisor(self, self.on_change).start()
         self._progress("ready")
         return self
 
     def connect(self, timeout_s: float) -> None:
-        """One process group over every rank, on a new store at the front-end; starts the shards' loops."""
+        """One group over every rank, on a new store at the front-end; starts the shards' loops."""
         cfg = self.config
         world = cfg.shards + 1
-        host, port = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s), timeout=timeout_s)
-        joins = [self.frontend.join.remote(self.backend, host, port, cfg.collective_timeout_s)]
-        joins += [s.join.remote(world, self.backend, host, port, cfg.collective_timeout_s) for s in self.shards]
+        self.backend = self._backend(timeout_s)
+        host, port, capacity = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s), timeout=timeout_s)
+        args = (self.backend, host, port, cfg.collective_timeout_s)
+        joins = [self.frontend.join.remote(*args, capacity)]
+        joins += [s.join.remote(world, *args, capacity) for s in self.shards]
         # every join settles (each within the store's deadline) before a failure is raised: a retry must not
         # find a rank still joining this group
         if ray.wait(joins, num_returns=len(joins), timeout=timeout_s)[1]:
@@ -134,10 +137,25 @@ class Cluster:
         if rank > 0:
             return ray.remote(ExpertShard).options(**options).remote(cfg.checkpoint, rank - 1, cfg.shards,
                                                                       cfg.shard_threads, cfg.dtype)
-        overlap = self.use_gpu if cfg.overlap_dense_ffn is None else cfg.overlap_dense_ffn
         return ray.remote(Frontend).options(**options).remote(
-            cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s, overlap, supervised=True,
+            cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s, cfg.overlap_dense_ffn,
+            supervised=True,
             dtype=cfg.dtype)
+
+    def _backend(self, timeout_s: float) -> str:
+        """NCCL with GPUs; for CPUs, shared memory when every rank is on one node (and can use it), else gloo.
+        Asked at every (re)connect: a recreated actor may land on another node."""
+        if self.use_gpu:
+            return "nccl"
+        if self.config.transport == "dist":
+            return "gloo"
+        where = ray.get([self.actor(rank).where.remote() for rank in range(self.config.shards + 1)],
+                        timeout=timeout_s)
+        one_host = len({node for node, _ in where}) == 1 and all(ok for _, ok in where)
+        if self.config.transport == "shm" and not one_host:
+            raise RuntimeError("transport=shm needs every actor on one node with /dev/shm and the CPU kernels; "
+                               f"they are on {len({node for node, _ in where})} node(s)")
+        return "shm" if one_host else "gloo"
 
     def _check_dtypes(self) -> None:
         """Every rank computes in the same dtype: the rows on the wire are in it. ``auto`` resolves per actor,

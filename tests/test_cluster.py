@@ -1,5 +1,6 @@
-"""The expert-parallel cluster on a real local Ray cluster: a Frontend actor and N ExpertShard actors over a
-gloo process group, checked against the in-process engine and transformers."""
+"""The expert-parallel cluster on a real local Ray cluster: a Frontend actor and N ExpertShard actors exchanging
+rows over shared memory (one host) or a gloo process group, checked against the in-process engine and
+transformers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from epserve.actors.dispatch import expert_ranges
+from epserve.actors.placement import expert_ranges
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.model.attention import WholeSequence
@@ -41,10 +42,14 @@ def reference(tiny_model, tiny_dir):
     return [o.token_ids for o in ours], theirs
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3, 4])
-def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_model, reference, shards):
-    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards, **FP32)).start()
+@pytest.mark.parametrize("shards, transport, backend",
+                         [(1, "auto", "shm"), (2, "auto", "shm"), (3, "auto", "shm"), (4, "auto", "shm"),
+                          (3, "dist", "gloo")])
+def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_model, reference, shards, transport,
+                                                 backend):
+    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards, transport=transport, **FP32)).start()
     try:
+        assert cluster.backend == backend  # one host: shared memory unless torch.distributed is asked for
         outs = cluster.generate(PROMPTS, PARAMS)
         ours, theirs = reference
         assert [o["token_ids"] for o in outs] == ours == theirs
@@ -54,6 +59,9 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
         with torch.no_grad():
             local = tiny_model.logits(tiny_model(torch.tensor(prompt), pos, WholeSequence(pos)))
         assert (remote - local).abs().max() <= 1e-5 * local.abs().max()
+        # the shards return each slot's output and the front-end sums them as the in-process model does: the
+        # same bits, whatever the number of shards
+        assert torch.equal(remote, local)
         # each shard holds its slice only, read from the checkpoint as just that slice
         cfg = tiny_model.cfg
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down
@@ -79,9 +87,9 @@ class RecordingExperts(LocalExperts):
         super().__init__(layers)
         self.ids = []
 
-    def submit(self, layer, x, ids, w):
+    def dispatch(self, layer, x, ids, w):
         self.ids.append(ids.clone())
-        return super().submit(layer, x, ids, w)
+        return super().dispatch(layer, x, ids, w)
 
 
 def test_dispatch_sends_one_row_per_token_and_distinct_shard(ray_session, tiny_dir, tiny_model):
@@ -97,7 +105,7 @@ def test_dispatch_sends_one_row_per_token_and_distinct_shard(ray_session, tiny_d
         ray.get(cluster.frontend.score.remote(prompt))
         d = cluster.stats()["dispatch"]
     assert d["rows"] == want_rows < d["token_slots"] == len(prompt) * cfg.top_k * cfg.num_layers
-    assert d["bytes_dispatched"] == want_rows * (cfg.hidden_size * 4 + 2 * cfg.top_k * 4)
+    assert d["bytes_dispatched"] == want_rows * (cfg.hidden_size * 4 + cfg.top_k * 4)  # fp32 rows and their slots
     assert sum(d["tokens_per_shard"]) == want_rows
     assert d["tokens_per_expert"] == torch.bincount(torch.cat([i.reshape(-1) for i in recorder.ids]),
                                                     minlength=cfg.num_experts).tolist()

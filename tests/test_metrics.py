@@ -34,11 +34,12 @@ import ray
 import torch
 import yaml
 
-from epserve.actors.dispatch import expert_ranges
+from epserve.actors.placement import expert_ranges
 from epserve.actors.engine.config import EngineConfig
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.model.config import FULL, SLIDING
+from epserve.actors.model import precision
 from epserve.actors.model.gemma4 import LocalExperts
 from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
@@ -74,7 +75,7 @@ METRICS = {
     "epserve:moe_combine_seconds": HISTOGRAM, "epserve:moe_dispatch_bytes_total": COUNTER,
     "epserve:shard_rows_served_total": COUNTER, "epserve:shard_steps_total": COUNTER,
     "epserve:shard_compute_seconds": HISTOGRAM, "epserve:frontend_up": GAUGE, "epserve:shard_up": GAUGE,
-    "epserve:shard_restarts_total": COUNTER,
+    "epserve:shard_restarts_total": COUNTER, "epserve:model_info": GAUGE,
 }
 UNSHOWN = {"epserve:shard_start_time_seconds": GAUGE}  # exported for restart detection only
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -191,9 +192,9 @@ class RecordingExperts(LocalExperts):
         super().__init__(layers)
         self.ids = []
 
-    def submit(self, layer, x, ids, w):
+    def dispatch(self, layer, x, ids, w):
         self.ids.append(ids.clone())
-        return super().submit(layer, x, ids, w)
+        return super().dispatch(layer, x, ids, w)
 
 
 class Prometheus:
@@ -419,7 +420,8 @@ def test_expert_and_shard_counts_equal_the_routers_choices(prometheus, load):
     want_shards = {str(s): float(c) for s, c in enumerate(rows.sum(0).tolist())}
     assert P.by_label("epserve:shard_tokens_total", "shard") == want_shards  # sent by the front-end
     assert P.by_label("epserve:shard_rows_served_total", "shard") == want_shards  # computed by the shards
-    assert P.value("epserve:moe_dispatch_bytes_total") == rows.sum().item() * (cfg.hidden_size * 4 + 2 * cfg.top_k * 4)
+    # fp32 rows and their local slots (int32); the routing weights stay on the front-end
+    assert P.value("epserve:moe_dispatch_bytes_total") == rows.sum().item() * (cfg.hidden_size * 4 + cfg.top_k * 4)
     for name in ("moe_dispatch_seconds", "moe_combine_seconds"):
         assert P.value(f"epserve:{name}_count") == load["exchanges"], name
     assert P.by_label("epserve:shard_compute_seconds_count", "shard") == {
@@ -453,6 +455,10 @@ def test_metric_types_are_the_documented_ones(server):
         families = [f for f in text_string_to_metric_families(r.read().decode()) if f.name.startswith("epserve:")]
     types = {f.name + ("_total" if f.type == COUNTER else ""): f.type for f in families}
     assert types == {**METRICS, **UNSHOWN}
+    # how the model runs, as the info metric's labels: the dtype asked for, this machine's instruction set
+    (info,) = next(f for f in families if f.name == "epserve:model_info").samples
+    assert info.value == 1
+    assert info.labels == {"dtype": "float32", "device": "cpu", "cpu_isa": precision.cpu_isa()}
 
 
 @needs_prometheus

@@ -46,6 +46,8 @@ class ModelRunner:
         positions = flat_positions(torch.tensor(starts), torch.tensor(batch.num_new))[2].to(self.device)
         plans = plan_step(starts, batch.num_new, [s.block_tables for s in batch.seqs], self.windows,
                           self.cfg.block_size, self.device)
+        if self.experts is not None:
+            self.experts.begin_step(len(ids))  # the shards learn the step's size before its first layer
         hidden = self.model(torch.tensor(ids, device=self.device), positions,
                             PagedAttention(self.cache, plans), self.experts)
         logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])

@@ -81,6 +81,10 @@ def _load():
             lib.bf16_dot_grouped_linear.argtypes = lib.bf16_grouped_linear.argtypes
             lib.bf16_dot_grouped_linear.restype = None
             _declare_fused(lib)
+            lib.shm_wait.argtypes = [ptr, ctypes.c_uint32, i64, ptr]
+            lib.shm_wait.restype = ctypes.c_int
+            lib.shm_post.argtypes = [ptr, ctypes.c_uint32]
+            lib.shm_post.restype = None
             for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
                 getattr(lib, name).argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
                                                i64, ptr, ctypes.c_int]

@@ -1,8 +1,9 @@
 """The Gemma 4 26B-A4B text decoder (section 1 of the model spec), single-device.
 
 Parallelism is applied from outside, as in gpt-fast: the routed experts are reached through an *expert
-executor* (``submit`` then ``wait``), local by default; the cluster's front-end passes one that dispatches to
-the expert shards. The dense MLP runs between ``submit`` and ``wait``, which is what hides the all-to-all.
+executor* (``dispatch`` then ``combine``), local by default; the cluster's front-end passes its side of the
+exchange with the expert shards (actors/dispatch.py). The dense MLP runs between ``dispatch`` and ``combine``,
+which is what hides the all-to-all.
 Parameter names equal the checkpoint's keys without their prefix, so loading is a rename-free copy.
 """
 
@@ -25,11 +26,12 @@ ALL_EXPERTS = "all"
 
 
 class ExpertExecutor(Protocol):
-    def begin_step(self) -> None:
-        """A forward pass starts (the distributed executor tells the shards)."""
+    def begin_step(self, tokens: int) -> None:
+        """A forward pass over ``tokens`` tokens starts (the model runner says so; the exchange tells the
+        shards)."""
 
-    def submit(self, layer: int, x_TH, ids_TK, weights_TK): ...
-    def wait(self, pending) -> torch.Tensor:
+    def dispatch(self, layer: int, x_TH, ids_TK, weights_TK): ...
+    def combine(self, handle) -> torch.Tensor:
         """fp32 [T, H]: Σ_k w·expert(x) over every expert."""
 
 
@@ -39,14 +41,14 @@ class LocalExperts:
     def __init__(self, layers):
         self.layers = layers
 
-    def begin_step(self):
+    def begin_step(self, tokens: int) -> None:
         pass
 
-    def submit(self, layer, x_TH, ids_TK, weights_TK):
+    def dispatch(self, layer, x_TH, ids_TK, weights_TK):
         return self.layers[layer].experts(x_TH, ids_TK, weights_TK)
 
-    def wait(self, pending):
-        return pending
+    def combine(self, handle):
+        return handle
 
 
 class DecoderLayer(nn.Module):
@@ -88,9 +90,9 @@ class DecoderLayer(nn.Module):
                                                self.pre_feedforward_layernorm_2.weight, self.router.scale,
                                                self.router.root, eps)
         weights, ids = self.router(z)
-        pending = experts.submit(self.index, x_experts, ids, weights)
+        handle = experts.dispatch(self.index, x_experts, ids, weights)
         m = self.mlp(x_dense)
-        y = experts.wait(pending)  # fp32
+        y = experts.combine(handle)  # fp32
         if self.shared_expert is not None:  # variants with a separate shared expert: it joins the routed sum
             y = y + self.shared_expert(x_experts).float()
         # post_feedforward_layernorm_2 only after every shard's partial is summed
@@ -129,7 +131,6 @@ class Gemma4Model(nn.Module):
         experts = experts or self.local_experts
         if experts is None:
             raise RuntimeError("this model was built without experts: pass an expert executor")
-        experts.begin_step()
         dtype = self.dtype
         h = self.embed_tokens(input_ids) * torch.tensor(self.cfg.embed_scale).to(dtype)
         ropes = {k: rope_tables(self.inv_freq(k), positions, dtype) for k in (SLIDING, FULL)}

@@ -83,15 +83,28 @@ def grouped_mm(x_SK, w_GNK, offsets_G1) -> torch.Tensor:
 _NO_GROUPED_MM: set = set()  # (device type, dtype) pairs torch's grouped GEMM refused
 
 
+def _grouped(x_TH, ids_TK, experts: "Experts"):
+    """Every (token, slot) with a local expert through its expert: (outputs in expert order [S, H] in the
+    model dtype, the output row of each (token, slot) (S for another process's), S)."""
+    xs_SH, offsets_G1, row_of_slot, S = ops.moe_align(ids_TK, experts.count, x_TH)
+    if S == 0:
+        return x_TH.new_empty(0, x_TH.shape[1]), row_of_slot, 0
+    gate, up = experts.project(xs_SH, offsets_G1, experts.gate_up_proj).chunk(2, dim=-1)
+    return experts.project(gelu_tanh(gate) * up, offsets_G1, experts.down_proj), row_of_slot, S
+
+
 def grouped_experts(x_TH, ids_TK, weights_TK, experts: "Experts") -> torch.Tensor:
     """Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) in fp32 [T, H]. ids are local expert ids; -1 marks a slot that
     belongs to another process and is skipped."""
-    xs_SH, offsets_G1, row_of_slot, S = ops.moe_align(ids_TK, experts.count, x_TH)
-    if S == 0:
-        return torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
-    gate, up = experts.project(xs_SH, offsets_G1, experts.gate_up_proj).chunk(2, dim=-1)
-    ys_SH = experts.project(gelu_tanh(gate) * up, offsets_G1, experts.down_proj)
+    ys_SH, row_of_slot, S = _grouped(x_TH, ids_TK, experts)
     return ops.moe_combine(ys_SH, weights_TK, row_of_slot, S)
+
+
+def expert_outputs(x_TH, ids_TK, experts: "Experts") -> torch.Tensor:
+    """What a shard returns: expert_{ids[t,k]}(x[t]) for every (token, slot) with a local expert (id >= 0), in
+    the model dtype, in row-major (token, slot) order. The front-end sums them as ``grouped_experts`` does."""
+    ys_SH, row_of_slot, S = _grouped(x_TH, ids_TK, experts)
+    return ys_SH[row_of_slot[row_of_slot < S]]
 
 
 class Experts(nn.Module):

@@ -1,0 +1,50 @@
+/* Waiting and waking across processes on a word of shared memory (Linux futexes), for the expert exchange's
+ * shared-memory transport (actors/transport.py): a writer stores a message's sequence number with release
+ * order and wakes the readers; a reader spins briefly, then sleeps in the kernel until the number is reached,
+ * the segment is closed (a peer left: seen within a 20 ms slice), or the deadline passes. Sleeping matters: with more
+ * processes than cores, a spinning reader would hold the core its writer needs.
+ */
+#include <linux/futex.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SPINS 64 /* a few microseconds: a writer already running often arrives within them */
+#define SLICE_NS 20000000LL /* a sleep is cut into slices this long, to notice the closed flag in time */
+
+static long futex(uint32_t *word, int op, uint32_t value, const struct timespec *timeout) {
+    return syscall(SYS_futex, word, op, value, timeout, NULL, 0);
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Wait until *word reaches target (sequence numbers: compared modulo 2^32). 0 when it has; -1 when the
+ * deadline passed; -2 when *closed became non-zero. */
+int shm_wait(uint32_t *word, uint32_t target, int64_t timeout_ns, const uint32_t *closed) {
+    const int64_t deadline = now_ns() + timeout_ns;
+    for (int i = 0;; i++) {
+        const uint32_t seen = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        if ((int32_t)(seen - target) >= 0) return 0;
+        if (__atomic_load_n(closed, __ATOMIC_ACQUIRE)) return -2;
+        if (i < SPINS) {
+            __builtin_ia32_pause();
+            continue;
+        }
+        int64_t left = deadline - now_ns();
+        if (left <= 0) return -1;
+        if (left > SLICE_NS) left = SLICE_NS;
+        const struct timespec t = {0, left};
+        futex(word, FUTEX_WAIT, seen, &t); /* returns at once if *word already moved on */
+    }
+}
+
+/* Publish value in *word and wake whoever waits on it. */
+void shm_post(uint32_t *word, uint32_t value) {
+    __atomic_store_n(word, value, __ATOMIC_RELEASE);
+    futex(word, FUTEX_WAKE, 0x7fffffff, NULL);
+}
