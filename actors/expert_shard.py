@@ -1,6 +1,6 @@
-"""The ExpertShard actor: owns experts [first, first + count) of every MoE layer and serves the front-ends'
-per-layer exchanges (``dispatch.ShardExchange``, ``dispatch.serve_layer``) until told to stop, or until a
-collective fails.
+"""The ExpertShard actor: owns the experts the cluster's placement (actors/placement.py) gives its slots in
+every MoE layer, and serves the front-ends' per-layer exchanges (``dispatch.ShardExchange``,
+``dispatch.serve_layer``) until told to stop, or until a collective fails.
 
 A failed ``serve`` (a peer died or stalled: the collective deadline ran out) leaves the process group and
 raises; the shard keeps its experts and waits for the cluster's supervisor to ``join`` it into a new group
@@ -19,22 +19,25 @@ from . import dispatch, process_group
 from .metrics import ShardMetrics, report
 from .model import precision
 from .model.config import ModelConfig
-from .model.loader import load_experts
-from .placement import expert_ranges
+from .model.loader import load_expert_slots
+from .placement import build
 from .transport import shm_available
 
 
 class ExpertShard:
-    def __init__(self, checkpoint: str, shard: int, num_shards: int, threads: int = 1, dtype: str = "auto"):
+    def __init__(self, checkpoint: str, shard: int, num_shards: int, threads: int = 1, dtype: str = "auto",
+                 placement: dict | None = None):
+        """``placement``: the cluster's placement settings (``placement.build``'s keywords), the same on every
+        rank, so that every rank derives the same placement."""
         torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
         self.dtype = precision.resolve_dtype(dtype, self.device)
         self.shard, self.num_shards = shard, num_shards
         cfg = ModelConfig.from_json(checkpoint)
-        self.first, self.count = expert_ranges(cfg.num_experts, num_shards)[shard]
+        self.experts = build(cfg.num_layers, cfg.num_experts, num_shards, **(placement or {})).experts_of(shard)
         self.ranks = dispatch.Ranks(1, num_shards)
-        self.layers, self.cfg, self.load_report = load_experts(checkpoint, self.first, self.count, self.dtype,
-                                                              self.device)
+        self.layers, self.cfg, self.load_report = load_expert_slots(checkpoint, self.experts, self.dtype,
+                                                                    self.device)
         self.rows_served = 0
         self.compute_seconds = 0.0  # grouped expert compute, summed over layers and steps (benchmarks)
         self.steps = 0
@@ -43,11 +46,11 @@ class ExpertShard:
         self._metrics = ShardMetrics(shard)  # Prometheus; see actors/metrics.py
 
     def info(self) -> dict:
-        """What this shard holds: its expert range and the bytes resident for it."""
+        """What this shard holds: the expert in each slot, per layer, and the bytes resident for them."""
         tensors = [t for e in self.layers for t in (e.gate_up_proj, e.down_proj)]
         resident = sum(t.numel() * t.element_size() for t in tensors)
         held = precision.dtype_name(tensors[0].dtype) if tensors else None  # bf16 on CPU: see moe.expert_dtype
-        return {"shard": self.shard, "first": self.first, "count": self.count, "device": str(self.device),
+        return {"shard": self.shard, "experts": self.experts, "device": str(self.device),
                 "dtype": precision.dtype_name(self.dtype), "cpu_isa": precision.cpu_isa(),
                 "resident_expert_bytes": resident, "expert_dtype": held, "loaded_bytes": self.load_report.bytes,
                 "loaded_tensors": self.load_report.tensors, "pid": os.getpid()}

@@ -37,7 +37,7 @@ from .metrics import FrontendMetrics, report
 from .model.attention import WholeSequence
 from .model import precision
 from .model.loader import load_model
-from .placement import Placement
+from .placement import build
 from .transport import shm_available
 from .model_info import ModelInfo
 
@@ -52,7 +52,7 @@ class EngineFailure(RuntimeError):
 class Frontend:
     def __init__(self, checkpoint: str, num_shards: int, engine_config: EngineConfig | dict | None = None,
                  threads: int | None = None, heartbeat_s: float = 1.0, overlap: bool | None = None,
-                 supervised: bool = False, dtype: str = "auto"):
+                 supervised: bool = False, dtype: str = "auto", placement: dict | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
@@ -63,8 +63,8 @@ class Frontend:
         cfg = self.model.cfg
         self.dispatcher = None
         if num_shards:
-            placement = Placement.contiguous(cfg.num_layers, cfg.num_experts, num_shards).to(self.device)
-            self.dispatcher = dispatch.FrontendExchange(dispatch.Ranks(1, num_shards), placement, cfg.hidden_size,
+            where = build(cfg.num_layers, cfg.num_experts, num_shards, **(placement or {}))  # as the shards do
+            self.dispatcher = dispatch.FrontendExchange(dispatch.Ranks(1, num_shards), where, cfg.hidden_size,
                                                         cfg.top_k, self.dtype, self.device, overlap)
         if isinstance(engine_config, dict):
             engine_config = EngineConfig(**engine_config)

@@ -1,12 +1,21 @@
-"""Where every routed expert lives: for each MoE layer, expert e -> (shard, slot), slot being its place among
-that shard's experts of the layer. The front-ends route by it (``route``); each shard loads the experts of
-its slots (``experts_of``).
+"""Where every routed expert lives, as data: for each MoE layer, each shard's slots, each slot holding one
+expert. An expert may sit in several slots on different shards (replicas); every expert has at least one.
+The front-ends route by it (``route``); each shard loads the experts of its slots (``experts_of``).
 
-``contiguous`` is the default layout: shard s holds experts [s*E/N, (s+1)*E/N) of every layer, in order.
+* ``contiguous``: shard s holds experts [s*E/N, (s+1)*E/N) of every layer, in order (the default), plus, with
+  ``redundant`` R > 0, R extra slots per layer: replicas of experts spread over the layer (before any load is
+  seen, a hot expert is not known), each on the shard with the fewest slots among those without that expert.
+* ``from_json``: a pinned layout (``--expert-placement FILE``): ``{"layers": [[[experts of shard 0], [experts
+  of shard 1], ...], ...]}`` with one entry per layer, or ``{"shards": [[...], ...]}`` for every layer alike.
+
+A replicated expert's tokens are split over its replicas in turn, in token order (deterministic, balanced to
+one token). Where a token's rows go changes nothing in the result: shards return every slot's output and the
+front-end sums them in top-k order (actors/dispatch.py), with batch-invariant expert kernels.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -18,32 +27,127 @@ def expert_ranges(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
     return [(bounds[s], bounds[s + 1] - bounds[s]) for s in range(num_shards)]
 
 
+class PlacementError(ValueError):
+    """A placement that does not fit the model or the cluster (named in one line)."""
+
+
 @dataclass
 class Placement:
-    num_layers: int
     num_experts: int
-    num_shards: int
-    shard_of: torch.Tensor  # [L, E] the shard of each layer's expert
-    slot_of: torch.Tensor  # [L, E] its slot there
+    slots: list[list[list[int]]]  # [layer][shard] -> the expert in each slot, slot by slot
+
+    def __post_init__(self):
+        self._check()
+        L, E = self.num_layers, self.num_experts
+        replicas = [[[] for _ in range(E)] for _ in range(L)]
+        for layer, shards in enumerate(self.slots):
+            for shard, experts in enumerate(shards):
+                for slot, e in enumerate(experts):
+                    replicas[layer][e].append((shard, slot))
+        R = max(len(r) for layer in replicas for r in layer)
+        self.max_replicas = R
+        self.num_replicas = torch.tensor([[len(r) for r in layer] for layer in replicas])  # [L, E]
+        pad = [[(r * R)[:R] for r in layer] for layer in replicas]  # cycled to R entries
+        table = torch.tensor(pad, dtype=torch.long)  # [L, E, R, 2]
+        self.replica_shard, self.replica_slot = table[..., 0].contiguous(), table[..., 1].contiguous()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.slots[0])
+
+    # ---- layouts
+    @classmethod
+    def contiguous(cls, num_layers: int, num_experts: int, num_shards: int, redundant: int = 0) -> "Placement":
+        base = [list(range(first, first + count)) for first, count in expert_ranges(num_experts, num_shards)]
+        if redundant and num_shards < 2:
+            raise PlacementError("redundant experts need at least 2 shards (a replica lives on another shard)")
+        if redundant > num_experts * (num_shards - 1):
+            raise PlacementError(f"{redundant} redundant experts per layer: at most {num_experts * (num_shards - 1)}"
+                                 f" fit on {num_shards} shards ({num_experts} experts, one copy per shard)")
+        layer = [list(s) for s in base]
+        for r in range(redundant):
+            e = (r * num_experts // redundant + r // num_experts) % num_experts  # spread over the experts
+            free = [s for s in range(num_shards) if e not in layer[s]]
+            if not free:
+                raise PlacementError(f"{redundant} redundant experts per layer do not spread over {num_shards} "
+                                     "shards with every replica of an expert on its own shard")
+            layer[min(free, key=lambda s: (len(layer[s]), s))].append(e)
+        return cls(num_experts, [[list(s) for s in layer] for _ in range(num_layers)])
 
     @classmethod
-    def contiguous(cls, num_layers: int, num_experts: int, num_shards: int) -> "Placement":
-        shard_of = torch.empty(num_experts, dtype=torch.long)
-        slot_of = torch.empty(num_experts, dtype=torch.long)
-        for s, (first, count) in enumerate(expert_ranges(num_experts, num_shards)):
-            shard_of[first : first + count] = s
-            slot_of[first : first + count] = torch.arange(count)
-        return cls(num_layers, num_experts, num_shards, shard_of.repeat(num_layers, 1), slot_of.repeat(num_layers, 1))
+    def from_json(cls, data: dict, num_layers: int, num_experts: int, num_shards: int) -> "Placement":
+        if not isinstance(data, dict) or not ({"layers", "shards"} & set(data)):
+            raise PlacementError('a placement is {"layers": [[[experts of shard 0], ...], ...]} or '
+                                 '{"shards": [[experts of shard 0], ...]}')
+        layers = data["layers"] if "layers" in data else [data["shards"]] * num_layers
+        if len(layers) != num_layers:
+            raise PlacementError(f"the placement has {len(layers)} layers; the model has {num_layers}")
+        if any(len(shards) != num_shards for shards in layers):
+            raise PlacementError(f"the placement names {len(layers[0])} shards per layer; the cluster has "
+                                 f"{num_shards}")
+        return cls(num_experts, [[list(experts) for experts in shards] for shards in layers])
 
-    def to(self, device) -> "Placement":
-        return Placement(self.num_layers, self.num_experts, self.num_shards, self.shard_of.to(device),
-                         self.slot_of.to(device))
+    @staticmethod
+    def read_json(path: str) -> dict:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise PlacementError(f"cannot read the placement {path}: {e}") from None
+
+    def to_json(self) -> dict:
+        return {"layers": self.slots}
+
+    def _check(self) -> None:
+        E = self.num_experts
+        for layer, shards in enumerate(self.slots):
+            held = [e for experts in shards for e in experts]
+            bad = [e for e in held if not (isinstance(e, int) and 0 <= e < E)]
+            if bad:
+                raise PlacementError(f"layer {layer}: expert {bad[0]!r} is not an expert id in [0, {E})")
+            missing = sorted(set(range(E)) - set(held))
+            if missing:
+                raise PlacementError(f"layer {layer}: expert {missing[0]} (and {len(missing) - 1} more) has no "
+                                     "slot on any shard")
+            for shard, experts in enumerate(shards):
+                if len(set(experts)) != len(experts):
+                    raise PlacementError(f"layer {layer}: shard {shard} holds an expert twice")
+
+    # ---- use
+    def experts_of(self, shard: int) -> list[list[int]]:
+        """The expert in each of the shard's slots, per layer."""
+        return [shards[shard] for shards in self.slots]
 
     def route(self, layer: int, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(shard, slot) [T, K] of each chosen expert."""
-        return self.shard_of[layer][ids_TK], self.slot_of[layer][ids_TK]
+        """(shard, slot) [T, K] of each chosen expert: a replicated expert's tokens take its replicas in turn."""
+        device = ids_TK.device
+        if self.replica_shard.device != device:
+            self.replica_shard, self.replica_slot = self.replica_shard.to(device), self.replica_slot.to(device)
+            self.num_replicas = self.num_replicas.to(device)
+        if self.max_replicas == 1:
+            return self.replica_shard[layer, :, 0][ids_TK], self.replica_slot[layer, :, 0][ids_TK]
+        flat = ids_TK.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        by_expert = flat[order]
+        turn = torch.empty_like(flat)
+        turn[order] = torch.arange(flat.numel(), device=device) - torch.searchsorted(by_expert, by_expert)
+        replica = (turn % self.num_replicas[layer][flat]).view_as(ids_TK)
+        return self.replica_shard[layer][ids_TK, replica], self.replica_slot[layer][ids_TK, replica]
 
-    def experts_of(self, shard: int, layer: int) -> list[int]:
-        """The global expert id in each of the shard's slots of the layer, slot by slot."""
-        mine = (self.shard_of[layer] == shard).nonzero().squeeze(1)
-        return mine[torch.argsort(self.slot_of[layer][mine])].tolist()
+    def slots_per_shard(self) -> list[int]:
+        """The most slots a shard has in any layer (what it holds, in experts per layer)."""
+        return [max(len(shards[s]) for shards in self.slots) for s in range(self.num_shards)]
+
+
+def build(num_layers: int, num_experts: int, num_shards: int, redundant: int = 0,
+          pinned: dict | None = None) -> Placement:
+    """The cluster's placement from its settings (every rank builds the same one from the same settings)."""
+    if pinned is not None:
+        if redundant:
+            raise PlacementError("a pinned placement names its replicas itself: redundant experts must be 0")
+        return Placement.from_json(pinned, num_layers, num_experts, num_shards)
+    return Placement.contiguous(num_layers, num_experts, num_shards, redundant)

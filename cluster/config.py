@@ -4,6 +4,7 @@ Defaults serve the built-in tiny model on a local Ray cluster started on demand.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from epserve.actors.engine.config import EngineConfig
@@ -26,6 +27,10 @@ class ClusterConfig:
     # How the ranks exchange rows on CPUs: auto is shared memory when every actor is on one node, else gloo
     # (actors/transport.py); shm insists on shared memory, dist on torch.distributed. GPUs: always NCCL
     transport: str = "auto"
+    # Where the routed experts live (actors/placement.py): R extra slots per layer holding replicas of experts
+    # (spread over the experts and the shards), or a pinned placement: a JSON file's path, or its mapping
+    redundant_experts: int = 0
+    expert_placement: str | dict | None = None
     cpus_per_actor: float = 0.2  # on CPU-only clusters: a front-end and 4 shards start on one core
     # Custom Ray resources added to the front-end's placement bundle and to each shard's, so that each actor
     # lands on a node that advertises its role (the Helm chart's {"frontend": 1} / {"expert": 1}). Empty: any
@@ -59,6 +64,8 @@ class ClusterConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
         if self.transport not in ("auto", "shm", "dist"):
             raise ValueError(f"transport must be auto, shm or dist, got {self.transport!r}")
         if self.dtype not in DTYPES:
@@ -102,3 +109,14 @@ def _check_resources(name: str, resources) -> None:
                              f"launcher)")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < math.inf:
             raise ValueError(f"{name}[{key!r}] must be a positive number, got {amount!r}")
+
+
+def experts_settings(args) -> dict:
+    """The ClusterConfig fields of the command line's ``--redundant-experts`` and ``--expert-placement``
+    (commands without them get the defaults)."""
+    options = vars(args)
+    settings = {"redundant_experts": options.get("redundant_experts") or 0,
+                "expert_placement": options.get("expert_placement") and os.path.abspath(options["expert_placement"])}
+    if not args.shards and (settings["redundant_experts"] or settings["expert_placement"]):
+        raise ValueError("--redundant-experts and --expert-placement place experts on shards: add --shards N")
+    return settings

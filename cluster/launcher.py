@@ -21,6 +21,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.expert_shard import ExpertShard
 from epserve.actors.frontend import Frontend
+from epserve.actors.model.config import ModelConfig
+from epserve.actors.placement import Placement, build
 
 from .config import ClusterConfig
 from .fixtures.builtin import checkpoint_or_builtin
@@ -60,6 +62,7 @@ class Cluster:
     # ---- bring-up ---------------------------------------------------------------------------------------
     def start(self) -> "Cluster":
         self.config = cfg = replace(self.config, checkpoint=checkpoint_or_builtin(self.config.checkpoint))
+        self.placement_settings = self._placement_settings()
         self._connect()
         self.use_gpu = self._use_gpu()
         world = cfg.shards + 1
@@ -136,11 +139,31 @@ class Cluster:
                                                                             placement_group_bundle_index=rank))
         if rank > 0:
             return ray.remote(ExpertShard).options(**options).remote(cfg.checkpoint, rank - 1, cfg.shards,
-                                                                      cfg.shard_threads, cfg.dtype)
+                                                                      cfg.shard_threads, cfg.dtype,
+                                                                      self.placement_settings)
         return ray.remote(Frontend).options(**options).remote(
             cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s, cfg.overlap_dense_ffn,
-            supervised=True,
-            dtype=cfg.dtype)
+            supervised=True, dtype=cfg.dtype, placement=self.placement_settings)
+
+    def _placement_settings(self) -> dict:
+        """``placement.build``'s keywords, which every rank gets (a pinned file is read here, once). Checked
+        against the model here when the checkpoint is readable from this process (else by the actors)."""
+        cfg = self.config
+        pinned = cfg.expert_placement
+        if isinstance(pinned, str):
+            pinned = Placement.read_json(pinned)
+        settings = {"redundant": cfg.redundant_experts, "pinned": pinned}
+        try:
+            model = ModelConfig.from_json(cfg.checkpoint)
+        except (OSError, ValueError):
+            return settings
+        build(model.num_layers, model.num_experts, cfg.shards, **settings)  # raises a PlacementError
+        return settings
+
+    def placement(self) -> Placement:
+        """The experts' placement every rank uses."""
+        model = ModelConfig.from_json(self.config.checkpoint)
+        return build(model.num_layers, model.num_experts, self.config.shards, **self.placement_settings)
 
     def _backend(self, timeout_s: float) -> str:
         """NCCL with GPUs; for CPUs, shared memory when every rank is on one node (and can use it), else gloo.

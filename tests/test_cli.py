@@ -76,6 +76,16 @@ def test_errors_are_one_line(tmp_path):
     assert bad.returncode == 2 and "comma-separated token ids" in bad.stderr
 
 
+def test_expert_placement_errors_are_one_line_and_come_before_ray(tmp_path):
+    bad = run("generate", "--prompt-ids", "1,2", "--redundant-experts", 1, check=False)
+    assert "add --shards N" in one_line_error(bad, "generate")
+    (tmp_path / "placement.json").write_text(json.dumps({"shards": [[0, 1], [2]]}))
+    bad = run("generate", "--prompt-ids", "1,2", "--shards", 2, "--expert-placement", tmp_path / "placement.json",
+              check=False)
+    assert "expert 3 (and 12 more) has no slot on any shard" in one_line_error(bad, "generate")
+    assert "Ray" not in bad.stdout + bad.stderr
+
+
 def test_commands_need_the_input_their_synopsis_names():
     """No silent default prompt: generate needs --prompt-ids, client --prompt or --prompt-ids (one of them)."""
     bad = run("generate", "--max-tokens", 2, check=False)

@@ -66,7 +66,7 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
         cfg = tiny_model.cfg
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down
         for info, (first, count) in zip(cluster.shard_info(), expert_ranges(cfg.num_experts, shards)):
-            assert (info["first"], info["count"]) == (first, count)
+            assert info["experts"] == [list(range(first, first + count))] * cfg.num_layers
             # bf16 on disk: held as bf16 where the native CPU kernel serves fp32 compute, else widened to fp32
             held = expert_dtype(torch.bfloat16, torch.float32, "cpu", cfg)
             assert info["expert_dtype"] == str(held).replace("torch.", "")

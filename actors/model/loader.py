@@ -1,8 +1,9 @@
 """Weights from safetensors checkpoints: one file or sharded (``model.safetensors.index.json``), in the released
 layout (``model.language_model.*``) or the text-only one (``model.*``).
 
-An expert range ``[first, first + count)`` is read with ``get_slice`` so that a process holding a shard of
-the experts never reads the other experts' bytes; every load reports the tensors and bytes it materialised.
+A shard's experts (any set, read run by run of consecutive ids with ``get_slice``) are read so that a process
+holding some of the experts never reads the other experts' bytes; every load reports the tensors and bytes it
+materialised.
 Routed-expert weights stored as bf16 stay bf16 under fp32 compute on CPU (``moe.expert_dtype``); each layer's
 experts then choose how their grouped projections run (``Experts.prepare_``).
 """
@@ -83,8 +84,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: missing tensor '{key}'")
         return self._handle(self.files[key]).get_slice(key)
 
-    def read(self, name: str, expected: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor ``name`` (rows [a, b) of dim 0 only, if given), checked against the expected shape."""
+    def read(self, name: str, expected: tuple[int, ...], rows: list[int] | None = None) -> torch.Tensor:
+        """The tensor ``name`` (only the given rows of dim 0, in that order, if given), checked against the
+        expected shape."""
         sl = self._slice(name)
         full = tuple(sl.get_shape())
         want = expected if rows is None else (self.config.num_experts, *expected[1:])
@@ -92,13 +94,28 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.dir}: tensor '{self.prefix + name}' has shape {list(full)}, expected {list(want)}"
             )
-        t = sl[:] if rows is None else sl[rows[0] : rows[1]]
+        if rows is None:
+            t = sl[:]
+        else:
+            runs = [sl[a:b] for a, b in _runs(rows)]
+            t = runs[0] if len(runs) == 1 else torch.cat(runs) if runs else torch.empty(0, *full[1:])
         self.report.tensors += 1
         self.report.bytes += t.numel() * t.element_size()
         return t
 
     def close(self):
         self._handles.clear()
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """[a, b) runs of consecutive ids, in order: [3, 4, 5, 0, 1] -> [(3, 6), (0, 2)]."""
+    runs = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
 
 
 def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, device, rows=None) -> None:
@@ -122,7 +139,7 @@ def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS
     with torch.device("meta"):
         model = Gemma4Model(cfg, expert_range)
     held = model.expert_range
-    _materialise(model, ckpt, "", dtype, device, rows=held and (held[0], held[0] + held[1]))
+    _materialise(model, ckpt, "", dtype, device, rows=held and list(range(held[0], held[0] + held[1])))
     known = {ckpt.prefix + name for name in model.state_dict()}
     extra = sorted(k for k in ckpt.files if k.startswith(ckpt.prefix) and k not in known
                    and not k.endswith(EXPERT_TENSORS)  # present but deliberately not loaded here
@@ -141,11 +158,28 @@ def load_experts(path, first: int, count: int, dtype=torch.float32, device="cpu"
     cfg = ckpt.config
     if not (0 <= first and count >= 0 and first + count <= cfg.num_experts):
         raise CheckpointError(f"expert range [{first}, {first + count}) is outside [0, {cfg.num_experts})")
+    return _load_experts(ckpt, [list(range(first, first + count))] * cfg.num_layers, first, dtype, device)
+
+
+def load_expert_slots(path, experts: list[list[int]], dtype=torch.float32, device="cpu"):
+    """A shard's slots (``experts[layer]``: the expert in each slot of the layer, any set in any order): the
+    Experts of each layer, indexed by slot (their ``first`` is 0), the config and the LoadReport."""
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    if len(experts) != cfg.num_layers:
+        raise CheckpointError(f"experts given for {len(experts)} layers; the checkpoint has {cfg.num_layers}")
+    bad = [(i, e) for i, ids in enumerate(experts) for e in ids if not 0 <= e < cfg.num_experts]
+    if bad:
+        raise CheckpointError(f"layer {bad[0][0]}: expert {bad[0][1]} is outside [0, {cfg.num_experts})")
+    return _load_experts(ckpt, experts, 0, dtype, device)
+
+
+def _load_experts(ckpt: Checkpoint, experts: list[list[int]], first: int, dtype=torch.float32, device="cpu"):
     layers = []
-    for i in range(cfg.num_layers):
+    for i, ids in enumerate(experts):
         with torch.device("meta"):
-            experts = Experts(cfg, first, count)
-        _materialise(experts, ckpt, f"layers.{i}.experts.", dtype, device, rows=(first, first + count))
-        layers.append(experts.eval().requires_grad_(False))
+            held = Experts(ckpt.config, first, len(ids))
+        _materialise(held, ckpt, f"layers.{i}.experts.", dtype, device, rows=list(ids))
+        layers.append(held.eval().requires_grad_(False))
     ckpt.close()
-    return layers, cfg, ckpt.report
+    return layers, ckpt.config, ckpt.report

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from ..config import experts_settings
 from .bench_targets import make_target
 
 
@@ -230,7 +231,8 @@ def main(args) -> int:
     workload = Workload(args.requests, args.prompt_len, args.output_len, args.random_lengths, args.vocab_size,
                         args.seed)
     engine = {"max_num_seqs": max(args.concurrency), "enable_prefix_caching": False}
-    target = make_target(args.target, args.checkpoint, args.shards, args.model, engine, args.dtype)
+    target = make_target(args.target, args.checkpoint, args.shards, args.model, engine, args.dtype,
+                         experts_settings(args) if args.target is None else None)
     result = asyncio.run(sweep(target, workload, args.concurrency, args.rate, args.duration_s, args.warmup))
     result["target"] = args.target or (f"cluster ({args.shards} shards)" if args.shards else "in-process engine")
     print(report_table(result))

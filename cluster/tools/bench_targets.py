@@ -173,10 +173,11 @@ class EngineTarget:
 
 
 def make_target(target: str | None, checkpoint: str | None, shards: int, model: str | None,
-                engine: dict | None = None, dtype: str = ClusterConfig.dtype):
-    """``grpc://host:port``, ``http://host:port`` (OpenAI), or None for the in-process engine / cluster."""
+                engine: dict | None = None, dtype: str = ClusterConfig.dtype, cluster: dict | None = None):
+    """``grpc://host:port``, ``http://host:port`` (OpenAI), or None for the in-process engine / cluster
+    (``cluster``: more ClusterConfig fields)."""
     if target is None:
-        return EngineTarget(checkpoint_or_builtin(checkpoint), shards, engine, dtype=dtype)
+        return EngineTarget(checkpoint_or_builtin(checkpoint), shards, engine, cluster, dtype=dtype)
     if target.startswith("grpc://"):
         return GrpcTarget(target[len("grpc://"):])
     if target.startswith(("http://", "https://")):
