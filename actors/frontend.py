@@ -220,6 +220,14 @@ class Frontend:
     def model_info(self) -> ModelInfo:
         return ModelInfo.of(self)
 
+    def experts(self) -> dict:
+        """Where the routed experts live (per layer, each shard's slots; none when this actor runs them) and
+        the routed load so far (``epserve experts``)."""
+        d = self.dispatcher
+        stats = asdict(d.stats if d else dispatch.DispatchStats())
+        return {"num_experts": self.model.cfg.num_experts, "layers": d.placement.slots if d else [],
+                **{k: stats[k] for k in ("tokens_per_shard", "tokens_per_expert", "tokens_per_layer_shard")}}
+
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None \
             and self.suspended is None

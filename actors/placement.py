@@ -4,7 +4,11 @@ The front-ends route by it (``route``); each shard loads the experts of its slot
 
 * ``contiguous``: shard s holds experts [s*E/N, (s+1)*E/N) of every layer, in order (the default), plus, with
   ``redundant`` R > 0, R extra slots per layer: replicas of experts spread over the layer (before any load is
-  seen, a hot expert is not known), each on the shard with the fewest slots among those without that expert.
+  seen, a hot expert is not known), each on the shard with the fewest slots among those without that expert
+  (slot counts within one of each other).
+* ``balanced``: from a measured load per (layer, expert) (EPLB's recipe): the R extra slots go, one at a time, to
+  the expert with the most load per copy, then the copies, heaviest first, each to the least-loaded shard that
+  has a free slot and not that expert. Every shard keeps the slot count ``contiguous`` gives it (equal memory).
 * ``from_json``: a pinned layout (``--expert-placement FILE``): ``{"layers": [[[experts of shard 0], [experts
   of shard 1], ...], ...]}`` with one entry per layer, or ``{"shards": [[...], ...]}`` for every layer alike.
 
@@ -63,20 +67,24 @@ class Placement:
     @classmethod
     def contiguous(cls, num_layers: int, num_experts: int, num_shards: int, redundant: int = 0) -> "Placement":
         base = [list(range(first, first + count)) for first, count in expert_ranges(num_experts, num_shards)]
-        if redundant and num_shards < 2:
-            raise PlacementError("redundant experts need at least 2 shards (a replica lives on another shard)")
-        if redundant > num_experts * (num_shards - 1):
-            raise PlacementError(f"{redundant} redundant experts per layer: at most {num_experts * (num_shards - 1)}"
-                                 f" fit on {num_shards} shards ({num_experts} experts, one copy per shard)")
-        layer = [list(s) for s in base]
-        for r in range(redundant):
-            e = (r * num_experts // redundant + r // num_experts) % num_experts  # spread over the experts
-            free = [s for s in range(num_shards) if e not in layer[s]]
-            if not free:
-                raise PlacementError(f"{redundant} redundant experts per layer do not spread over {num_shards} "
-                                     "shards with every replica of an expert on its own shard")
-            layer[min(free, key=lambda s: (len(layer[s]), s))].append(e)
+        _check_redundancy(num_experts, num_shards, redundant)
+        passes, rest = divmod(redundant, num_experts)  # every expert once per full pass, then spread evenly
+        spread = list(range(num_experts)) * passes + [r * num_experts // rest for r in range(rest)]
+        home = {e: s for s, experts in enumerate(base) for e in experts}
+        # one expert of each shard's range in turn, so that every shard keeps room for others' replicas
+        turn = [sum(home[f] == home[e] for f in spread[:r]) for r, e in enumerate(spread)]
+        spread = [e for _, _, e in sorted(zip(turn, [home[e] for e in spread], spread))]
+        layer = _place(base, spread, [1.0] * num_experts, _capacity(num_experts, num_shards, redundant))
         return cls(num_experts, [[list(s) for s in layer] for _ in range(num_layers)])
+
+    @classmethod
+    def balanced(cls, load, num_shards: int, redundant: int = 0) -> "Placement":
+        """The placement for ``load`` [layer][expert] (tokens routed to each expert in a window)."""
+        load = [[float(x) for x in layer] for layer in load]
+        E = len(load[0])
+        _check_redundancy(E, num_shards, redundant)
+        capacity = _capacity(E, num_shards, redundant)
+        return cls(E, [_pack(layer, capacity, redundant) for layer in load])
 
     @classmethod
     def from_json(cls, data: dict, num_layers: int, num_experts: int, num_shards: int) -> "Placement":
@@ -141,6 +149,60 @@ class Placement:
     def slots_per_shard(self) -> list[int]:
         """The most slots a shard has in any layer (what it holds, in experts per layer)."""
         return [max(len(shards[s]) for shards in self.slots) for s in range(self.num_shards)]
+
+
+def _check_redundancy(num_experts: int, num_shards: int, redundant: int) -> None:
+    if redundant and num_shards < 2:
+        raise PlacementError("redundant experts need at least 2 shards (a replica lives on another shard)")
+    if redundant > num_experts * (num_shards - 1):
+        raise PlacementError(f"{redundant} redundant experts per layer: at most {num_experts * (num_shards - 1)}"
+                             f" fit on {num_shards} shards ({num_experts} experts, one copy per shard)")
+
+
+def _capacity(num_experts: int, num_shards: int, redundant: int) -> list[int]:
+    """Slots per shard: E + R spread as evenly as the shards allow (within one)."""
+    slots = num_experts + redundant
+    return [slots * (s + 1) // num_shards - slots * s // num_shards for s in range(num_shards)]
+
+
+def _pack(load: list[float], capacity: list[int], redundant: int) -> list[list[int]]:
+    """One layer of ``balanced``: the experts in each shard's slots."""
+    E, N = len(load), len(capacity)
+    copies = [1] * E
+    for _ in range(redundant):  # the expert with the most load per copy gets one more (ties: lower id)
+        e = max((e for e in range(E) if copies[e] < N), key=lambda e: (load[e] / copies[e], -e))
+        copies[e] += 1
+    share = [load[e] / copies[e] for e in range(E)]
+    items = sorted((e for e in range(E) for _ in range(copies[e])), key=lambda e: (-share[e], e))
+    return _place([[] for _ in range(N)], items, share, capacity)
+
+
+def _place(shards: list[list[int]], items: list[int], share: list[float], capacity: list[int]) -> list[list[int]]:
+    """Put each expert of ``items`` in turn on the lightest shard (by ``share`` per copy) with a free slot and
+    without that expert. Where the greedy order paints itself into a corner (only shards that hold the expert
+    have room: a nearly full layout), the copies are laid out by ``_realize`` instead, ignoring the shares."""
+    N = len(shards)
+    copies = [sum(e in shard for shard in shards) + items.count(e) for e in range(len(share))]
+    weight = [sum(share[e] for e in shard) for shard in shards]
+    for e in items:
+        free = [s for s in range(N) if len(shards[s]) < capacity[s] and e not in shards[s]]
+        if not free:
+            return _realize(copies, capacity)
+        s = min(free, key=lambda s: (weight[s], s))
+        shards[s].append(e)
+        weight[s] += share[e]
+    return shards
+
+
+def _realize(copies: list[int], capacity: list[int]) -> list[list[int]]:
+    """Experts with the most copies first, each on the shards with the most free slots: this finds a layout
+    with every copy on its own shard whenever one exists (the Gale-Ryser construction)."""
+    shards: list[list[int]] = [[] for _ in capacity]
+    for e in sorted(range(len(copies)), key=lambda e: (-copies[e], e)):
+        roomiest = sorted(range(len(capacity)), key=lambda s: (len(shards[s]) - capacity[s], s))[:copies[e]]
+        for s in roomiest:
+            shards[s].append(e)
+    return shards
 
 
 def build(num_layers: int, num_experts: int, num_shards: int, redundant: int = 0,

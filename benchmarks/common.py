@@ -17,16 +17,16 @@ PERFORMANCE_MD = ROOT / "docs" / "performance.md"
 RELIABILITY_MD = ROOT / "docs" / "reliability.md"
 
 
-def checkpoint(preset: str, layout: str = "released", seed: int = 0) -> Path:
+def checkpoint(preset: str, layout: str = "released", seed: int = 0, router_skew: float = 0.0) -> Path:
     """A random-weight checkpoint of a preset, made once under the epserve cache directory."""
     from epserve.actors.cache import cache_dir
     from epserve.cluster.fixtures.checkpoint import preset as make_preset
     from epserve.cluster.fixtures.checkpoint import write_checkpoint
 
-    path = cache_dir() / f"{preset}-{layout}-seed{seed}"
+    path = cache_dir() / (f"{preset}-{layout}-seed{seed}" + (f"-skew{router_skew:g}" if router_skew else ""))
     if not (path / "config.json").exists():
         print(f"making the {preset} checkpoint in {path} ...", file=sys.stderr, flush=True)
-        write_checkpoint(make_preset(preset), path, seed=seed, layout=layout, progress=True)
+        write_checkpoint(make_preset(preset), path, seed=seed, layout=layout, progress=True, router_skew=router_skew)
     return path
 
 

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -46,7 +47,10 @@ def cmd_make_checkpoint(args) -> int:
     cfg = preset(args.preset)
     weights = args.preset != "gemma-4-26b-a4b" or args.weights
     t0 = time.monotonic()
-    out = write_checkpoint(cfg, args.out, seed=args.seed, layout=args.layout, weights=weights, progress=True)
+    if args.router_skew < 0:
+        raise ValueError(f"--router-skew {args.router_skew}: must be >= 0")
+    out = write_checkpoint(cfg, args.out, seed=args.seed, layout=args.layout, weights=weights, progress=True,
+                           router_skew=args.router_skew)
     what = "config and weights" if weights else "config only (add --weights for ~50 GB of random weights)"
     print(f"wrote {args.preset} ({args.layout} layout, {what}) to {out} in {time.monotonic() - t0:.1f}s")
     return 0
@@ -183,6 +187,22 @@ def cmd_client(args) -> int:
     return 0
 
 
+def cmd_experts(args) -> int:
+    from .tools import experts
+
+    try:
+        reply = experts.fetch(args.address, args.timeout, ca_file=args.tls_ca,
+                              token=_client_token(args.auth_token_file))
+    except grpc.RpcError as e:
+        raise CommandFailed(f"{args.address}: {e.code().name}: {e.details()}") from None
+    if args.save_placement:
+        if not reply.num_shards:
+            raise CommandFailed(f"{args.address} has no expert shards: no placement to save")
+        Path(args.save_placement).write_text(json.dumps(experts.placement_json(reply)) + "\n")
+    print(experts.as_json(reply) if args.json else experts.report(reply))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .tools import bench
     from .tools.bench_targets import RequestFailed
@@ -222,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=["released", "text-only"], default="released")
     p.add_argument("--weights", action="store_true", help="also write weights for the gemma-4-26b-a4b preset")
+    p.add_argument("--router-skew", type=float, default=0.0, metavar="S",
+                   help="routers that send a few experts most of the traffic (0: uniform; 2-4: strongly skewed; "
+                        "docs/experts.md)")
     p.set_defaults(func=cmd_make_checkpoint)
 
     def dtype_option(p):
@@ -232,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     def experts_options(p):
         p.add_argument("--redundant-experts", type=int, default=ClusterConfig.redundant_experts, metavar="R",
                        help="R extra expert slots per layer on the shards, holding replicas (default 0)")
-        p.add_argument("--expert-placement", metavar="FILE",
+        p.add_argument("--expert-placement", "--placement", metavar="FILE",
                        help='pin where each expert lives: JSON {"shards": [[experts of shard 0], ...]} or '
                             '{"layers": [[[...], ...], ...]} (docs/experts.md)')
 
@@ -279,16 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
                                              "EPSERVE_AUTH_TOKEN); health checks stay open")
     p.set_defaults(func=cmd_serve)
 
+    def connection_options(p, timeout_s: float):
+        p.add_argument("--address", default=ServerConfig().grpc_target, help="gRPC host:port")
+        p.add_argument("--timeout", type=float, default=timeout_s, help="gRPC deadline in seconds")
+        p.add_argument("--tls-ca", help="connect over TLS, verifying the server against this PEM certificate")
+        p.add_argument("--auth-token-file", help="send this file's bearer token (default: EPSERVE_AUTH_TOKEN if "
+                                                 "set)")
+
     p = sub.add_parser("client", help="send a prompt over gRPC and stream the answer")
-    p.add_argument("--address", default=ServerConfig().grpc_target, help="gRPC host:port")
+    connection_options(p, 120.0)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text (needs a model with a tokenizer)")
     prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids")
     sampling_options(p, 32)
-    p.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")
-    p.add_argument("--tls-ca", help="connect over TLS, verifying the server against this PEM certificate")
-    p.add_argument("--auth-token-file", help="send this file's bearer token (default: EPSERVE_AUTH_TOKEN if set)")
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("experts", help="print a server's expert placement and the load per shard and expert")
+    connection_options(p, 30.0)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--save-placement", metavar="FILE", help="also write the placement as --placement takes it")
+    p.set_defaults(func=cmd_experts)
 
     p = sub.add_parser("bench", help="drive a workload against a server on 127.0.0.1 or an in-process engine")
     p.add_argument("--target", help=f"grpc://{ServerConfig().grpc_target} (ours) or http://127.0.0.1:8000 (any "

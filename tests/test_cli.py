@@ -77,6 +77,7 @@ def test_errors_are_one_line(tmp_path):
 
 
 def test_expert_placement_errors_are_one_line_and_come_before_ray(tmp_path):
+    builtin_checkpoint()  # made beforehand: making it prints progress, which is not what this test reads
     bad = run("generate", "--prompt-ids", "1,2", "--redundant-experts", 1, check=False)
     assert "add --shards N" in one_line_error(bad, "generate")
     (tmp_path / "placement.json").write_text(json.dumps({"shards": [[0, 1], [2]]}))

@@ -119,3 +119,41 @@ class ModelInfoResponse(_message.Message):
     dtype: str
     cpu_isa: str
     def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., num_shards: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_tokenizer: _Optional[bool] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cpu_isa: _Optional[str] = ...) -> None: ...
+
+class ExpertsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertsResponse(_message.Message):
+    __slots__ = ("num_experts", "num_shards", "layers", "tokens_per_shard", "tokens_per_expert", "load")
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    num_experts: int
+    num_shards: int
+    layers: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
+    tokens_per_shard: _containers.RepeatedScalarFieldContainer[int]
+    tokens_per_expert: _containers.RepeatedScalarFieldContainer[int]
+    load: _containers.RepeatedCompositeFieldContainer[LayerLoad]
+    def __init__(self, num_experts: _Optional[int] = ..., num_shards: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., tokens_per_shard: _Optional[_Iterable[int]] = ..., tokens_per_expert: _Optional[_Iterable[int]] = ..., load: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ...) -> None: ...
+
+class LayerPlacement(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardSlots]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardSlots, _Mapping]]] = ...) -> None: ...
+
+class ShardSlots(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LayerLoad(_message.Message):
+    __slots__ = ("tokens_per_shard",)
+    TOKENS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    tokens_per_shard: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens_per_shard: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class InferenceStub:
                 request_serializer=epserve_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=epserve_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Experts = channel.unary_unary(
+                '/epserve.v1.Inference/Experts',
+                request_serializer=epserve_dot_v1_dot_inference__pb2.ExpertsRequest.SerializeToString,
+                response_deserializer=epserve_dot_v1_dot_inference__pb2.ExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -72,6 +77,12 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Experts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=epserve_dot_v1_dot_inference__pb2.ModelInfoRequest.FromString,
                     response_serializer=epserve_dot_v1_dot_inference__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Experts': grpc.unary_unary_rpc_method_handler(
+                    servicer.Experts,
+                    request_deserializer=epserve_dot_v1_dot_inference__pb2.ExpertsRequest.FromString,
+                    response_serializer=epserve_dot_v1_dot_inference__pb2.ExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Inference:
             '/epserve.v1.Inference/ModelInfo',
             epserve_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
             epserve_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Experts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epserve.v1.Inference/Experts',
+            epserve_dot_v1_dot_inference__pb2.ExpertsRequest.SerializeToString,
+            epserve_dot_v1_dot_inference__pb2.ExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -150,6 +150,9 @@ class FrontendClient:
     async def model_info(self) -> ModelInfo:
         return await self._call("model_info")
 
+    async def experts(self) -> dict:
+        return await self._call("experts")
+
     async def ready(self) -> bool:
         try:
             return bool(await self._call("ready"))

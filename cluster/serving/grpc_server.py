@@ -143,6 +143,18 @@ class InferenceService(pb_grpc.InferenceServicer):
         await self._refuse(context, new_request=False)
         return model_info_response(self.state)
 
+    async def Experts(self, request, context):
+        await self._refuse(context, new_request=False)
+        try:
+            e = await self.state.client.experts()
+        except Exception as error:  # noqa: BLE001 - the front-end failed or restarts: retriable
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine is unavailable: {_short(error)}")
+        return pb.ExpertsResponse(
+            num_experts=e["num_experts"], num_shards=len(e["layers"][0]) if e["layers"] else 0,
+            layers=[pb.LayerPlacement(shards=[pb.ShardSlots(experts=s) for s in layer]) for layer in e["layers"]],
+            tokens_per_shard=e["tokens_per_shard"], tokens_per_expert=e["tokens_per_expert"],
+            load=[pb.LayerLoad(tokens_per_shard=t) for t in e["tokens_per_layer_shard"]])
+
 
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()
