@@ -87,7 +87,7 @@ def build(name, cfg: ModelConfig, params: ParamCount, gpu: str, dtype, layout: L
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def table(plan: dict) -> str:
