@@ -133,7 +133,7 @@ def cluster_overhead(dtype: torch.dtype, refresh: bool) -> float:
     from .stepmodel import Layout, StepModel
 
     cfg = preset("tiny")
-    cal = model_costs(cfg, dtype, refresh=refresh)
+    cal = model_costs(cfg, dtype)  # the model's part, as cached (a fresh one when the caller just made it)
     work = Workload(prompt_len=32, output_len=32, concurrency=8, requests=16)
     log("a short bench of the tiny model on a real cluster (1 shard) ...")
     measured = measure.cluster_bench(work, shards=1, dtype=precision.dtype_name(dtype))

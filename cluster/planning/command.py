@@ -72,8 +72,10 @@ def main(args) -> int:
     device_kind = "cpu" if gpu == "cpu" else "cuda"
     dtype = precision.resolve_dtype(args.dtype, device_kind)
     work = Workload(args.prompt_len, args.output_len, args.concurrency, args.requests)
-    layout = Layout(args.frontends or 1, args.shards or 2, args.redundant_experts, args.nodes, args.gpus_per_node,
-                    args.link)
+    layout = Layout(args.frontends or 1, args.shards or 2, args.redundant_experts, args.nodes or 1,
+                    args.gpus_per_node, args.link)
+    if args.nodes is None and gpu != "cpu":
+        layout = replace(layout, nodes=math.ceil(layout.ranks / layout.gpus_per_node))
     if layout.shards > cfg.num_experts:
         raise ValueError(f"--shards {layout.shards} exceeds the model's {cfg.num_experts} experts per layer")
     if gpu != "cpu" and layout.ranks > layout.nodes * layout.gpus_per_node and args.budget_gpus is None:
@@ -112,8 +114,6 @@ def main(args) -> int:
         elif args.frontends is None and args.shards is None:
             raise ValueError(f"no split of {args.budget_gpus} {gpu} GPUs holds this model and workload: "
                              f"{cands[-1].why}")
-    if gpu != "cpu" and args.budget_gpus is None:
-        layout = replace(layout, nodes=max(layout.nodes, math.ceil(layout.ranks / layout.gpus_per_node)))
     ranks = plan_memory(cfg, layout.frontends, layout.shards, layout.redundant, capacity, dtype, engine, kv_budget)
     prediction = predict(StepModel(cfg, layout, make_device(layout)), work, engine, per_token)
     plan = report.build(name, cfg, count_params(cfg), gpu, dtype, layout, work, ranks, prediction,

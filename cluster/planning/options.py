@@ -15,7 +15,8 @@ def add_options(p) -> None:
     p.add_argument("--shards", type=int, default=None, help="N expert shards (default 2, or the budget's best)")
     p.add_argument("--redundant-experts", type=int, default=0,
                    help="R extra replicas of the busiest experts per layer, over the shards (a what-if)")
-    p.add_argument("--nodes", type=int, default=1, help="K nodes the ranks are spread over")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="K nodes the ranks are spread over (default: as few as --gpus-per-node allows)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="G GPUs per node")
     p.add_argument("--link", default="ib400", help=f"between nodes: {' | '.join(LINKS)}")
     p.add_argument("--prompt-len", type=int, default=128)

@@ -25,7 +25,7 @@ class Candidate:
 def candidates(cfg: ModelConfig, budget: int, base: Layout, work: Workload, make_device, fits) -> list[Candidate]:
     """``make_device(layout) -> Device``; ``fits(layout) -> reason or ""``."""
     out = []
-    nodes = max(base.nodes, math.ceil(budget / base.gpus_per_node))
+    nodes = max(base.nodes, math.ceil(budget / base.gpus_per_node))  # the budget's GPUs, on as few nodes
     for M in range(1, budget):
         N = budget - M
         if N > cfg.num_experts:
