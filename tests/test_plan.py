@@ -177,8 +177,10 @@ def test_more_shards_shorten_the_experts_and_replicas_the_excess():
     step = [Row(1000, 1)] * 64
     experts = [h200_model(Layout(1, n)).step(step).phases["experts (slowest shard)"] for n in (1, 2, 4, 8, 16)]
     assert experts == sorted(experts, reverse=True) and experts[0] > 4 * experts[-1]
-    with_replicas = h200_model(Layout(1, 8, redundant=16)).step(step).phases["experts (slowest shard)"]
-    assert with_replicas < experts[3]
+    # replicas shrink the slowest shard's excess of slots (under uniform routing they cost more weight reads
+    # than they save: docs/planning.md)
+    slots = [h200_model(Layout(1, 8, redundant=r)).shard_load(512)[0] for r in (0, 16, 64)]
+    assert slots == sorted(slots, reverse=True) and slots[-1] > 512 * 8 / 8
 
 
 def test_the_exchange_is_slower_across_nodes_and_the_overlap_hides_the_dense_ffn():
