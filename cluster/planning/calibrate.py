@@ -4,7 +4,8 @@
 * GEMM time tables: every front-end projection's shape (attention, dense MLP, router, head) at 1 to 1024 rows,
   through the model's own ``linear`` (oneDNN with the reordered weight);
 * the grouped experts kernel (``moe.expert_outputs``, the shards' call): a fixed cost, a cost per expert with
-  rows (its weights read) and per slot;
+  rows (its weights read) and per slot; and how much slower it runs while a second process runs it too
+  (shards on different cores still share the memory bandwidth);
 * a front-end engine with no experts (its exchange answered at once in-process): the steps' measured times
   less their GEMMs fit the attention's time per visible key, the elementwise time per token and layer, and the
   host's time per step and per request in it;
@@ -84,6 +85,7 @@ def model_costs(cfg: ModelConfig, dtype: torch.dtype, quick: bool = False, refre
         cal["gemm"] = measure.gemm_tables(cfg, dtype, QUICK_ROWS if quick else ROWS,
                                           QUICK_ROWS if quick else HEAD_ROWS, log)
         cal["experts"] = measure.experts(cfg, dtype, quick, log)
+        cal["contention"] = measure.contention(cfg, dtype, quick, log) if (os.cpu_count() or 1) > 1 else 1.0
         cal.update(measure.exchange(quick, log))
         cal.update(fit_frontend(cfg, cal, measure.frontend_steps(cfg, dtype, quick, log)))
     finally:

@@ -16,6 +16,7 @@ class CpuDevice:
         self.cal, self.cfg = cal, cfg
         self.cores = float(cal["cores"])
         self.itemsize = int(cal["itemsize"])
+        self.contention = float(cal.get("contention", 1.0))  # slowdown of experts computed on several cores
         self.tables = {tuple(map(int, key.split(","))): sorted(points) for key, points in cal["gemm"].items()}
 
     def gemm(self, rows, n, k):

@@ -35,6 +35,7 @@ class HostCosts:
 class GpuDevice:
     kind = "gpu"
     cores = 1.0
+    contention = 1.0
 
     def __init__(self, gpu: Gpu, cfg: ModelConfig, link: str = "ib400", host: HostCosts | None = None,
                  itemsize: int = 2):

@@ -61,16 +61,32 @@ def gemm_tables(cfg: ModelConfig, dtype, rows, head_rows, log) -> dict:
     return tables
 
 
-def experts(cfg: ModelConfig, dtype, quick: bool, log) -> list[float]:
-    """[fixed, per expert with rows, per slot] seconds of one shard's layer, fitted to timed calls."""
-    H, I, K = cfg.hidden_size, cfg.moe_intermediate_size, cfg.top_k
+def _experts_module(cfg: ModelConfig, dtype) -> Experts:
+    """Up to 32 experts of a layer with random weights, held and prepared as a shard holds a bf16
+    checkpoint's."""
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
     count = min(cfg.num_experts, 32)
     module = Experts(cfg, 0, count)
-    held = expert_dtype(torch.bfloat16, dtype, "cpu", cfg)  # as a shard holds a bf16 checkpoint's experts
+    held = expert_dtype(torch.bfloat16, dtype, "cpu", cfg)
     with torch.no_grad():
         module.gate_up_proj.data = (torch.randn(count, 2 * I, H) / math.sqrt(H)).to(held)
         module.down_proj.data = (torch.randn(count, H, I) / math.sqrt(I)).to(held)
-    module.prepare_(dtype)
+    return module.prepare_(dtype)
+
+
+def _decode_load(cfg: ModelConfig, dtype, count: int):
+    """One row per expert: a decode step's load, bound by reading the weights."""
+    x = torch.randn(count, cfg.hidden_size).to(dtype)
+    ids = torch.full((count, cfg.top_k), -1, dtype=torch.long)
+    ids[:, 0] = torch.arange(count)
+    return x, ids
+
+
+def experts(cfg: ModelConfig, dtype, quick: bool, log) -> list[float]:
+    """[fixed, per expert with rows, per slot] seconds of one shard's layer, fitted to timed calls."""
+    H, K = cfg.hidden_size, cfg.top_k
+    module = _experts_module(cfg, dtype)
+    count = module.count
     points = []
     grid = [(a, r) for a in ((1, count) if quick else (1, 4, count)) for r in ((1, 4) if quick else (1, 8))]
     for a, r in grid:
@@ -81,6 +97,48 @@ def experts(cfg: ModelConfig, dtype, quick: bool, log) -> list[float]:
         ids[:, 0] = torch.arange(slots) % a
         points.append(([1.0, a, slots], best(lambda x=x, ids=ids: expert_outputs(x, ids, module))))
     return nonnegative_lstsq([p for p, _ in points], [t for _, t in points])
+
+
+def _busy(cfg: ModelConfig, dtype, ready, stop) -> None:
+    """The neighbour of ``contention``: a shard's decode load in a loop until told to stop."""
+    torch.set_num_threads(1)
+    module = _experts_module(cfg, dtype)
+    x, ids = _decode_load(cfg, dtype, module.count)
+    expert_outputs(x, ids, module)
+    ready.set()
+    while not stop.is_set():
+        expert_outputs(x, ids, module)
+
+
+def contention(cfg: ModelConfig, dtype, quick: bool, log) -> float:
+    """How much slower a shard's decode load runs while another process runs the same (two shards on two
+    cores share the memory bandwidth): the ratio of the median times, at least 1."""
+    log("grouped experts while another process runs them too (shared memory bandwidth)")
+    module = _experts_module(cfg, dtype)
+    x, ids = _decode_load(cfg, dtype, module.count)
+    reps = 5 if quick else 15
+
+    def timed() -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            expert_outputs(x, ids, module)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    expert_outputs(x, ids, module)
+    alone = timed()
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    neighbour = ctx.Process(target=_busy, args=(cfg, dtype, ready, stop))
+    neighbour.start()
+    try:
+        ready.wait(120)
+        shared = timed()
+    finally:
+        stop.set()
+        neighbour.join(60)
+    return max(shared / alone, 1.0)
 
 
 def nonnegative_lstsq(X: list[list[float]], y: list[float]) -> list[float]:

@@ -33,6 +33,7 @@ from .memory import shard_experts
 class Device(Protocol):
     kind: str  # "gpu" or "cpu"
     cores: float  # cpu: the parallel capacity every rank shares; gpu: unused (each rank its own device)
+    contention: float  # cpu: how much slower the experts run when shards compute at once (memory bandwidth)
     itemsize: int
 
     def gemm(self, rows: int, n: int, k: int) -> float: ...  # x [rows, k] @ w[n, k].T, a front-end's
@@ -141,10 +142,11 @@ class StepModel:
         fe_share = max(1.0, M / d.cores) if d.kind == "cpu" else 1.0
         slots, active, shard_rows = self.shard_load(M * T)
         expert_s = d.experts(slots, active, max(self.held))
-        if d.kind == "cpu" and not self.local:  # every shard computes at once on the shared cores
+        if d.kind == "cpu" and not self.local and N > 1:
+            # every shard computes at once on the shared cores, and they share the memory bandwidth
             mean_slots = M * T * cfg.top_k / N
             mean_active = min(cfg.num_experts / N, active)
-            expert_s = max(expert_s, N * d.experts(mean_slots, mean_active, max(self.held)) / d.cores)
+            expert_s = d.contention * max(expert_s, N * d.experts(mean_slots, mean_active, max(self.held)) / d.cores)
         dispatch_bytes = shard_rows / M * row_bytes(H, cfg.top_k, _dtype(d.itemsize))
         combine_bytes = slots / M * H * d.itemsize
         # a front-end sends to (receives from) N shards; a shard from M front-ends: the busier side counts
