@@ -69,8 +69,7 @@ def main(args) -> int:
     gpu = gpu_name(args.gpu)
     check(args, gpu)
     cfg, name = model_config(args)
-    device_kind = "cpu" if gpu == "cpu" else "cuda"
-    dtype = precision.resolve_dtype(args.dtype, device_kind)
+    dtype = precision.resolve_dtype(args.dtype, "cpu" if gpu == "cpu" else "cuda")
     work = Workload(args.prompt_len, args.output_len, args.concurrency, args.requests)
     layout = Layout(args.frontends or 1, args.shards or 2, args.redundant_experts, args.nodes or 1,
                     args.gpus_per_node, args.link)
@@ -81,48 +80,64 @@ def main(args) -> int:
     if gpu != "cpu" and layout.ranks > layout.nodes * layout.gpus_per_node and args.budget_gpus is None:
         raise ValueError(f"{layout.ranks} ranks do not fit --nodes {layout.nodes} x --gpus-per-node "
                          f"{layout.gpus_per_node} GPUs")
-    if gpu == "cpu":
-        from .calibrate import calibration
-        from .cpudevice import CpuDevice
+    target = Target(gpu, cfg, dtype, args)
 
-        cal = calibration(cfg, dtype, quick=args.quick, refresh=args.calibrate)
-        capacity, kv_budget = _host_memory(), EngineConfig().kv_cache_bytes
-        make_device = lambda lay: CpuDevice(cal, cfg)  # noqa: E731
-        source = (f"calibrated on this machine: {cal['key']['cpu']} ({cal['key']['isa']}, {cal['cores']} cores), "
-                  f"{precision.dtype_name(dtype)}{', quick' if args.quick else ''}")
-        per_token = cal.get("per_output_token_s", 0.0)
-    else:
-        from .gpu import GpuDevice
+    def engine(lay: Layout) -> EngineConfig:  # each front-end's: its share of the requests
+        return EngineConfig(max_num_seqs=-(-work.concurrency // lay.frontends), enable_prefix_caching=False)
 
-        hw = GPUS[gpu]
-        capacity, kv_budget = int(hw.hbm_bytes), None
-        make_device = lambda lay: GpuDevice(hw, cfg, lay.link, itemsize=dtype.itemsize)  # noqa: E731
-        source = hw.source
-        per_token = 0.0
-    engine = EngineConfig(max_num_seqs=work.concurrency, enable_prefix_caching=False)
-
-    def problems(lay: Layout) -> str:
-        ranks = plan_memory(cfg, lay.frontends, lay.shards, lay.redundant, capacity, dtype, engine, kv_budget)
-        return "; ".join(report.memory_problems(ranks, lay, work, gpu == "cpu", capacity, RESERVE))
+    def memory(lay: Layout):
+        ranks = plan_memory(cfg, lay.frontends, lay.shards, lay.redundant, target.capacity, dtype, engine(lay),
+                            target.kv_budget)
+        return ranks, report.memory_problems(ranks, lay, work, gpu == "cpu", target.capacity, RESERVE)
 
     search = None
     if args.budget_gpus:
-        cands = candidates(cfg, args.budget_gpus, layout, work, make_device, problems)
+        cands = candidates(cfg, args.budget_gpus, layout, work, target.device, lambda lay: "; ".join(memory(lay)[1]),
+                           engine)
         search = (cands, *best(cands))
-        if args.frontends is None and args.shards is None and search[1] is not None:
+        if args.frontends is None and args.shards is None:
+            if search[1] is None:
+                raise ValueError(f"no split of {args.budget_gpus} {gpu} GPUs holds this model and workload: "
+                                 f"{cands[-1].why}")
             layout = search[1].layout
-        elif args.frontends is None and args.shards is None:
-            raise ValueError(f"no split of {args.budget_gpus} {gpu} GPUs holds this model and workload: "
-                             f"{cands[-1].why}")
-    ranks = plan_memory(cfg, layout.frontends, layout.shards, layout.redundant, capacity, dtype, engine, kv_budget)
-    prediction = predict(StepModel(cfg, layout, make_device(layout)), work, engine, per_token)
-    plan = report.build(name, cfg, count_params(cfg), gpu, dtype, layout, work, ranks, prediction,
-                        report.memory_problems(ranks, layout, work, gpu == "cpu", capacity, RESERVE), source, search)
+    ranks, problems = memory(layout)
+    prediction = predict(StepModel(cfg, layout, target.device(layout)), work, engine(layout), target.per_token)
+    plan = report.build(name, count_params(cfg), gpu, dtype, layout, work, ranks, prediction, problems,
+                        target.source, search)
     if args.helm_values:
         report.write_helm_values(plan, args.helm_values)
         print(f"wrote {args.helm_values}", file=sys.stderr)
     print(json.dumps(plan) if args.json else report.table(plan))
     return 0
+
+
+class Target:
+    """What the plan is for: a GPU of the hardware table, or this machine (its calibration)."""
+
+    def __init__(self, gpu: str, cfg: ModelConfig, dtype, args):
+        self.gpu, self.cfg, self.dtype = gpu, cfg, dtype
+        if gpu == "cpu":
+            from .calibrate import calibration
+
+            self.cal = calibration(cfg, dtype, quick=args.quick, refresh=args.calibrate)
+            key = self.cal["key"]
+            self.capacity, self.kv_budget = _host_memory(), EngineConfig().kv_cache_bytes
+            self.source = (f"calibrated on this machine: {key['cpu']} ({key['isa']}, {self.cal['cores']} cores), "
+                           f"{precision.dtype_name(dtype)}{', quick' if args.quick else ''}")
+            self.per_token = self.cal.get("per_output_token_s", 0.0)
+        else:
+            self.hw = GPUS[gpu]
+            self.capacity, self.kv_budget = int(self.hw.hbm_bytes), None
+            self.source, self.per_token = self.hw.source, 0.0
+
+    def device(self, layout: Layout):
+        if self.gpu == "cpu":
+            from .cpudevice import CpuDevice
+
+            return CpuDevice(self.cal, self.cfg)
+        from .gpu import GpuDevice
+
+        return GpuDevice(self.hw, self.cfg, layout.link, itemsize=self.dtype.itemsize)
 
 
 def _host_memory() -> int:

@@ -7,7 +7,6 @@ import math
 import multiprocessing
 import statistics
 import time
-from functools import partial
 
 import torch
 
@@ -56,9 +55,28 @@ def gemm_tables(cfg: ModelConfig, dtype, rows, head_rows, log) -> dict:
     tables = {}
     for i, ((n, k), grid) in enumerate(jobs):
         log(f"GEMM [{n} x {k}] at {grid[0]}..{grid[-1]} rows ({i + 1}/{len(jobs)})")
-        w = (torch.randn(n, k) / math.sqrt(k)).to(dtype)
-        tables[f"{n},{k}"] = [[r, best(partial(linear, torch.randn(r, k).to(dtype), w, pack=True))] for r in grid]
+        # a step streams every layer's weights through the caches: time each call on a copy of the weight
+        # that is not in them (copies in turn, together larger than the last-level cache)
+        nbytes = n * k * torch.empty(0, dtype=dtype).element_size()
+        weights = [(torch.randn(n, k) / math.sqrt(k)).to(dtype) for _ in range(min(8, -(-COLD_BYTES // nbytes)))]
+        tables[f"{n},{k}"] = [[r, best(_rotating(torch.randn(r, k).to(dtype), weights))] for r in grid]
     return tables
+
+
+COLD_BYTES = 96 << 20  # more than the last-level cache of the CPUs this runs on (32 MiB here)
+
+
+def _rotating(x, weights):
+    """A call of ``linear`` on the next weight of ``weights`` each time (each reordered once, on its first
+    call: ``best`` warms up with a whole round)."""
+    turn = iter(range(1 << 62))
+
+    def call():
+        return linear(x, weights[next(turn) % len(weights)], pack=True)
+
+    for w in weights[1:]:
+        linear(x, w, pack=True)
+    return call
 
 
 def _experts_module(cfg: ModelConfig, dtype) -> Experts:

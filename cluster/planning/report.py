@@ -8,7 +8,6 @@ from pathlib import Path
 import yaml
 
 from epserve.actors.model import precision
-from epserve.actors.model.config import ModelConfig
 
 from .memory import Rank
 from .params import ParamCount
@@ -54,7 +53,7 @@ def _layout(lay: Layout) -> dict:
             "nodes": lay.nodes, "gpus_per_node": lay.gpus_per_node, "link": lay.link}
 
 
-def build(name, cfg: ModelConfig, params: ParamCount, gpu: str, dtype, layout: Layout, work: Workload,
+def build(name, params: ParamCount, gpu: str, dtype, layout: Layout, work: Workload,
           ranks: list[Rank], prediction: Prediction, problems: list[str], source: str, search=None) -> dict:
     notes = []
     if layout.frontends > 1:

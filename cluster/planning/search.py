@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from epserve.actors.engine.config import EngineConfig
 from epserve.actors.model.config import ModelConfig
 
 from .predict import Prediction, Workload, predict
@@ -22,8 +21,9 @@ class Candidate:
     why: str = ""  # what does not fit
 
 
-def candidates(cfg: ModelConfig, budget: int, base: Layout, work: Workload, make_device, fits) -> list[Candidate]:
-    """``make_device(layout) -> Device``; ``fits(layout) -> reason or ""``."""
+def candidates(cfg: ModelConfig, budget: int, base: Layout, work: Workload, make_device, fits,
+               engine) -> list[Candidate]:
+    """``make_device(layout) -> Device``; ``fits(layout) -> reason or ""``; ``engine(layout) -> EngineConfig``."""
     out = []
     nodes = max(base.nodes, math.ceil(budget / base.gpus_per_node))  # the budget's GPUs, on as few nodes
     for M in range(1, budget):
@@ -33,8 +33,7 @@ def candidates(cfg: ModelConfig, budget: int, base: Layout, work: Workload, make
         layout = replace(base, frontends=M, shards=N, nodes=nodes)
         device: Device = make_device(layout)
         why = fits(layout)
-        engine = EngineConfig(max_num_seqs=work.concurrency, enable_prefix_caching=False)
-        out.append(Candidate(layout, predict(StepModel(cfg, layout, device), work, engine), not why, why))
+        out.append(Candidate(layout, predict(StepModel(cfg, layout, device), work, engine(layout)), not why, why))
     return out
 
 
