@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from .config import ClusterConfig, experts_settings
+from .planning.options import add_options as add_plan_options
 from .serving.config import ServerConfig
 from .serving.security import TOKEN_ENV, load_token
 
@@ -213,6 +214,12 @@ def cmd_bench(args) -> int:
         raise CommandFailed(str(e)) from None
 
 
+def cmd_plan(args) -> int:
+    from .planning import command
+
+    return command.main(args)
+
+
 def cmd_demo(args) -> int:
     from .serving.local import LocalServer
     from .tools import client
@@ -347,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG of throughput and latency against concurrency here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="memory per rank and predicted speed of a layout (GPUs or this machine)")
+    add_plan_options(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="start a local cluster, answer one prompt, stop")
     p.add_argument("--prompt", default="The expert-parallel cluster says")
