@@ -6,7 +6,7 @@
 Each preset is calibrated first (``--calibrate``: the GEMM tables, the experts kernel, the front-end steps,
 the transport; the tiny preset also runs the short cluster bench that fits the per-token host cost), then each
 shard count is measured and predicted right after, so that the machine's drift stays small. ``--write`` puts
-the table in docs/planning.md (section "Predicted against measured, this machine")."""
+the table in docs/planning.md (section "Predicted against measured: the runs")."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main() -> None:
             f"{os.getloadavg()[0]:.1f}).\n\n{table}\n")
     print(body)
     if args.write:
-        write_section("Predicted against measured, this machine", body, ROOT / "docs" / "planning.md")
+        write_section("Predicted against measured: the runs", body, ROOT / "docs" / "planning.md")
 
 
 if __name__ == "__main__":
