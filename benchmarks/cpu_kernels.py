@@ -6,6 +6,8 @@ preset's shapes:
 1. Routed experts: the grouped bf16 kernel (``cpu_kernels.grouped_linear``: panel-packed bf16 weights read
    directly, fp32 math, every expert in one call) against one BLAS GEMM per expert on fp32 weights, from the
    few rows an expert gets per decode step to a prefill chunk's.
+   In bf16 (CPUs with AVX512-BF16): the dot-product kernel (``cpu_kernels.grouped_linear_bf16``) against torch's
+   grouped GEMM (oneDNN: AMX tiles where the CPU has them), and what the model does (``moe.bf16_cpu_project``).
 2. The dense projections and the tied head: ``x @ w.T``, ``(w @ x.T).T`` and oneDNN with the weight
    reordered once (``layers.linear(..., pack=True)``, what the model uses).
 3. A fresh multi-megabyte tensor with and without transparent huge pages (actors/__init__.py), in a child
@@ -61,6 +63,29 @@ def experts_table(num_experts: int = 32) -> str:
     return "\n".join(lines)
 
 
+def bf16_experts_table(num_experts: int = 128) -> str:
+    from epserve.actors.model import cpu_kernels, moe, precision
+
+    if not cpu_kernels.bf16_dot_available():
+        return "No AVX512-BF16 on this machine: bf16 experts run through torch's grouped GEMM only."
+    amx = precision.cpu_isa() == "amx_bf16"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(num_experts, 2 * I, H, generator=g).to(torch.bfloat16)
+    lines = ["| threads | rows per expert | dot kernel | torch grouped GEMM | the model's choice |", "|---|---|---|---|---|"]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for rows in (1, 4, 8, 16, 64, 256):
+            x = torch.randn(num_experts * rows, H, generator=g).to(torch.bfloat16)
+            offsets = torch.arange(0, num_experts * rows + 1, rows)
+            flops = 2 * num_experts * rows * 2 * I * H
+            times = [best_of(lambda f=f, x=x, o=offsets: f(x, o)) for f in (
+                lambda x, o: cpu_kernels.grouped_linear_bf16(x, o, w), lambda x, o: moe.grouped_mm(x, w, o),
+                lambda x, o: moe.bf16_cpu_project(x, o, w, amx))]
+            lines.append(f"| {threads} | {rows} | " + " | ".join(f"{1000 * t:.1f} ms ({flops / t / 1e9:.0f} GFLOP/s)"
+                                                                  for t in times) + " |")
+    return "\n".join(lines)
+
+
 def linear_table() -> str:
     from epserve.actors.model.layers import linear
 
@@ -104,13 +129,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    experts, linear, fresh = experts_table(), linear_table(), fresh_tensor_table()
+    experts, bf16_experts = experts_table(), bf16_experts_table()
+    linear, fresh = linear_table(), fresh_tensor_table()
     body = f"""
 Command: `python benchmarks/cpu_kernels.py` (revision {git_revision()}; {machine()}). Best of 3.
 
 Routed experts, 32 experts' gate/up matrices [{2 * I}, {H}] against the same number of rows each:
 
 {experts}
+
+Routed experts in bf16 compute, 128 experts' gate/up matrices, the same number of rows each:
+
+{bf16_experts}
 
 Dense projections at decode (64 rows) and prefill (2048 rows), {os.cpu_count()} threads:
 

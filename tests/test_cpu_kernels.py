@@ -7,7 +7,7 @@ import torch
 
 from epserve.actors.model import cpu_kernels
 from epserve.actors.model.loader import load_model
-from epserve.actors.model.moe import GROUPED_MM, expert_dtype
+from epserve.actors.model.moe import AMX_MIN_ROWS, GROUPED_MM, bf16_cpu_project, expert_dtype
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 
@@ -53,6 +53,25 @@ def test_grouped_linear_equals_one_gemm_per_group_and_is_batch_invariant():
             assert (y[rows] - ref).abs().max().item() <= 1e-5 * 120**0.5
         for r in range(offsets[e], offsets[e + 1]):  # each row alone: bit-identical
             assert torch.equal(cpu_kernels.bf16_linear(x[r : r + 1], w[e])[0], y[r])
+
+
+@pytest.mark.skipif(not cpu_kernels.bf16_dot_available(), reason="no AVX512-BF16 on this machine")
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_experts_take_one_kernel_per_expert_by_its_rows(amx):
+    """With AMX, experts of at least AMX_MIN_ROWS rows go through torch's grouped GEMM, the rest through the
+    dot kernel, in one projection: each expert's rows come out exactly as if it were alone (as on a shard that
+    holds only it), and within bf16 rounding of fp32 math."""
+    g = torch.Generator().manual_seed(0)
+    counts = [0, 3, AMX_MIN_ROWS + 1, 1, 20, AMX_MIN_ROWS, AMX_MIN_ROWS - 1]
+    w = torch.randn(len(counts), 64, 128, generator=g).to(torch.bfloat16)
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    x = torch.randn(int(offsets[-1]), 128, generator=g).to(torch.bfloat16)
+    y = bf16_cpu_project(x, offsets, w, amx)
+    for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        alone = bf16_cpu_project(x[lo:hi], torch.tensor([0, hi - lo]), w[e : e + 1].contiguous(), amx)
+        assert torch.equal(y[lo:hi], alone)
+        exact = x[lo:hi].float() @ w[e].float().T
+        assert (y[lo:hi].float() - exact).abs().amax(dim=1).le(2**-7 * exact.abs().amax(dim=1)).all()
 
 
 def test_packing_round_trips_and_bad_shapes_or_offsets_are_refused():

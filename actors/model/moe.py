@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_kernels, ops
+from . import cpu_kernels, ops, precision
 from .config import ModelConfig
 from .layers import Linear, gelu_tanh
 
@@ -60,6 +60,12 @@ PANELS = "panels"  # fp32 activations, bf16 weights packed in panels: the native
 BF16_DOT = "bf16-dot"  # bf16 activations and weights: the native AVX512-BF16 kernel (bf16 compute on CPU)
 GROUPED_MM = "grouped-mm"  # torch's grouped GEMM: CUDA, and every other dtype or CPU
 
+# On a CPU with AMX, torch's grouped GEMM (oneDNN on AMX tiles) beats the AVX512-BF16 dot kernel from about 8
+# rows per expert (2-7x at 16-256 rows, docs/performance.md "CPU kernels"); below that both are bound by
+# reading the weights and the dot kernel is a little faster. ``BF16_DOT`` picks per expert by its row count,
+# so an expert's rows take the same kernel whether its layer runs in process or on any shard.
+AMX_MIN_ROWS = 8
+
 
 def grouped_mm(x_SK, w_GNK, offsets_G1) -> torch.Tensor:
     """torch's grouped GEMM, y = x[rows of g] @ w[g].T, in x's dtype (offsets: int64 [G + 1] from 0). Where
@@ -81,6 +87,27 @@ def grouped_mm(x_SK, w_GNK, offsets_G1) -> torch.Tensor:
 
 
 _NO_GROUPED_MM: set = set()  # (device type, dtype) pairs torch's grouped GEMM refused
+
+
+def bf16_cpu_project(x_SK, offsets_G1, w_GNK, amx: bool) -> torch.Tensor:
+    """``BF16_DOT``'s projection: the dot kernel, or with ``amx`` torch's grouped GEMM for the experts with at
+    least ``AMX_MIN_ROWS`` rows (their rows gathered, and scattered back, only when the two kinds mix)."""
+    dot = cpu_kernels.grouped_linear_bf16
+    if not amx:
+        return dot(x_SK, offsets_G1, w_GNK, check=False)
+    counts = offsets_G1.diff()
+    big = counts >= AMX_MIN_ROWS
+    if not big.any():
+        return dot(x_SK, offsets_G1, w_GNK, check=False)
+    if bool((big | (counts == 0)).all()):
+        return grouped_mm(x_SK, w_GNK, offsets_G1)
+    big_row = torch.repeat_interleave(big, counts)
+    zero = offsets_G1[:1]
+    out = x_SK.new_empty(x_SK.shape[0], w_GNK.shape[1])
+    out[big_row] = grouped_mm(x_SK[big_row], w_GNK, torch.cat([zero, torch.where(big, counts, 0).cumsum(0)]))
+    out[~big_row] = dot(x_SK[~big_row], torch.cat([zero, torch.where(big, 0, counts).cumsum(0)]), w_GNK,
+                        check=False)
+    return out
 
 
 def _grouped(x_TH, ids_TK, experts: "Experts"):
@@ -123,6 +150,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(count, H, I))
         self.path = GROUPED_MM
+        self.amx = False  # BF16_DOT on a CPU with AMX: big experts through torch's grouped GEMM
 
     def prepare_(self, compute: torch.dtype) -> "Experts":
         """Choose the projections' path for a model computing in ``compute`` (and pack for it)."""
@@ -137,7 +165,7 @@ class Experts(nn.Module):
             self.path = PANELS
         elif (compute == torch.bfloat16 and cpu_kernels.dot_shapes(I2, H) and cpu_kernels.dot_shapes(H, I)
               and cpu_kernels.bf16_dot_available()):
-            self.path = BF16_DOT
+            self.path, self.amx = BF16_DOT, precision.cpu_isa() == "amx_bf16"
         return self
 
     def project(self, x_SK, offsets_G1, w_GNK) -> torch.Tensor:
@@ -146,7 +174,7 @@ class Experts(nn.Module):
         if self.path == PANELS:
             return cpu_kernels.grouped_linear(x_SK, offsets_G1, w_GNK, check=False)
         if self.path == BF16_DOT:
-            return cpu_kernels.grouped_linear_bf16(x_SK, offsets_G1, w_GNK, check=False)
+            return bf16_cpu_project(x_SK, offsets_G1, w_GNK, self.amx)
         return grouped_mm(x_SK, w_GNK, offsets_G1)
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:

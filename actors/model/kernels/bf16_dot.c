@@ -2,7 +2,8 @@
  * expert), y[rows of g] = bf16(x[rows of g] . w[g]^T) with w[g] of shape [N, K] as the checkpoint stores it;
  * the rows of group g are [offsets[g], offsets[g + 1]). One call runs a whole MoE layer's projection, every
  * expert at once. It is the routed experts' path when the model computes in bf16 on such a CPU
- * (actors/model/precision.py).
+ * (actors/model/precision.py); with AMX, only for experts with few rows (decode), the others going through
+ * torch's grouped GEMM on AMX tiles (moe.bf16_cpu_project).
  *
  * Dot-product form: vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 lanes, so a row of x and a
  * row of w (both contiguous along k) are multiplied 32 k at a time with no repacking of the weights: the
