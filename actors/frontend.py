@@ -3,7 +3,10 @@ the expert exchange (``dispatch.FrontendExchange``) as its expert executor.
 
 One engine thread owns the model, the engine and the process group; everything else reaches it through a
 command queue (add, abort, score) and gets results back through asyncio queues, so the actor's async
-methods (called by the servers, possibly many at once) never block on the model. While there is no work,
+methods (called by the servers, possibly many at once) never block on the model. A server's requests share
+one output stream (``submit`` + ``outputs``): each step's outputs for all of them cross as one Ray item, since
+an item costs the front-end's process about half a millisecond, and one per request and token (``stream``)
+cost a 64-request decode step tens of milliseconds. While there is no work,
 the engine thread sends the shards an idle heartbeat before the collective deadline runs out.
 
 Failures: when a step or a heartbeat fails (a shard died, or a collective ran past its deadline), a
@@ -75,7 +78,8 @@ class Frontend:
                                         info={"dtype": facts.dtype, "device": facts.device, "cpu_isa": facts.cpu_isa})
         self.checkpoint = checkpoint
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # request id -> where its outputs go
+        self._subscribers: dict[str, asyncio.Queue] = {}  # a server's output stream -> its queue
         self._thread: threading.Thread | None = None
         self._store = None
         self.error: str | None = None  # the engine stopped for good
@@ -150,17 +154,8 @@ class Frontend:
                      request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields what each step produced for the request; the last one is ``finished``. A caller that leaves
         early aborts the request itself (cluster/serving/frontend_client.py): this only stops delivering."""
-        if self.error:
-            raise EngineFailure(self.error)
         out_q: asyncio.Queue = asyncio.Queue()
-
-        def add():  # registered in the engine thread, before any step can produce output for it
-            rid = self.engine.add_request(prompt_ids, params or SamplingParams(), request_id)
-            self._streams[rid] = out_q
-            self._metrics.on_add(self.engine.requests[rid])
-            return rid
-
-        rid = await self._call(add)
+        rid = await self._add(prompt_ids, params or SamplingParams(), request_id, out_q)
         finished = False
         try:
             while not finished:
@@ -171,6 +166,43 @@ class Frontend:
                 yield item
         finally:
             self._streams.pop(rid, None)
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                     subscriber: str) -> str:
+        """Add a request whose outputs go to the stream ``outputs(subscriber)``; returns its id."""
+        return await self._add(prompt_ids, params, request_id, self._subscribers.setdefault(subscriber,
+                                                                                             asyncio.Queue()))
+
+    async def _add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
+                   out_q: asyncio.Queue) -> str:
+        if self.error:
+            raise EngineFailure(self.error)
+
+        def add():  # registered in the engine thread, before any step can produce output for it
+            rid = self.engine.add_request(prompt_ids, params, request_id)
+            self._streams[rid] = out_q
+            self._metrics.on_add(self.engine.requests[rid])
+            return rid
+
+        return await self._call(add)
+
+    async def outputs(self, subscriber: str) -> AsyncIterator[list[RequestOutput]]:
+        """The outputs of the requests ``submit``ted for ``subscriber``, everything ready at once as one list
+        (one per step while they run). Ends with ``EngineFailure`` when the engine stops for good."""
+        out_q = self._subscribers.setdefault(subscriber, asyncio.Queue())
+        try:
+            while True:
+                batch = [await out_q.get()]
+                while not out_q.empty():
+                    batch.append(out_q.get_nowait())
+                failures = [item for item in batch if isinstance(item, Exception)]
+                outputs = [item for item in batch if not isinstance(item, Exception)]
+                if outputs:
+                    yield outputs
+                if failures:
+                    raise failures[0]
+        finally:
+            self._subscribers.pop(subscriber, None)
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[dict]:
         """Run prompts to completion as one continuous batch: [{token_ids, finish_reason}] in order."""
@@ -188,6 +220,7 @@ class Frontend:
         return await self._call(lambda: self._abort(request_id))
 
     def _abort(self, request_id: str) -> bool:  # in the engine thread
+        self._streams.pop(request_id, None)
         aborted = self.engine.abort(request_id)
         if aborted:
             self._metrics.on_abort(request_id)
@@ -244,10 +277,13 @@ class Frontend:
         self._commands.put((fn, fut))
         return await asyncio.wrap_future(fut)
 
-    def _deliver(self, item) -> None:
-        q = self._streams.get(item.request_id)
-        if q is not None:
-            self._loop.call_soon_threadsafe(q.put_nowait, item)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:  # in the actor's event loop
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
 
     def _run(self) -> None:
         self._last_header = time.monotonic()
@@ -287,8 +323,8 @@ class Frontend:
             outputs = self.engine.step()  # the model runner's begin_step sends the step's header
             elapsed = time.perf_counter() - t0
             self._metrics.on_step(elapsed, self.engine.last_step_tokens, outputs)
-            for out in outputs:
-                self._deliver(out)
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver, outputs)  # one wake-up per step
             self.step_seconds += elapsed
             self._last_header = time.monotonic()
         elif time.monotonic() - self._last_header >= self.heartbeat_s:
@@ -315,7 +351,7 @@ class Frontend:
         self.error = message
         self._metrics.on_requests_failed()
         failure = EngineFailure(message)
-        for q in list(self._streams.values()):
+        for q in {id(q): q for q in [*self._streams.values(), *self._subscribers.values()]}.values():
             self._loop.call_soon_threadsafe(q.put_nowait, failure)
         self._fail_commands(failure)
         self._loop.call_soon_threadsafe(lambda: self._suspension.set())

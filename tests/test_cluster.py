@@ -92,6 +92,27 @@ class RecordingExperts(LocalExperts):
         return super().dispatch(layer, x, ids, w)
 
 
+def test_a_servers_requests_share_one_output_stream(ray_session, tiny_dir, reference):
+    """submit + outputs (what the servers use): every step's outputs of one subscriber's requests cross as one
+    Ray item, and each request gets the engine's tokens."""
+    with Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=1, **FP32)) as cluster:
+        fe = cluster.frontend
+        ids = ray.get([fe.submit.remote(p, SamplingParams(**PARAMS), f"r{i}", "server-1")
+                       for i, p in enumerate(PROMPTS)])
+        tokens, batches = {rid: [] for rid in ids}, []
+        outputs = fe.outputs.options(num_returns="streaming").remote("server-1")
+        for ref in outputs:
+            batches.append(ray.get(ref))
+            for out in batches[-1]:
+                tokens[out.request_id] += out.new_token_ids
+            if all(len(t) == PARAMS["max_tokens"] for t in tokens.values()):
+                break
+        ray.cancel(outputs)
+    assert [tokens[rid] for rid in ids] == reference[0]
+    assert max(len(b) for b in batches) == len(PROMPTS)  # the decode steps: every request in one item
+    assert len(batches) < sum(len(b) for b in batches)
+
+
 def test_dispatch_sends_one_row_per_token_and_distinct_shard(ray_session, tiny_dir, tiny_model):
     shards, prompt = 4, PROMPTS[3]
     recorder = RecordingExperts(tiny_model.layers)

@@ -7,7 +7,7 @@ import torch
 
 from epserve.actors.model import cpu_kernels
 from epserve.actors.model.loader import load_model
-from epserve.actors.model.moe import AMX_MIN_ROWS, GROUPED_MM, bf16_cpu_project, expert_dtype
+from epserve.actors.model.moe import GROUPED_MM, amx_min_rows, bf16_cpu_project, expert_dtype
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 
@@ -58,11 +58,12 @@ def test_grouped_linear_equals_one_gemm_per_group_and_is_batch_invariant():
 @pytest.mark.skipif(not cpu_kernels.bf16_dot_available(), reason="no AVX512-BF16 on this machine")
 @pytest.mark.parametrize("amx", [False, True])
 def test_bf16_experts_take_one_kernel_per_expert_by_its_rows(amx):
-    """With AMX, experts of at least AMX_MIN_ROWS rows go through torch's grouped GEMM, the rest through the
+    """With AMX, experts with at least amx_min_rows rows go through torch's grouped GEMM, the rest through the
     dot kernel, in one projection: each expert's rows come out exactly as if it were alone (as on a shard that
     holds only it), and within bf16 rounding of fp32 math."""
     g = torch.Generator().manual_seed(0)
-    counts = [0, 3, AMX_MIN_ROWS + 1, 1, 20, AMX_MIN_ROWS, AMX_MIN_ROWS - 1]
+    big = amx_min_rows(64, 128)
+    counts = [0, 3, big + 1, 1, big + 12, big, big - 1]
     w = torch.randn(len(counts), 64, 128, generator=g).to(torch.bfloat16)
     offsets = torch.tensor([0, *counts]).cumsum(0)
     x = torch.randn(int(offsets[-1]), 128, generator=g).to(torch.bfloat16)

@@ -61,10 +61,17 @@ BF16_DOT = "bf16-dot"  # bf16 activations and weights: the native AVX512-BF16 ke
 GROUPED_MM = "grouped-mm"  # torch's grouped GEMM: CUDA, and every other dtype or CPU
 
 # On a CPU with AMX, torch's grouped GEMM (oneDNN on AMX tiles) beats the AVX512-BF16 dot kernel from about 8
-# rows per expert (2-7x at 16-256 rows, docs/performance.md "CPU kernels"); below that both are bound by
-# reading the weights and the dot kernel is a little faster. ``BF16_DOT`` picks per expert by its row count,
-# so an expert's rows take the same kernel whether its layer runs in process or on any shard.
+# rows per expert on the real model's shapes (2-7x at 16-256 rows, docs/performance.md "CPU kernels"); below
+# that both are bound by reading the weights and the dot kernel is a little faster. oneDNN also costs ~25 us a
+# call, which small experts (hidden 256) pay back only from ~2M multiply-adds. ``BF16_DOT`` picks per expert
+# by its row count, so an expert's rows take the same kernel whether its layer runs in process or on a shard.
 AMX_MIN_ROWS = 8
+AMX_MIN_MACS = 1 << 21
+
+
+def amx_min_rows(n: int, k: int) -> int:
+    """The fewest rows of an expert [n, k] that go through torch's grouped GEMM on AMX."""
+    return max(AMX_MIN_ROWS, -(-AMX_MIN_MACS // (n * k)))
 
 
 def grouped_mm(x_SK, w_GNK, offsets_G1) -> torch.Tensor:
@@ -91,12 +98,12 @@ _NO_GROUPED_MM: set = set()  # (device type, dtype) pairs torch's grouped GEMM r
 
 def bf16_cpu_project(x_SK, offsets_G1, w_GNK, amx: bool) -> torch.Tensor:
     """``BF16_DOT``'s projection: the dot kernel, or with ``amx`` torch's grouped GEMM for the experts with at
-    least ``AMX_MIN_ROWS`` rows (their rows gathered, and scattered back, only when the two kinds mix)."""
+    least ``amx_min_rows`` rows (their rows gathered, and scattered back, only when the two kinds mix)."""
     dot = cpu_kernels.grouped_linear_bf16
     if not amx:
         return dot(x_SK, offsets_G1, w_GNK, check=False)
     counts = offsets_G1.diff()
-    big = counts >= AMX_MIN_ROWS
+    big = counts >= amx_min_rows(w_GNK.shape[1], w_GNK.shape[2])
     if not big.any():
         return dot(x_SK, offsets_G1, w_GNK, check=False)
     if bool((big | (counts == 0)).all()):

@@ -7,12 +7,16 @@ the drain ran out) aborts the request here, and only here: the engine frees its 
 
 A Frontend actor that dies takes the requests it held with it: their calls end with ``EngineFailure`` and a
 message that says so (the servers answer UNAVAILABLE: retriable, since the cluster restarts the front-end).
+
+A client's requests to a Frontend actor share one stream of outputs (``Frontend.submit`` / ``outputs``),
+which this client splits by request id: one Ray item per engine step rather than one per request and token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import uuid
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -48,6 +52,9 @@ class FrontendClient:
         self.accepting = True  # False once draining: new streams raise Draining
         self._live: dict[object, asyncio.Future] = {}  # per stream in flight: its pending next output
         self._ended: set[object] = set()  # streams that the drain ends
+        self._subscriber = uuid.uuid4().hex  # this client's stream of outputs on the Frontend actor
+        self._requests: dict[str, asyncio.Queue] = {}  # request id -> its outputs, split off that stream
+        self._reader: asyncio.Task | None = None
 
     @property
     def in_flight(self) -> int:
@@ -123,20 +130,47 @@ class FrontendClient:
 
     async def _remote_stream(self, prompt_ids: list[int], params: SamplingParams,
                              request_id: str) -> AsyncIterator[RequestOutput]:
-        gen = self.frontend.stream.options(num_returns="streaming").remote(prompt_ids, params, request_id)
-        exhausted = False
+        out_q: asyncio.Queue = asyncio.Queue()
+        self._requests[request_id] = out_q
         try:
-            async for ref in gen:
-                try:
-                    yield await ref
-                except ray.exceptions.RayTaskError as e:
-                    raise _cause(e) from None
-            exhausted = True
-        except ray.exceptions.RayActorError:
-            raise EngineFailure(FRONTEND_LOST) from None
+            self._open_outputs()
+            await self._call("submit", prompt_ids, params, request_id, self._subscriber)
+            while True:
+                item = await out_q.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
         finally:
-            if not exhausted:  # left early: else the actor's side of the stream would wait for outputs forever
-                ray.cancel(gen)
+            self._requests.pop(request_id, None)
+
+    def _open_outputs(self) -> None:
+        """The stream of this client's outputs, opened on first use and again after it ended (the actor was
+        restarted, or its engine stopped)."""
+        if self._reader is None or self._reader.done():
+            outputs = self.frontend.outputs.options(num_returns="streaming").remote(self._subscriber)
+            self._reader = asyncio.get_running_loop().create_task(self._read_outputs(outputs))
+
+    async def _read_outputs(self, outputs) -> None:
+        """Hand each output to its request; when the stream ends, every request still waiting ends with why."""
+        failure: Exception = EngineFailure(FRONTEND_LOST)
+        try:
+            async for ref in outputs:
+                for out in await ref:
+                    q = self._requests.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(out)
+        except ray.exceptions.RayTaskError as e:
+            failure = _cause(e)
+        except ray.exceptions.RayActorError:
+            pass
+        except asyncio.CancelledError:  # this client's loop is closing: the actor may stop sending
+            ray.cancel(outputs)
+            raise
+        finally:
+            for q in self._requests.values():
+                q.put_nowait(failure)
 
     async def _abort_quietly(self, request_id: str) -> None:
         try:
