@@ -11,7 +11,7 @@
   host's time per step and per request in it;
 * the shared-memory transport between two processes: latency per message and bandwidth;
 * with ``full``, one short ``epserve bench`` of the tiny model through a real cluster (1 shard): what it takes
-  beyond the model's prediction, per output token (streaming each token out of the front-end actor), is the
+  beyond the model's prediction, per output token (delivering each token from the engine to its client), is the
   cluster's host cost, kept per CPU for every model.
 """
 
