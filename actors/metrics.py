@@ -251,10 +251,29 @@ class _CumulativeCollector(Collector):
                                      "and distinct shard it needs), summed over MoE layers.", labels=["shard"])
         for i, n in enumerate(list(s.tokens_per_shard)):
             shards.add_metric([str(i)], n)
+        per_layer = CounterMetricFamily(p + "layer_shard_tokens", "Tokens dispatched to each shard in each MoE "
+                                        "layer (summed over layers: shard_tokens).", labels=["layer", "shard"])
+        counts = [list(r) for r in s.tokens_per_layer_shard]  # grows as layers first dispatch: zeros before
+        for layer in range(d.placement.num_layers):
+            for i, n in enumerate(counts[layer] if layer < len(counts) else [0] * d.placement.num_shards):
+                per_layer.add_metric([str(layer), str(i)], n)
         sent = CounterMetricFamily(p + "moe_dispatch_bytes", "Bytes the front-end dispatched to the shards "
                                    "(rows and routing metadata).")
         sent.add_metric([], s.bytes_dispatched)
-        yield from (experts, shards, sent)
+        replicas = GaugeMetricFamily(p + "expert_replicas", "Copies of each expert on the shards, mean over MoE "
+                                     "layers (1: no replica).", labels=["expert"])
+        for e, n in enumerate(_copies_per_expert(d.placement)):
+            replicas.add_metric([str(e)], n)
+        yield from (experts, shards, per_layer, sent, replicas)
+
+
+def _copies_per_expert(placement) -> list[float]:
+    copies: dict[int, int] = {}
+    for shards in placement.slots:
+        for slots in shards:
+            for e in slots:
+                copies[e] = copies.get(e, 0) + 1
+    return [copies.get(e, 0) / placement.num_layers for e in range(max(copies) + 1)]
 
 
 # ------------------------------------------------------------------------------------------ the shards

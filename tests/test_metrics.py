@@ -76,6 +76,7 @@ METRICS = {
     "epserve:shard_rows_served_total": COUNTER, "epserve:shard_steps_total": COUNTER,
     "epserve:shard_compute_seconds": HISTOGRAM, "epserve:frontend_up": GAUGE, "epserve:shard_up": GAUGE,
     "epserve:shard_restarts_total": COUNTER, "epserve:model_info": GAUGE,
+    "epserve:layer_shard_tokens_total": COUNTER, "epserve:expert_replicas": GAUGE,
 }
 UNSHOWN = {"epserve:shard_start_time_seconds": GAUGE}  # exported for restart detection only
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -136,6 +137,7 @@ def test_dashboard_uses_the_datasource_variable_and_shows_every_metric():
     assert shown - set(METRICS) == set(), "panels on metrics that do not exist"
     kinds = {(p["type"], n) for p in panels for t in p["targets"] for n in metric_names(t["expr"])}
     assert ("heatmap", "epserve:expert_tokens_total") in kinds
+    assert ("heatmap", "epserve:layer_shard_tokens_total") in kinds
     assert any(n == "epserve:shard_balancedness" for _, n in kinds)
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
@@ -420,6 +422,11 @@ def test_expert_and_shard_counts_equal_the_routers_choices(prometheus, load):
     want_shards = {str(s): float(c) for s, c in enumerate(rows.sum(0).tolist())}
     assert P.by_label("epserve:shard_tokens_total", "shard") == want_shards  # sent by the front-end
     assert P.by_label("epserve:shard_rows_served_total", "shard") == want_shards  # computed by the shards
+    per_layer = {(r["metric"]["layer"], r["metric"]["shard"]): float(r["value"][1])
+                 for r in P.query("epserve:layer_shard_tokens_total")}
+    assert per_layer == {(str(layer), str(s)): float(n) for layer, row in enumerate(rows.tolist())
+                         for s, n in enumerate(row)}
+    assert P.by_label("epserve:expert_replicas", "expert") == {str(e): 1.0 for e in range(cfg.num_experts)}
     # fp32 rows and their local slots (int32); the routing weights stay on the front-end
     assert P.value("epserve:moe_dispatch_bytes_total") == rows.sum().item() * (cfg.hidden_size * 4 + cfg.top_k * 4)
     for name in ("moe_dispatch_seconds", "moe_combine_seconds"):
