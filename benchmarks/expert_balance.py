@@ -3,7 +3,7 @@ expert compute per decode step, with the default placement and with redundant ex
 measured load.
 
     python benchmarks/expert_balance.py [--preset bench] [--router-skew 3] [--shards 4] [--redundant 16]
-        [--prompts 64] [--prompt 128] [--batch 64] [--timed-steps 8]
+        [--prompts 128] [--prompt 128] [--batch 64] [--timed-steps 8]
 
 A checkpoint of the preset made with ``--router-skew`` (cluster/fixtures/checkpoint.py) runs the prefill of
 ``--prompts`` random prompts in the in-process model, recording every layer's expert ids per token. A decode
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--router-skew", type=float, default=3.0)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--redundant", type=int, default=16)
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--timed-steps", type=int, default=8)
