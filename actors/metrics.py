@@ -262,18 +262,9 @@ class _CumulativeCollector(Collector):
         sent.add_metric([], s.bytes_dispatched)
         replicas = GaugeMetricFamily(p + "expert_replicas", "Copies of each expert on the shards, mean over MoE "
                                      "layers (1: no replica).", labels=["expert"])
-        for e, n in enumerate(_copies_per_expert(d.placement)):
+        for e, n in enumerate(d.placement.num_replicas.float().mean(0).tolist()):  # [layer, expert] copies
             replicas.add_metric([str(e)], n)
         yield from (experts, shards, per_layer, sent, replicas)
-
-
-def _copies_per_expert(placement) -> list[float]:
-    copies: dict[int, int] = {}
-    for shards in placement.slots:
-        for slots in shards:
-            for e in slots:
-                copies[e] = copies.get(e, 0) + 1
-    return [copies.get(e, 0) / placement.num_layers for e in range(max(copies) + 1)]
 
 
 # ------------------------------------------------------------------------------------------ the shards
