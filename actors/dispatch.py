@@ -4,7 +4,7 @@
 Ranks: front-ends 0 .. M-1, shards M .. M+N-1 (``Ranks``); where each expert lives is a ``Placement``. Each step
 begins with a header every rank joins (``exchange_header``): the op (step, idle heartbeat, stop) and every
 front-end's token count. A step then runs, per MoE layer, two all-to-all collectives, and every rank joins
-both, with zero rows if it has none:
+both, with zero rows if it has none (a front-end without work joins a step of the others with ``idle``):
 
   dispatch  each front-end sends each shard the rows of its tokens that need it, once per distinct shard (not
             once per expert), each with the token's local expert slots there (-1: another shard's). Front-end
@@ -19,6 +19,15 @@ The two sides speak the same words: on a front-end ``handle = ep.dispatch(layer,
 then ``y_TH = ep.combine(handle)``; on a shard ``handle = ep.dispatch(layer)`` (the rows it received) then
 ``ep.combine(handle, ys)``. Between the two a front-end computes the dense MLP (``overlap``, decided here and
 only here: on with GPUs, where the shards compute elsewhere, off on CPUs, where they share the cores).
+
+With several front-ends the headers keep them in lockstep: each front-end's engine loop joins every header,
+stepping when it has work and ``idle`` when not, with no wait between headers while any front-end steps. While
+all of them are idle they wait for work and meet at the heartbeat; a front-end that begins a step after an
+idle header first wakes the others (``wake_peers``), so that a request's first step waits for no heartbeat.
+
+Micro-batches (``micro_batches`` 2, the same on every rank): each front-end's step is two halves, and every
+layer has one exchange per half, in order (actors/model/micro_batches.py); the header then carries each
+front-end's token count per half.
 """
 
 from __future__ import annotations
@@ -37,12 +46,17 @@ from .transport import Transport
 OP_IDLE, OP_STEP, OP_STOP = 0, 1, 2
 
 
+class GroupStopped(RuntimeError):
+    """Another front-end stopped the group (the cluster is shutting down): no step can run in it any more."""
+
+
 @dataclass(frozen=True)
 class Ranks:
-    """Who is who in the process group: front-ends first, then shards."""
+    """Who is who in the process group: front-ends first, then shards; and the exchanges per layer."""
 
     frontends: int
     shards: int
+    micro_batches: int = 1
 
     @property
     def world(self) -> int:
@@ -52,23 +66,26 @@ class Ranks:
         return self.frontends + shard
 
 
-def exchange_header(op: int, tokens: int, ranks: Ranks, transport: Transport, device) -> tuple[int, list[int]]:
-    """Every rank's (op, tokens) combined: (the largest op: a step if any front-end steps, a stop if any stops;
-    every front-end's token count). Shards pass OP_IDLE and 0. Every rank waits for every other, the idle
-    heartbeat too, so a stalled peer is noticed within the collective deadline even without work."""
-    header = torch.zeros(1 + ranks.frontends, dtype=torch.int64, device=device)
+def exchange_header(op: int, tokens: list[int], ranks: Ranks, transport: Transport,
+                    device) -> tuple[int, list[list[int]]]:
+    """Every rank's (op, tokens per micro-batch) combined: (the largest op: a step if any front-end steps, a
+    stop if any stops; per micro-batch, every front-end's token count). Shards pass OP_IDLE and zeros. Every
+    rank waits for every other, the idle heartbeat too, so a stalled peer is noticed within the collective
+    deadline even without work."""
+    M, B = ranks.frontends, ranks.micro_batches
+    header = torch.zeros(1 + B * M, dtype=torch.int64, device=device)
     header[0] = op
-    if transport.rank < ranks.frontends:
-        header[1 + transport.rank] = tokens
+    if transport.rank < M:
+        header[1 + transport.rank : 1 + B * M : M] = torch.tensor(tokens, dtype=torch.int64)
     values = transport.header(header).tolist()
-    return values[0], values[1:]
+    return values[0], [values[1 + b * M : 1 + (b + 1) * M] for b in range(B)]
 
 
 def max_message_bytes(tokens: int, ranks: Ranks, hidden: int, top_k: int, dtype) -> int:
     """The largest message between two ranks in a step of at most ``tokens`` tokens per front-end: a dispatch
     block, a shard's answer to one front-end (every slot of its tokens, at worst), or the header."""
     return max((1 + tokens) * row_bytes(hidden, top_k, dtype), tokens * top_k * hidden * dtype.itemsize,
-               8 * (1 + ranks.frontends))
+               8 * (1 + ranks.frontends * ranks.micro_batches))
 
 
 def row_bytes(hidden: int, top_k: int, dtype: torch.dtype) -> int:
@@ -110,23 +127,63 @@ class FrontendExchange:
         self.transport: Transport | None = None  # the group's, once joined (``Frontend.join``)
         self.ranks, self.placement, self.hidden, self.top_k = ranks, placement, hidden, top_k
         self.dtype, self.device = dtype, device
-        self.overlap = torch.device(device).type == "cuda" if overlap is None else overlap
+        # micro-batches: the halves take turns between a dispatch and its combine, which must not wait
+        self.overlap = ranks.micro_batches > 1 or (torch.device(device).type == "cuda" if overlap is None
+                                                   else overlap)
         self.row_bytes = row_bytes(hidden, top_k, dtype)
         self.tokens = 0  # this step's, from begin_step
         N, E = ranks.shards, placement.num_experts
         self.stats = DispatchStats(tokens_per_shard=[0] * N, tokens_per_expert=[0] * E)
         self.on_dispatch = self.on_combine = None  # metrics hooks: called with each layer's seconds
+        self.headers = 0  # headers joined (a step that sent none still owes its peers one)
+        self.group_idle = True  # the last header had no step in it
+        self.wake_peers: Callable[[], None] | None = None  # the other front-ends' wake-up (several front-ends)
 
-    def begin_step(self, tokens: int) -> None:
-        """The step's header: this front-end computes ``tokens`` tokens in every layer."""
-        exchange_header(OP_STEP, tokens, self.ranks, self.transport, self.device)
-        self.tokens = tokens
+    @property
+    def micro_batches(self) -> int:
+        return self.ranks.micro_batches
 
-    def heartbeat(self) -> None:
-        exchange_header(OP_IDLE, 0, self.ranks, self.transport, self.device)
+    def _header(self, op: int, tokens: list[int]) -> int:
+        op, _ = exchange_header(op, tokens, self.ranks, self.transport, self.device)
+        self.headers += 1
+        self.group_idle = op == OP_IDLE
+        return op
+
+    def begin_step(self, tokens: int | list[int]) -> None:
+        """The step's header: this front-end computes ``tokens`` tokens in every layer (a count per
+        micro-batch with several)."""
+        tokens = tokens if isinstance(tokens, list) else [tokens]
+        if len(tokens) != self.ranks.micro_batches:
+            raise ValueError(f"{len(tokens)} micro-batch token counts for {self.ranks.micro_batches} micro-batches")
+        if self.group_idle and self.wake_peers is not None:
+            self.wake_peers()  # they wait for work, not for this header
+        if self._header(OP_STEP, tokens) == OP_STOP:
+            raise GroupStopped("the cluster is stopping")
+        self.tokens = sum(tokens)
+
+    def idle(self) -> int:
+        """The header of a front-end without work (the heartbeat when every rank is idle); when another
+        front-end steps, this one joins every layer's exchanges with zero rows. Returns the header's op."""
+        op = self._header(OP_IDLE, [0] * self.ranks.micro_batches)
+        if op == OP_STEP:
+            for _ in range(self.placement.num_layers * self.ranks.micro_batches):
+                self.dispatch_nothing()
+                self.receive_nothing()
+        return op
 
     def stop(self) -> None:
-        exchange_header(OP_STOP, 0, self.ranks, self.transport, self.device)
+        self._header(OP_STOP, [0] * self.ranks.micro_batches)
+
+    def dispatch_nothing(self) -> None:
+        """A layer's dispatch with zero rows: a block of one row per shard, its count 0."""
+        N, M = self.ranks.shards, self.ranks.frontends
+        no_rows = torch.zeros(N, self.row_bytes, dtype=torch.uint8, device=self.device)
+        self.transport.all_to_all(no_rows, [0] * M + [1] * N, [0] * self.ranks.world)
+
+    def receive_nothing(self) -> None:
+        """A layer's combine for zero rows."""
+        nothing = torch.empty(0, self.hidden, dtype=self.dtype, device=self.device)
+        self.transport.all_to_all(nothing, [0] * self.ranks.world, [0] * self.ranks.world)
 
     def dispatch(self, layer: int, x_TH, ids_TK, weights_TK) -> FrontendHandle:
         t0 = time.perf_counter()
@@ -211,15 +268,17 @@ class ShardExchange:
         self.ranks, self.transport = ranks, transport
         self.hidden, self.top_k, self.dtype, self.device = hidden, top_k, dtype, device
         self.row_bytes = row_bytes(hidden, top_k, dtype)
-        self.tokens: list[int] = [0] * ranks.frontends  # this step's, per front-end
+        self.tokens: list[list[int]] = [[0] * ranks.frontends] * ranks.micro_batches  # this step's
 
     def next_op(self) -> int:
-        """Join the next header: OP_STEP (then ``tokens`` is every front-end's count), OP_IDLE or OP_STOP."""
-        op, self.tokens = exchange_header(OP_IDLE, 0, self.ranks, self.transport, self.device)
+        """Join the next header: OP_STEP (then ``tokens`` is every front-end's count per micro-batch),
+        OP_IDLE or OP_STOP."""
+        op, self.tokens = exchange_header(OP_IDLE, [0] * self.ranks.micro_batches, self.ranks, self.transport,
+                                          self.device)
         return op
 
-    def dispatch(self, layer: int) -> ShardHandle:
-        blocks = [1 + t for t in self.tokens]
+    def dispatch(self, layer: int, micro_batch: int = 0) -> ShardHandle:
+        blocks = [1 + t for t in self.tokens[micro_batch]]
         recv, _ = self.transport.all_to_all(torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device),
                                             [0] * self.ranks.world, blocks + [0] * self.ranks.shards)
         starts = torch.tensor([0, *blocks[:-1]], device=self.device).cumsum(0)
@@ -236,9 +295,10 @@ class ShardExchange:
         self.transport.all_to_all(ys_SH, handle.slots_per_frontend + [0] * self.ranks.shards, [0] * self.ranks.world)
 
 
-def serve_layer(ep: ShardExchange, layer: int, experts, on_compute=None) -> int:
-    """One layer of a shard's loop: receive, compute every slot's output, send back; returns the rows."""
-    handle = ep.dispatch(layer)
+def serve_layer(ep: ShardExchange, layer: int, experts, on_compute=None, micro_batch: int = 0) -> int:
+    """One layer (one micro-batch of it) of a shard's loop: receive, compute every slot's output, send back;
+    returns the rows."""
+    handle = ep.dispatch(layer, micro_batch)
     t0 = time.perf_counter()
     ys = expert_outputs(handle.x_RH, handle.slots_RK, experts)
     if on_compute is not None:

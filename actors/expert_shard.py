@@ -26,16 +26,18 @@ from .transport import shm_available
 
 class ExpertShard:
     def __init__(self, checkpoint: str, shard: int, num_shards: int, threads: int = 1, dtype: str = "auto",
-                 placement: dict | None = None):
+                 placement: dict | None = None, frontends: int = 1, micro_batches: int = 1,
+                 cpus: list[int] | None = None):
         """``placement``: the cluster's placement settings (``placement.build``'s keywords), the same on every
         rank, so that every rank derives the same placement."""
+        process_group.bind_cpus(cpus)
         torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
         self.dtype = precision.resolve_dtype(dtype, self.device)
         self.shard, self.num_shards = shard, num_shards
         cfg = ModelConfig.from_json(checkpoint)
         self.experts = build(cfg.num_layers, cfg.num_experts, num_shards, **(placement or {})).experts_of(shard)
-        self.ranks = dispatch.Ranks(1, num_shards)
+        self.ranks = dispatch.Ranks(frontends, num_shards, micro_batches)
         self.layers, self.cfg, self.load_report = load_expert_slots(checkpoint, self.experts, self.dtype,
                                                                     self.device)
         self.rows_served = 0
@@ -77,9 +79,10 @@ class ExpertShard:
                     break
                 if op == dispatch.OP_STEP:
                     for layer, experts in enumerate(self.layers):
-                        rows = dispatch.serve_layer(ep, layer, experts, self._on_compute)
-                        self.rows_served += rows
-                        self._metrics.rows.inc(rows)
+                        for micro_batch in range(self.ranks.micro_batches):
+                            rows = dispatch.serve_layer(ep, layer, experts, self._on_compute, micro_batch)
+                            self.rows_served += rows
+                            self._metrics.rows.inc(rows)
                     self.steps += 1
                     self._metrics.steps.inc()
         except Exception as e:  # noqa: BLE001 - reported to the front-end and the driver

@@ -9,6 +9,11 @@ an item costs the front-end's process about half a millisecond, and one per requ
 cost a 64-request decode step tens of milliseconds. While there is no work,
 the engine thread sends the shards an idle heartbeat before the collective deadline runs out.
 
+Several front-ends (``frontends`` M, this one ``frontend`` j: rank j of the group) each run an engine of their
+own over the one pool of shards, in lockstep (actors/dispatch.py): while any of them steps, the others join
+every header and every layer's exchange with zero rows; a front-end that begins a step while the group is
+idle wakes the others first (``wake``, through the handles ``start`` was given).
+
 Failures: when a step or a heartbeat fails (a shard died, or a collective ran past its deadline), a
 ``supervised`` front-end (the cluster's, see cluster/supervisor.py) suspends instead of failing: it stops
 stepping, puts every running request back in the waiting queue to be recomputed from the tokens it already
@@ -22,9 +27,7 @@ instead: every request in flight, and every later one, gets ``EngineFailure`` wi
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import queue
 import threading
 import time
 from dataclasses import asdict
@@ -33,6 +36,7 @@ from typing import AsyncIterator
 import torch
 
 from . import dispatch, process_group
+from .commands import CommandQueue
 from .engine.config import EngineConfig
 from .engine.engine import LLMEngine, RequestOutput
 from .engine.sampling import SamplingParams
@@ -40,6 +44,7 @@ from .metrics import FrontendMetrics, report
 from .model.attention import WholeSequence
 from .model import precision
 from .model.loader import load_model
+from .model.micro_batches import forward_parts
 from .placement import build
 from .transport import shm_available
 from .model_info import ModelInfo
@@ -55,7 +60,9 @@ class EngineFailure(RuntimeError):
 class Frontend:
     def __init__(self, checkpoint: str, num_shards: int, engine_config: EngineConfig | dict | None = None,
                  threads: int | None = None, heartbeat_s: float = 1.0, overlap: bool | None = None,
-                 supervised: bool = False, dtype: str = "auto", placement: dict | None = None):
+                 supervised: bool = False, dtype: str = "auto", placement: dict | None = None,
+                 frontend: int = 0, frontends: int = 1, micro_batches: int = 1, cpus: list[int] | None = None):
+        process_group.bind_cpus(cpus)
         if threads:
             torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
@@ -67,17 +74,21 @@ class Frontend:
         self.dispatcher = None
         if num_shards:
             where = build(cfg.num_layers, cfg.num_experts, num_shards, **(placement or {}))  # as the shards do
-            self.dispatcher = dispatch.FrontendExchange(dispatch.Ranks(1, num_shards), where, cfg.hidden_size,
-                                                        cfg.top_k, self.dtype, self.device, overlap)
+            self.dispatcher = dispatch.FrontendExchange(dispatch.Ranks(frontends, num_shards, micro_batches), where,
+                                                        cfg.hidden_size, cfg.top_k, self.dtype, self.device, overlap)
         if isinstance(engine_config, dict):
             engine_config = EngineConfig(**engine_config)
         self.engine = LLMEngine(self.model, engine_config, experts=self.dispatcher)
         self.num_shards, self.heartbeat_s = num_shards, heartbeat_s
+        self.frontend, self.frontends = frontend, frontends  # this front-end's rank, and how many there are
+        self._peers: list = []  # the other front-ends' actor handles (``start``)
+        self._woken = False  # a peer began a step while the group was idle: join its header now
         facts = self.model_info()
         self._metrics = FrontendMetrics(self.dispatcher, num_shards,  # Prometheus; see actors/metrics.py
-                                        info={"dtype": facts.dtype, "device": facts.device, "cpu_isa": facts.cpu_isa})
+                                        info={"dtype": facts.dtype, "device": facts.device, "cpu_isa": facts.cpu_isa},
+                                        frontend=self.frontend)
         self.checkpoint = checkpoint
-        self._commands: queue.Queue = queue.Queue()
+        self._commands = CommandQueue()
         self._streams: dict[str, asyncio.Queue] = {}  # request id -> where its outputs go
         self._subscribers: dict[str, asyncio.Queue] = {}  # a server's output stream -> its queue
         self._thread: threading.Thread | None = None
@@ -91,7 +102,7 @@ class Frontend:
     # ---- wiring -----------------------------------------------------------------------------------------
     def open_store(self, timeout_s: float) -> tuple[str, int, int]:
         """A new rendezvous: (host, port, the largest message a step may send between two ranks)."""
-        self._store, host, port = process_group.open_store(self.num_shards + 1, timeout_s)
+        self._store, host, port = process_group.open_store(self.dispatcher.ranks.world, timeout_s)
         cfg = self.model.cfg
         capacity = dispatch.max_message_bytes(self.engine.config.max_num_batched_tokens, self.dispatcher.ranks,
                                               cfg.hidden_size, cfg.top_k, self.dtype)
@@ -99,15 +110,20 @@ class Frontend:
 
     async def join(self, backend: str, host: str, port: int, timeout_s: float, capacity: int = 0) -> bool:
         self.dispatcher.transport = await asyncio.to_thread(
-            process_group.join, 0, self.num_shards + 1, backend, host, port, timeout_s, self._store, capacity)
+            process_group.join, self.frontend, self.dispatcher.ranks.world, backend, host, port, timeout_s,
+            self._store if self.frontend == 0 else None, capacity)
         return True
 
     def where(self) -> tuple[str, bool]:
         """(this actor's Ray node, whether it can use the shared-memory transport): see Cluster.connect."""
         return process_group.node_id(), shm_available()
 
-    async def start(self) -> bool:
-        """Start the engine thread (after ``join``), or resume a suspended one (after a new ``join``)."""
+    async def start(self, peers: list | None = None) -> bool:
+        """Start the engine thread (after ``join``), or resume a suspended one (after a new ``join``).
+        ``peers``: the other front-ends' actors (the group's, which may be new ones after a recovery)."""
+        self._peers = list(peers or [])
+        if self.dispatcher is not None:
+            self.dispatcher.wake_peers = self._wake_peers if self._peers else None
         # a fresh event before the engine can run (and fail) again, so that the next failure sets it; the
         # previous one is set, so that no earlier watch stays pending
         previous, self._suspension = self._suspension, asyncio.Event()
@@ -142,10 +158,21 @@ class Frontend:
     def ping(self) -> bool:
         return True
 
+    def wake(self) -> None:
+        """A peer begins a step: join the group's next header now (not at the next heartbeat)."""
+        self._commands.post(self._on_wake)
+
+    def _on_wake(self) -> None:  # in the engine thread
+        self._woken = True
+
+    def _wake_peers(self) -> None:  # in the engine thread; a peer that is gone learns of the step otherwise
+        for peer in self._peers:
+            peer.wake.remote()
+
     async def stop(self) -> bool:
         """Stop the engine thread; it tells the shards to leave their loop."""
         if self._thread and self._thread.is_alive():
-            self._commands.put(None)
+            self._commands.stop()
             await asyncio.to_thread(self._thread.join, 30)
         return True
 
@@ -233,9 +260,8 @@ class Frontend:
             with torch.inference_mode():
                 ids = torch.tensor(prompt_ids, device=self.device)
                 pos = torch.arange(len(prompt_ids), device=self.device)
-                if self.dispatcher:
-                    self.dispatcher.begin_step(len(prompt_ids))
-                hidden = self.model(ids, pos, WholeSequence(pos), self.dispatcher)  # None: local experts
+                # one part (the other micro-batch, if any, empty); no dispatcher: local experts
+                hidden = forward_parts(self.model, [(ids, pos, WholeSequence(pos))], self.dispatcher)[0]
                 return self.model.logits(hidden).float().cpu()
 
         return await self._call(run)
@@ -273,9 +299,7 @@ class Frontend:
     async def _call(self, fn):
         if self.error:
             raise EngineFailure(self.error)
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((fn, fut))
-        return await asyncio.wrap_future(fut)
+        return await self._commands.call(fn)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:  # in the actor's event loop
         for out in outputs:
@@ -290,10 +314,13 @@ class Frontend:
         try:
             while self.error is None:
                 try:
-                    if not self._run_commands(self._wait_until()):
+                    if not self._commands.run(self._wait_until()):
                         break
                     if not self.suspended:
                         self._step_or_heartbeat()
+                except dispatch.GroupStopped:  # another front-end stopped the group: it is gone
+                    self._end("the cluster stopped")
+                    return
                 except Exception as e:  # noqa: BLE001 - a failed collective (or step): suspend, or stop
                     if not self.supervised:
                         raise
@@ -308,17 +335,21 @@ class Frontend:
             if self.dispatcher:
                 process_group.leave()
             if self.error:  # commands queued while the engine ended
-                self._fail_commands(EngineFailure(self.error))
+                self._commands.fail_all(EngineFailure(self.error))
 
     def _wait_until(self) -> float | None:
-        """How long the command queue may block: not at all while there is work; until the next heartbeat
-        is due while idle; a heartbeat's time at most while suspended (nothing to send then)."""
+        """How long the command queue may block: not at all while there is work (here, or at another
+        front-end: the group is not idle); until the next heartbeat is due while idle; a heartbeat's time at
+        most while suspended (nothing to send then)."""
         if self.suspended:
             return time.monotonic() + self.heartbeat_s
-        return None if self.engine.has_unfinished() else self._last_header + self.heartbeat_s
+        busy = self.engine.has_unfinished() or self._woken or (self.dispatcher and not self.dispatcher.group_idle)
+        return None if busy else self._last_header + self.heartbeat_s
 
     def _step_or_heartbeat(self) -> None:
+        d = self.dispatcher
         if self.engine.has_unfinished():
+            headers = d.headers if d else 0
             t0 = time.perf_counter()
             outputs = self.engine.step()  # the model runner's begin_step sends the step's header
             elapsed = time.perf_counter() - t0
@@ -326,11 +357,17 @@ class Frontend:
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)  # one wake-up per step
             self.step_seconds += elapsed
+            if d and d.headers == headers:  # nothing was scheduled: the group still waits for this header
+                self._idle_header()
             self._last_header = time.monotonic()
-        elif time.monotonic() - self._last_header >= self.heartbeat_s:
-            if self.dispatcher:
-                self.dispatcher.heartbeat()
-            self._last_header = time.monotonic()
+        elif self._woken or (d and not d.group_idle) or time.monotonic() - self._last_header >= self.heartbeat_s:
+            self._idle_header()
+
+    def _idle_header(self) -> None:
+        self._woken = False
+        if self.dispatcher and self.dispatcher.idle() == dispatch.OP_STOP:
+            raise dispatch.GroupStopped("the cluster is stopping")
+        self._last_header = time.monotonic()
 
     def _suspend(self, reason: str) -> bool:  # in the engine thread
         if self.suspended is None:
@@ -353,37 +390,6 @@ class Frontend:
         failure = EngineFailure(message)
         for q in {id(q): q for q in [*self._streams.values(), *self._subscribers.values()]}.values():
             self._loop.call_soon_threadsafe(q.put_nowait, failure)
-        self._fail_commands(failure)
+        self._commands.fail_all(failure)
         self._loop.call_soon_threadsafe(lambda: self._suspension.set())
         return True
-
-    def _run_commands(self, wait_until: float | None) -> bool:
-        """Run every queued command (a burst of requests joins one batch); when idle, wait for one until the
-        next heartbeat is due. False once stop is requested."""
-        while True:
-            timeout = None if wait_until is None else wait_until - time.monotonic()
-            try:
-                command = self._commands.get(timeout=timeout) if timeout and timeout > 0 else \
-                    self._commands.get_nowait()
-            except queue.Empty:
-                return True
-            if command is None:
-                return False
-            fn, fut = command
-            try:
-                fut.set_result(fn())
-            except torch.distributed.DistError as e:
-                fut.set_exception(e)
-                raise  # the process group is broken: the engine suspends or stops
-            except Exception as e:  # noqa: BLE001 - a bad command fails its caller, not the engine
-                fut.set_exception(e)
-            wait_until = None  # after the first command, only drain what is already queued
-
-    def _fail_commands(self, failure: Exception) -> None:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if command:
-                command[1].set_exception(failure)

@@ -12,8 +12,9 @@ Design (docs/observability.md has the whole picture):
   collector that, on each scrape, asks every actor of the cluster, merges the families by name and adds
   what only the ingress knows (shard up/down, shard restarts).
 * Names follow vLLM's (``vllm:`` becomes ``epserve:``) where the meaning is the same; the expert-parallel
-  metrics are our own. Labels are bounded: ``finished_reason`` (stop, length, abort, error), ``expert``
-  (one per routed expert, summed over layers), ``shard``. No per-request labels.
+  metrics are our own. Labels are bounded: ``frontend`` (on every series of a Frontend: its index, so that
+  several front-ends' families merge without clashing), ``finished_reason`` (stop, length, abort, error),
+  ``expert`` (one per routed expert, summed over layers), ``shard``. No per-request labels.
 
 Threading: every mutation of the Frontend's metrics happens in its engine thread (hooks called from the
 engine loop, the dispatcher and the commands it runs); scrapes only read, either prometheus_client objects
@@ -54,9 +55,25 @@ EXCHANGE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-def new_registry() -> CollectorRegistry:
+def new_registry(labels: dict[str, str] | None = None) -> CollectorRegistry:
+    """A registry of its own; ``labels`` are added to every series it collects."""
     prometheus_client.disable_created_metrics()  # no *_created series: they double every counter's output
-    return CollectorRegistry(auto_describe=True)
+    return LabelledRegistry(labels) if labels else CollectorRegistry(auto_describe=True)
+
+
+class LabelledRegistry(CollectorRegistry):
+    """Constant labels on every sample collected. prometheus_client has no constant labels; adding them here
+    covers the registered metrics and the families built at scrape time alike, and no metric can miss them."""
+
+    def __init__(self, labels: dict[str, str]):
+        super().__init__(auto_describe=True)
+        self.labels = dict(labels)
+
+    def collect(self):
+        for fam in super().collect():
+            labelled = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            labelled.samples = [s._replace(labels={**self.labels, **s.labels}) for s in fam.samples]
+            yield labelled
 
 
 def report(registry: CollectorRegistry, **health) -> dict:
@@ -77,11 +94,12 @@ class _Live:
 
 
 class FrontendMetrics:
-    """Engine, request and dispatch metrics of the Frontend actor. Hooks are called in the engine thread."""
+    """Engine, request and dispatch metrics of Frontend ``frontend`` (its index: the ``frontend`` label of
+    every series). Hooks are called in the engine thread."""
 
     def __init__(self, dispatcher=None, num_shards: int = 0, window_s: float = BALANCE_WINDOW_S,
-                 info: dict[str, str] | None = None):
-        self.registry = r = new_registry()
+                 info: dict[str, str] | None = None, frontend: int = 0):
+        self.registry = r = new_registry({"frontend": str(frontend)})
         p = PREFIX
         # ---- what runs: the compute dtype and the CPU's matrix instruction set, as labels (value 1)
         info = info or {}

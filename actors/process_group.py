@@ -105,6 +105,14 @@ def _loopback_interface() -> str:
     return "lo" if "lo" in names else names[0]
 
 
+def bind_cpus(cpus: list[int] | None) -> None:
+    """Run this process on ``cpus`` only: each of its threads (affinity is per thread on Linux; threads
+    started later inherit it); None: wherever the OS likes."""
+    if cpus is not None:
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def device_for_actor() -> torch.device:
     """The GPU Ray gave this actor, or the CPU."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

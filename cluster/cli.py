@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from .config import ClusterConfig, experts_settings
+from .config import ClusterConfig, cluster_settings
 from .planning.options import add_options as add_plan_options
 from .serving.config import ServerConfig
 from .serving.security import TOKEN_ENV, load_token
@@ -71,13 +71,13 @@ def cmd_generate(args) -> int:
     checkpoint = checkpoint_or_builtin(args.checkpoint)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                             ignore_eos=args.ignore_eos)
-    if args.shards:  # through the cluster: a Frontend actor and N ExpertShard actors
+    if args.shards:  # through the cluster: M Frontend actors and N ExpertShard actors
         cfg = ClusterConfig(checkpoint=checkpoint, shards=args.shards, address=args.address, dtype=args.dtype,
-                            **experts_settings(args))
+                            **cluster_settings(args))
         with Cluster(cfg) as cluster:
             results = [(o["token_ids"], o["finish_reason"]) for o in cluster.generate(args.prompt_ids, params)]
     else:
-        experts_settings(args)  # refuses expert placement options without shards
+        cluster_settings(args)  # refuses expert placement options without shards
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(checkpoint, dtype=resolve_dtype(args.dtype, device), device=device)
         results = [(o.token_ids, o.finish_reason) for o in LLMEngine(model).generate(args.prompt_ids, params)]
@@ -97,7 +97,7 @@ def server_config(args) -> ServerConfig:
         raise ValueError("--tls-cert and --tls-key go together")
     tls = {"tls_cert_file": os.path.abspath(cert), "tls_key_file": os.path.abspath(key)} if cert else {}
     cluster = ClusterConfig(checkpoint=options.get("checkpoint"), shards=args.shards, address=options.get("address"),
-                            dtype=args.dtype, **experts_settings(args))
+                            dtype=args.dtype, **cluster_settings(args))
     return ServerConfig(cluster=cluster, grpc_host=args.host, grpc_port=args.grpc_port, metrics_host=args.host,
                         metrics_port=options.get("metrics_port") or None,
                         drain_s=options.get("drain_s", ServerConfig.drain_s), **tls,
@@ -259,7 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute dtype; auto: bf16 on GPUs and on CPUs with native bf16 arithmetic "
                             "(AMX-BF16, AVX512-BF16), else fp32")
 
-    def experts_options(p):
+    def cluster_options(p):
+        p.add_argument("--frontends", type=int, default=ClusterConfig.frontends, metavar="M",
+                       help="front-end actors over the one pool of expert shards, each with its own engine; new "
+                            "requests go to the least loaded, with prefix affinity (default 1)")
+        p.add_argument("--micro-batches", type=int, choices=[1, 2], default=ClusterConfig.micro_batches,
+                       help="2: each front-end's step in two halves that take turns with the shards (ping-pong; "
+                            "default 1)")
         p.add_argument("--redundant-experts", type=int, default=ClusterConfig.redundant_experts, metavar="R",
                        help="R extra expert slots per layer on the shards, holding replicas (default 0)")
         p.add_argument("--expert-placement", "--placement", metavar="FILE",
@@ -282,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run through a cluster of N expert-shard actors (default 0: in this process)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     dtype_option(p)
-    experts_options(p)
+    cluster_options(p)
     p.set_defaults(func=cmd_generate)
 
     def server_options(p, shards=ClusterConfig.shards):
@@ -291,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--grpc-port", type=int, default=ServerConfig.grpc_port)
         p.add_argument("--http-port", type=int, default=8000)
         dtype_option(p)
-        experts_options(p)
+        cluster_options(p)
 
     p = sub.add_parser("serve", help="serve gRPC and OpenAI HTTP until interrupted")
     p.add_argument("--checkpoint", help="checkpoint directory (default: a built-in tiny model)")
@@ -337,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="for the in-process engine (default: the built-in tiny model)")
     p.add_argument("--shards", type=int, default=0, help="in-process target: N expert-shard actors (0: none)")
     dtype_option(p)
-    experts_options(p)
+    cluster_options(p)
     p.add_argument("--model", help="OpenAI model name (default: the server's first model)")
     p.add_argument("--requests", type=int, default=64, help="requests per run")
     p.add_argument("--prompt-len", type=int, default=128)

@@ -18,6 +18,13 @@ BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # the launc
 class ClusterConfig:
     checkpoint: str | None = None  # None: the built-in tiny model
     shards: int = 2  # ExpertShard actors
+    # Frontend actors (attention data-parallel): each runs its own engine over the one pool of experts; the
+    # ingress routes every new request to one of them (cluster/serving/routing.py)
+    frontends: int = 1
+    # Ping-pong: 2 splits each front-end's step in two halves that take turns, so that one half's attention
+    # runs while the shards compute the other's experts (actors/model/micro_batches.py). Same tokens either
+    # way; it pays where front-ends and shards do not share cores (GPUs, or CPU actors bound apart below)
+    micro_batches: int = 1
     address: str | None = None  # an existing Ray cluster ("auto", "host:6379"); None: start one locally
     placement: str = "PACK"  # placement-group strategy; STRICT_SPREAD puts every actor on its own node
     device: str = "auto"  # auto: one GPU per actor when the cluster has enough, else CPU
@@ -39,6 +46,10 @@ class ClusterConfig:
     shard_resources: dict[str, float] = field(default_factory=dict)
     frontend_threads: int | None = None  # torch threads of the front-end (None: torch's default)
     shard_threads: int = 1
+    # CPU cores the actors' processes may run on (Linux sched_setaffinity; None: any): the front-ends on some,
+    # the shards on others, so that their work overlaps instead of taking turns on the same cores
+    frontend_cpus: list[int] | None = None
+    shard_cpus: list[int] | None = None
     # Deadline of every collective: a stalled peer is detected within it, never a hang. It must stay well
     # above the longest legitimate gap between two collectives (one layer's compute on the slowest rank)
     collective_timeout_s: float = 10.0
@@ -60,6 +71,15 @@ class ClusterConfig:
             self.engine = EngineConfig(**known_fields(EngineConfig, self.engine, "engine settings"))
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if self.frontends < 1:
+            raise ValueError(f"frontends must be >= 1, got {self.frontends}")
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches}")
+        for name in ("frontend_cpus", "shard_cpus"):
+            cpus = getattr(self, name)
+            if cpus is not None and (not isinstance(cpus, list) or not cpus or
+                                     not all(isinstance(c, int) and c >= 0 for c in cpus)):
+                raise ValueError(f"{name} must be a non-empty list of CPU numbers, got {cpus!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -111,12 +131,15 @@ def _check_resources(name: str, resources) -> None:
             raise ValueError(f"{name}[{key!r}] must be a positive number, got {amount!r}")
 
 
-def experts_settings(args) -> dict:
-    """The ClusterConfig fields of the command line's ``--redundant-experts`` and ``--expert-placement``
-    (commands without them get the defaults)."""
+def cluster_settings(args) -> dict:
+    """The ClusterConfig fields of the command line's ``--frontends``, ``--redundant-experts`` and
+    ``--expert-placement`` (commands without them get the defaults)."""
     options = vars(args)
-    settings = {"redundant_experts": options.get("redundant_experts") or 0,
+    settings = {"frontends": options.get("frontends", 1), "micro_batches": options.get("micro_batches", 1),
+                "redundant_experts": options.get("redundant_experts") or 0,
                 "expert_placement": options.get("expert_placement") and os.path.abspath(options["expert_placement"])}
     if not args.shards and (settings["redundant_experts"] or settings["expert_placement"]):
         raise ValueError("--redundant-experts and --expert-placement place experts on shards: add --shards N")
+    if not args.shards and (settings["frontends"] > 1 or settings["micro_batches"] > 1):
+        raise ValueError("--frontends and --micro-batches work over a pool of expert shards: add --shards N")
     return settings

@@ -1,11 +1,11 @@
-"""Bring-up and shutdown of one cluster: a placement group with one bundle per actor, N ExpertShard actors
-and a Frontend actor, one process group over them, and the shards' collective loops.
+"""Bring-up and shutdown of one cluster: a placement group with one bundle per actor, M Frontend actors and N
+ExpertShard actors, one process group over them, and the shards' collective loops.
 
-Every actor is named in the ``epserve`` namespace (``epserve-frontend``, ``epserve-shard-<i>``) so that
+Every actor is named in the ``epserve`` namespace (``epserve-frontend-<j>``, ``epserve-shard-<i>``) so that
 operators and tests can find them with ``ray.get_actor``. Actors are created with ``max_restarts=-1``: Ray
 restarts one that dies (its constructor reloads the weights), and the cluster's Supervisor
 (cluster/supervisor.py) rebuilds the process group around it; the Supervisor's failure limit, not Ray's,
-decides when to stop. Rank r of the process group is ``actor(r)``: 0 the front-end, i + 1 shard i.
+decides when to stop. Rank r of the process group is ``actor(r)``: r < M front-end r, M + i shard i.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def shard_name(i: int) -> str:
     return f"epserve-shard-{i}"
 
 
-FRONTEND_NAME = "epserve-frontend"
+def frontend_name(j: int) -> str:
+    return f"epserve-frontend-{j}"
+
+
 TRANSPORTS = {"nccl": "NCCL", "gloo": "gloo", "shm": "shared memory (one host)"}
 
 
@@ -45,14 +48,15 @@ def bundles(cfg: ClusterConfig, cpus: float, use_gpu: bool) -> list[dict[str, fl
     role's custom resources, which the actor itself does not ask for: reserving them in the bundle is what
     puts the bundle, and so the actor (also a recreated one), on a node of that role."""
     base = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
-    return [{**base, **cfg.frontend_resources}] + [{**base, **cfg.shard_resources} for _ in range(cfg.shards)]
+    return [{**base, **cfg.frontend_resources} for _ in range(cfg.frontends)] + \
+        [{**base, **cfg.shard_resources} for _ in range(cfg.shards)]
 
 
 class Cluster:
     def __init__(self, config: ClusterConfig, on_change=None):
         self.config = config
         self.on_change = on_change  # called when the cluster starts or stops serving (see Supervisor)
-        self.frontend = None
+        self.frontends: list = []
         self.shards: list = []
         self.serve_refs: list = []
         self.pg = None
@@ -65,7 +69,7 @@ class Cluster:
         self.placement_settings = self._placement_settings()
         self._connect()
         self.use_gpu = self._use_gpu()
-        world = cfg.shards + 1
+        world = cfg.frontends + cfg.shards
         self.cpus = 1.0 if self.use_gpu else cfg.cpus_per_actor  # per actor
         where = "1 GPU" if self.use_gpu else f"{self.cpus} CPU"
         roles = "".join(f", {role} {res}" for role, res in (("front-end", cfg.frontend_resources),
@@ -73,29 +77,37 @@ class Cluster:
         self._progress(f"placing {world} actors ({where} each, {cfg.placement}{roles})")
         self.pg = placement_group(bundles(cfg, self.cpus, self.use_gpu), strategy=cfg.placement)
         ray.get(self.pg.ready(), timeout=cfg.start_timeout_s)
-        self._progress(f"loading experts on {cfg.shards} shard(s) and the rest on the front-end")
-        self.shards = [self._create(rank) for rank in range(1, world)]
-        self.frontend = self._create(0)
+        self._progress(f"loading experts on {cfg.shards} shard(s) and the rest on {cfg.frontends} front-end(s)")
+        self.shards = [self._create(rank) for rank in range(cfg.frontends, world)]
+        self.frontends = [self._create(rank) for rank in range(cfg.frontends)]
         # every rank has loaded its weights before any joins: the rendezvous then takes well under its deadline
         ray.get([self.actor(rank).ping.remote() for rank in range(world)], timeout=cfg.start_timeout_s)
         self._check_dtypes()
         self._progress(f"joining the group of {world} ranks")
         self.connect(cfg.start_timeout_s)
         self._progress(f"the ranks talk over {TRANSPORTS[self.backend]}")
-        ray.get(self.frontend.start.remote(), timeout=cfg.start_timeout_s)
+        ray.get(self.start_frontends(), timeout=cfg.start_timeout_s)
         self.supervisor = Supervisor(self, self.on_change).start()
         self._progress("ready")
         return self
 
+    @property
+    def frontend(self):
+        """Front-end 0: it opens every rendezvous."""
+        return self.frontends[0] if self.frontends else None
+
+    @property
+    def world(self) -> int:
+        return self.config.frontends + self.config.shards
+
     def connect(self, timeout_s: float) -> None:
-        """One group over every rank, on a new store at the front-end; starts the shards' loops."""
+        """One group over every rank, on a new store at front-end 0; starts the shards' loops."""
         cfg = self.config
-        world = cfg.shards + 1
         self.backend = self._backend(timeout_s)
         host, port, capacity = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s), timeout=timeout_s)
         args = (self.backend, host, port, cfg.collective_timeout_s)
-        joins = [self.frontend.join.remote(*args, capacity)]
-        joins += [s.join.remote(world, *args, capacity) for s in self.shards]
+        joins = [f.join.remote(*args, capacity) for f in self.frontends]
+        joins += [s.join.remote(self.world, *args, capacity) for s in self.shards]
         # every join settles (each within the store's deadline) before a failure is raised: a retry must not
         # find a rank still joining this group
         if ray.wait(joins, num_returns=len(joins), timeout=timeout_s)[1]:
@@ -103,17 +115,30 @@ class Cluster:
         ray.get(joins)
         self.serve_refs = [s.serve.remote() for s in self.shards]
 
+    def start_frontends(self) -> list:
+        """Start (or resume) every front-end's engine, each told who its peers are: refs to wait on."""
+        return [f.start.remote([p for p in self.frontends if p is not f]) for f in self.frontends]
+
     # ---- the actors, by rank ----------------------------------------------------------------------------
     def actor(self, rank: int):
-        return self.frontend if rank == 0 else self.shards[rank - 1]
+        M = self.config.frontends
+        return self.frontends[rank] if rank < M else self.shards[rank - M]
 
-    @staticmethod
-    def name(rank: int) -> str:
-        return FRONTEND_NAME if rank == 0 else shard_name(rank - 1)
+    def is_frontend(self, rank: int) -> bool:
+        return rank < self.config.frontends
 
-    @staticmethod
-    def role(rank: int) -> str:
-        return "the front-end" if rank == 0 else f"shard {rank - 1}"
+    def shard_rank(self, shard: int) -> int:
+        return self.config.frontends + shard
+
+    def name(self, rank: int) -> str:
+        M = self.config.frontends
+        return frontend_name(rank) if rank < M else shard_name(rank - M)
+
+    def role(self, rank: int) -> str:
+        M = self.config.frontends
+        if rank < M:
+            return "the front-end" if M == 1 else f"front-end {rank}"
+        return f"shard {rank - M}"
 
     def is_registered(self, rank: int) -> bool:
         """Whether the rank's name still resolves (a dead actor that Ray restarts keeps it)."""
@@ -125,25 +150,28 @@ class Cluster:
 
     def recreate(self, rank: int) -> None:
         """A new actor for a rank that is gone for good, under the same name, in the same bundle."""
-        if rank == 0:
-            self.frontend = self._create(0)
+        M = self.config.frontends
+        if rank < M:
+            self.frontends[rank] = self._create(rank)
         else:
-            self.shards[rank - 1] = self._create(rank)
+            self.shards[rank - M] = self._create(rank)
 
     def _create(self, rank: int):
         cfg = self.config
+        front = self.is_frontend(rank)
         options = dict(name=self.name(rank), namespace=NAMESPACE, max_restarts=-1,
                        num_cpus=self.cpus, num_gpus=1 if self.use_gpu else 0,
-                       max_concurrency=1000 if rank == 0 else 4,
+                       max_concurrency=1000 if front else 4,
                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg,
                                                                             placement_group_bundle_index=rank))
-        if rank > 0:
-            return ray.remote(ExpertShard).options(**options).remote(cfg.checkpoint, rank - 1, cfg.shards,
-                                                                      cfg.shard_threads, cfg.dtype,
-                                                                      self.placement_settings)
+        if not front:
+            return ray.remote(ExpertShard).options(**options).remote(
+                cfg.checkpoint, rank - cfg.frontends, cfg.shards, cfg.shard_threads, cfg.dtype,
+                self.placement_settings, cfg.frontends, cfg.micro_batches, cfg.shard_cpus)
         return ray.remote(Frontend).options(**options).remote(
             cfg.checkpoint, cfg.shards, cfg.engine, cfg.frontend_threads, cfg.heartbeat_s, cfg.overlap_dense_ffn,
-            supervised=True, dtype=cfg.dtype, placement=self.placement_settings)
+            supervised=True, dtype=cfg.dtype, placement=self.placement_settings, frontend=rank,
+            frontends=cfg.frontends, micro_batches=cfg.micro_batches, cpus=cfg.frontend_cpus)
 
     def _placement_settings(self) -> dict:
         """``placement.build``'s keywords, which every rank gets (a pinned file is read here, once). Checked
@@ -172,8 +200,7 @@ class Cluster:
             return "nccl"
         if self.config.transport == "dist":
             return "gloo"
-        where = ray.get([self.actor(rank).where.remote() for rank in range(self.config.shards + 1)],
-                        timeout=timeout_s)
+        where = ray.get([self.actor(rank).where.remote() for rank in range(self.world)], timeout=timeout_s)
         one_host = len({node for node, _ in where}) == 1 and all(ok for _, ok in where)
         if self.config.transport == "shm" and not one_host:
             raise RuntimeError("transport=shm needs every actor on one node with /dev/shm and the CPU kernels; "
@@ -183,8 +210,8 @@ class Cluster:
     def _check_dtypes(self) -> None:
         """Every rank computes in the same dtype: the rows on the wire are in it. ``auto`` resolves per actor,
         so actors on machines of different kinds can disagree; then the dtype must be set explicitly."""
-        front, *shards = ray.get([self.frontend.model_info.remote(), *(s.info.remote() for s in self.shards)])
-        infos = [front.to_dict(), *shards]
+        fronts = ray.get([f.model_info.remote() for f in self.frontends])
+        infos = [f.to_dict() for f in fronts] + ray.get([s.info.remote() for s in self.shards])
         if len({i["dtype"] for i in infos}) > 1:
             found = ", ".join(f"{self.role(r)} {i['dtype']} ({i['device']}, {i['cpu_isa']})"
                               for r, i in enumerate(infos))
@@ -203,10 +230,9 @@ class Cluster:
 
     def _use_gpu(self) -> bool:
         gpus = ray.cluster_resources().get("GPU", 0)
-        if self.config.device == "cuda" and gpus < self.config.shards + 1:
-            raise RuntimeError(f"device=cuda needs {self.config.shards + 1} GPUs (one per actor), "
-                               f"the Ray cluster has {gpus:g}")
-        return self.config.device == "cuda" or (self.config.device == "auto" and gpus >= self.config.shards + 1)
+        if self.config.device == "cuda" and gpus < self.world:
+            raise RuntimeError(f"device=cuda needs {self.world} GPUs (one per actor), the Ray cluster has {gpus:g}")
+        return self.config.device == "cuda" or (self.config.device == "auto" and gpus >= self.world)
 
     @staticmethod
     def _progress(message: str) -> None:
@@ -214,9 +240,12 @@ class Cluster:
 
     # ---- use --------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | dict | None = None) -> list[dict]:
-        """Run prompts to completion as one batch: [{token_ids, finish_reason}] in order."""
+        """Run prompts to completion as one batch, prompt i on front-end i mod M: [{token_ids, finish_reason}]
+        in order."""
         params = SamplingParams(**params) if isinstance(params, dict) else params
-        return ray.get(self.frontend.generate.remote(prompts, params))
+        M = len(self.frontends)
+        parts = ray.get([f.generate.remote(prompts[j::M], params) for j, f in enumerate(self.frontends)])
+        return [parts[i % M][i // M] for i in range(len(prompts))]
 
     def shard_info(self) -> list[dict]:
         return ray.get([s.info.remote() for s in self.shards])
@@ -230,18 +259,18 @@ class Cluster:
         if self.supervisor is not None:  # first: stopping is not a failure
             self.supervisor.stop(timeout_s)
             self.supervisor = None
-        if self.frontend is not None:
-            try:
-                ray.get(self.frontend.stop.remote(), timeout=timeout_s)
+        if self.frontends:
+            try:  # every front-end at once: the group stops at the first stop header
+                ray.get([f.stop.remote() for f in self.frontends], timeout=timeout_s)
                 ray.wait(self.serve_refs, num_returns=len(self.serve_refs), timeout=timeout_s)
             except Exception as e:  # noqa: BLE001 - shut down whatever is left regardless
                 log.warning("clean stop failed (%s); killing the actors", e)
-        for actor in [self.frontend, *self.shards]:
+        for actor in [*self.frontends, *self.shards]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
         if self.pg is not None:
             remove_placement_group(self.pg)
-        self.frontend, self.shards, self.serve_refs, self.pg = None, [], [], None
+        self.frontends, self.shards, self.serve_refs, self.pg = [], [], [], None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False

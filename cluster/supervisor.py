@@ -3,29 +3,31 @@ the process group and resumes the engine.
 
 Detection (bounded, never a hang) is a ``ray.wait`` on one call per rank that only ends when something is
 wrong: each shard's ``serve`` (its collective loop: it ends when the shard's actor dies, a Ray death
-notification, or when one of its collectives fails or runs past ``collective_timeout_s``) and the
-front-end's ``watch`` (it ends when a step or heartbeat of the engine fails the same ways, or when the
+notification, or when one of its collectives fails or runs past ``collective_timeout_s``) and each
+front-end's ``watch`` (it ends when a step or heartbeat of its engine fails the same ways, or when the
 front-end's actor dies). Every header is an all-reduce, so a stalled (SIGSTOPped) shard stops the next
 heartbeat or step within the collective deadline.
 
 Recovery, while the serving side reports NOT_SERVING (``on_change``):
 
-1. the front-end suspends (it may have already): no step runs, every running request goes back to the
+1. every front-end suspends (it may have already): no step runs, every running request goes back to the
    waiting queue to be recomputed from the tokens it has, and it leaves the process group. A front-end that
    does not answer within the collective deadline is stalled and is killed; a dead one loses the requests
-   it held (their clients get UNAVAILABLE, see frontend_client.py).
+   it held (the ingress moves them to another front-end, see cluster/serving/frontend_client.py).
 2. every shard gets out of the failed group: a shard still in a collective that does not answer a ping
    within ``probe_timeout_s`` is stalled and is killed (``ray.kill``, and Ray restarts it); the others leave
    their loop within a collective deadline of the front-end leaving.
 3. every rank is alive again: Ray restarts actors that died (they are created with ``max_restarts=-1``:
    the constructor runs again and reloads the weights); one that is gone for good (killed with
    ``no_restart``) is recreated under the same name in its placement-group bundle.
-4. a new process group (a new TCPStore on port 0 at the front-end, every rank joins), the shards' loops,
-   and the engine resumes: the requests continue where they were, with the same greedy tokens.
+4. a new process group (a new TCPStore on port 0 at front-end 0, every rank joins), the shards' loops,
+   and the engines resume: the requests continue where they were, with the same greedy tokens.
 
 More than ``max_failures`` failures within ``failure_window_s`` (a failed recovery attempt counts as one)
 end recovery: the front-end fails every request in flight with the reason, later requests are refused, and
 the serving side stays NOT_SERVING.
+
+Rank r is the cluster's ``actor(r)``: front-ends first, then shards (cluster/launcher.py).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class _Stopped(Exception):
 class Recovery:
     trigger: str  # what was detected
     seconds: float  # detection to serving again
-    frontend_lost: bool  # the front-end itself was replaced (its requests were lost)
+    frontends_lost: list[int]  # front-ends that were replaced (the requests they held had to move)
 
 
 class Supervisor:
@@ -66,7 +68,7 @@ class Supervisor:
         self.recoveries: list[Recovery] = []
         self._failures: deque[float] = deque()
         self._stop = threading.Event()
-        self._watch = None
+        self._watches: list = []  # one per front-end
         self._thread: threading.Thread | None = None
 
     @property
@@ -74,7 +76,7 @@ class Supervisor:
         return self.recovering is None and self.failed is None
 
     def start(self) -> "Supervisor":
-        self._watch = self.cluster.frontend.watch.remote()
+        self._watches = [f.watch.remote() for f in self.cluster.frontends]
         self._thread = threading.Thread(target=self._run, name="epserve-supervisor", daemon=True)
         self._thread.start()
         return self
@@ -88,7 +90,7 @@ class Supervisor:
     def _run(self) -> None:
         try:
             while not self._stop.is_set() and self.failed is None:
-                refs = [self._watch, *self.cluster.serve_refs]
+                refs = [*self._watches, *self.cluster.serve_refs]  # in rank order
                 if ray.wait(refs, num_returns=1, timeout=POLL_S)[0] and not self._stop.is_set():
                     done = ray.wait(refs, num_returns=len(refs), timeout=0)[0]  # all that ended by now
                     self._recover("; ".join(self._describe(refs.index(ref), ref) for ref in done))
@@ -106,7 +108,9 @@ class Supervisor:
             return f"{name} died ({type(e).__name__})"
         except RayTaskError as e:
             return f"{name}: {_last_line(e)}"
-        return f"{name} suspended: {_short(result)}" if rank == 0 else f"{name} left its loop ({result})"
+        if self.cluster.is_frontend(rank):
+            return f"{name} suspended: {_short(result)}"
+        return f"{name} left its loop ({result})"
 
     # ---- recovery ---------------------------------------------------------------------------------------
     def _recover(self, trigger: str) -> None:
@@ -123,7 +127,7 @@ class Supervisor:
                               f"more than the {self.config.max_failures} allowed; the last: {reason}")
                 return
             try:
-                frontend_lost = self._restore(reason)
+                frontends_lost = self._restore(reason)
                 break
             except _Stopped:
                 raise
@@ -131,36 +135,41 @@ class Supervisor:
                 reason = f"recovery failed: {type(e).__name__}: {_last_line(e)}"
                 log.warning("%s", reason)
         seconds = time.monotonic() - t0
-        self.recoveries.append(Recovery(trigger, seconds, frontend_lost))
+        self.recoveries.append(Recovery(trigger, seconds, frontends_lost))
         log.warning("recovered in %.1f s from: %s", seconds, trigger)
         self._set(recovering=None)
 
-    def _restore(self, reason: str) -> bool:
-        """Steps 1-4 of the module docstring; True if the front-end had to be replaced."""
-        cluster, cfg = self.cluster, self.config
-        deadline = time.monotonic() + cfg.recovery_timeout_s
-        frontend_lost = not self._suspend_frontend(reason)
+    def _restore(self, reason: str) -> list[int]:
+        """Steps 1-4 of the module docstring; returns the front-ends that had to be replaced."""
+        cluster = self.cluster
+        deadline = time.monotonic() + self.config.recovery_timeout_s
+        lost = self._suspend_frontends(reason)
         self._release_shards()
-        for rank in range(cfg.shards + 1):
+        for rank in range(cluster.world):
             self._await_alive(rank, deadline)
         cluster.connect(max(deadline - time.monotonic(), 1.0))
-        self._get(cluster.frontend.start.remote(), max(deadline - time.monotonic(), 1.0))
-        self._watch = cluster.frontend.watch.remote()
-        return frontend_lost
+        for ref in cluster.start_frontends():
+            self._get(ref, max(deadline - time.monotonic(), 1.0))
+        self._watches = [f.watch.remote() for f in cluster.frontends]
+        return lost
 
-    def _suspend_frontend(self, reason: str) -> bool:
-        """False if the front-end was lost (dead, restarted already, or stalled and killed): a new one starts
-        empty."""
-        frontend = self.cluster.frontend
-        try:
-            # a suspension waits for the step in progress, which ends within one collective deadline
-            return self._get(frontend.suspend.remote(reason),
-                             self.config.collective_timeout_s + self.config.probe_timeout_s)
-        except RayActorError:
-            return False
-        except GetTimeoutError:
-            self._kill(0, "does not answer")
-            return False
+    def _suspend_frontends(self, reason: str) -> list[int]:
+        """Every front-end suspended; returns those that were lost (dead, restarted already, or stalled and
+        killed): a new one starts empty."""
+        # a suspension waits for the step in progress, which ends within one collective deadline
+        refs = [f.suspend.remote(reason) for f in self.cluster.frontends]
+        self._wait(refs, self.config.collective_timeout_s + self.config.probe_timeout_s)
+        lost = []
+        for j, ref in enumerate(refs):
+            try:
+                if not self._get(ref, 0):
+                    lost.append(j)
+            except RayActorError:
+                lost.append(j)
+            except GetTimeoutError:
+                self._kill(j, "does not answer")
+                lost.append(j)
+        return lost
 
     def _release_shards(self) -> None:
         """Every shard out of the failed group: stalled ones killed, live ones' loops ended."""
@@ -170,13 +179,13 @@ class Supervisor:
         answered = self._wait(list(pings.values()), cfg.probe_timeout_s)  # a dead one answers with its error
         for i in list(in_loop):
             if pings[i] not in answered:
-                self._kill(i + 1, "does not answer")
+                self._kill(cluster.shard_rank(i), "does not answer")
                 del in_loop[i]
         if in_loop:  # their collectives fail once the front-end has left, at the latest at their deadline
             self._wait(list(in_loop.values()), cfg.collective_timeout_s + cfg.probe_timeout_s)
         for i, ref in in_loop.items():
             if not ray.wait([ref], timeout=0)[0]:
-                self._kill(i + 1, "is stuck in a collective")
+                self._kill(cluster.shard_rank(i), "is stuck in a collective")
 
     def _kill(self, rank: int, why: str) -> None:
         log.warning("%s %s: killing it (Ray restarts it)", self.cluster.role(rank), why)
@@ -202,10 +211,11 @@ class Supervisor:
     def _give_up(self, message: str) -> None:
         log.error("giving up: %s", message)
         self.failed = message
-        try:  # the requests in flight end with the reason (a dead front-end has ended them already)
-            ray.get(self.cluster.frontend.fail.remote(message), timeout=self.config.probe_timeout_s)
-        except Exception as e:  # noqa: BLE001 - nothing more to tell a front-end that is gone
-            log.warning("could not fail the front-end's requests: %s", e)
+        for j, frontend in enumerate(self.cluster.frontends):
+            try:  # the requests in flight end with the reason (a dead front-end has ended them already)
+                ray.get(frontend.fail.remote(message), timeout=self.config.probe_timeout_s)
+            except Exception as e:  # noqa: BLE001 - nothing more to tell a front-end that is gone
+                log.warning("could not fail front-end %d's requests: %s", j, e)
         self._set(recovering=None)
 
     # ---- helpers ----------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ def test_expert_placement_errors_are_one_line_and_come_before_ray(tmp_path):
               check=False)
     assert "expert 3 (and 12 more) has no slot on any shard" in one_line_error(bad, "generate")
     assert "Ray" not in bad.stdout + bad.stderr
+    bad = run("generate", "--prompt-ids", "1,2", "--frontends", 2, check=False)
+    assert "add --shards N" in one_line_error(bad, "generate")
+    bad = run("generate", "--prompt-ids", "1,2", "--shards", 2, "--frontends", 0, check=False)
+    assert "frontends must be >= 1" in one_line_error(bad, "generate")
 
 
 def test_commands_need_the_input_their_synopsis_names():

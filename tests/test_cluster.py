@@ -4,6 +4,7 @@ transformers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -22,7 +23,11 @@ from epserve.actors.model.gemma4 import LocalExperts
 from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import expert_dtype
 from epserve.cluster.config import ClusterConfig
-from epserve.cluster.launcher import Cluster, bundles, shard_name
+from epserve.actors.frontend import EngineFailure
+from epserve.cluster.launcher import Cluster, bundles, frontend_name, shard_name
+from epserve.cluster.serving.frontend_client import FrontendClient
+
+from helpers import engine_greedy
 
 PROMPTS = [[2, 17, 300, 42], [5, 6, 7, 8, 9] * 12, [100], list(range(3, 90))]
 PARAMS = {"max_tokens": 12, "ignore_eos": True}
@@ -42,26 +47,37 @@ def reference(tiny_model, tiny_dir):
     return [o.token_ids for o in ours], theirs
 
 
-@pytest.mark.parametrize("shards, transport, backend",
-                         [(1, "auto", "shm"), (2, "auto", "shm"), (3, "auto", "shm"), (4, "auto", "shm"),
-                          (3, "dist", "gloo")])
-def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_model, reference, shards, transport,
-                                                 backend):
-    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards, transport=transport, **FP32)).start()
+@pytest.mark.parametrize("frontends, shards, micro_batches, transport, backend",
+                         [(1, 1, 1, "auto", "shm"), (1, 2, 1, "auto", "shm"), (1, 3, 1, "auto", "shm"),
+                          (1, 4, 1, "auto", "shm"), (1, 3, 1, "dist", "gloo"), (2, 1, 1, "auto", "shm"),
+                          (2, 2, 1, "auto", "shm"), (2, 3, 1, "auto", "shm"), (3, 1, 1, "auto", "shm"),
+                          (3, 2, 1, "dist", "gloo"), (3, 3, 1, "auto", "shm"),
+                          (1, 2, 2, "auto", "shm"), (2, 3, 2, "dist", "gloo")])
+def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_model, reference, frontends, shards,
+                                                 micro_batches, transport, backend):
+    """M front-ends x N shards, with and without ping-pong micro-batches: the same greedy tokens and the same
+    logits as the in-process engine and transformers."""
+    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=shards, frontends=frontends,
+                                    micro_batches=micro_batches, transport=transport, **FP32)).start()
     try:
         assert cluster.backend == backend  # one host: shared memory unless torch.distributed is asked for
-        outs = cluster.generate(PROMPTS, PARAMS)
+        outs = cluster.generate(PROMPTS, PARAMS)  # prompt i on front-end i mod M, all in lockstep
         ours, theirs = reference
         assert [o["token_ids"] for o in outs] == ours == theirs
+        # steps where the last front-end has several requests and the others none (they join with zero rows)
+        alone = ray.get(cluster.frontends[-1].generate.remote(PROMPTS, SamplingParams(**PARAMS)))
+        assert [o["token_ids"] for o in alone] == ours
         prompt = PROMPTS[3]
-        remote = ray.get(cluster.frontend.score.remote(prompt))
         pos = torch.arange(len(prompt))
         with torch.no_grad():
             local = tiny_model.logits(tiny_model(torch.tensor(prompt), pos, WholeSequence(pos)))
-        assert (remote - local).abs().max() <= 1e-5 * local.abs().max()
-        # the shards return each slot's output and the front-end sums them as the in-process model does: the
-        # same bits, whatever the number of shards
-        assert torch.equal(remote, local)
+        for frontend in cluster.frontends:
+            remote = ray.get(frontend.score.remote(prompt))
+            assert (remote - local).abs().max() <= 1e-5 * local.abs().max()
+            # the shards return each slot's output and the front-end sums them as the in-process model does:
+            # the same bits, whatever the number of shards and front-ends
+            assert torch.equal(remote, local)
+        assert [ray.get_actor(frontend_name(j), namespace="epserve") for j in range(frontends)]
         # each shard holds its slice only, read from the checkpoint as just that slice
         cfg = tiny_model.cfg
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down
@@ -185,6 +201,9 @@ def test_bundles_add_each_roles_resources():
     gpu = {"CPU": 1.0, "GPU": 1}
     assert bundles(cfg, 1.0, True) == [gpu | {"frontend": 1}] + [gpu | {"expert": 1}] * 3
     assert bundles(ClusterConfig(shards=3), 0.2, False) == [{"CPU": 0.2}] * 4  # any node (deploy/serve.yaml)
+    # a bundle per front-end, first: rank r of the group is bundle r
+    assert bundles(ClusterConfig(shards=2, frontends=3, **ROLES), 1.0, True) == \
+        [gpu | {"frontend": 1}] * 3 + [gpu | {"expert": 1}] * 2
 
 
 @pytest.mark.parametrize("resources, words", [
@@ -225,3 +244,46 @@ def test_bf16_cluster_computes_what_the_bf16_engine_does(ray_session, tiny_dir):
     with torch.no_grad():
         local = model.logits(model(torch.tensor(PROMPTS[3]), pos, WholeSequence(pos))).float()
     assert (remote - local).abs().max() <= 2**-7 * local.abs().max()  # the shards' sums round to bf16 alike
+
+
+def test_moved_requests_continue_and_a_limit_ends_them_cleanly(ray_session, tiny_dir, tiny_model):
+    """The ingress's client over 2 front-ends, front-end 0 killed while streams run: a client that may move a
+    request continues every one with the tokens it would have had; one allowed no move ends the lost
+    front-end's requests with EngineFailure (UNAVAILABLE) and finishes the others."""
+    prompts = [[3 + i, 7, 11 + 13 * i] for i in range(8)]
+    want = engine_greedy(tiny_model, prompts, 60)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), shards=1, frontends=2, max_failures=10,
+                                    **FP32)).start()
+    try:
+        async def load():
+            moving, limited = FrontendClient(cluster.frontends), FrontendClient(cluster.frontends, max_migrations=0)
+            got = [[] for _ in prompts]
+            started = asyncio.Event()
+
+            async def one(i, client):
+                try:
+                    async for out in client.stream(prompts[i], params, f"r{i}"):
+                        got[i] += out.new_token_ids
+                        if min(map(len, got)) >= 3:
+                            started.set()
+                except EngineFailure as e:
+                    started.set()
+                    return str(e)
+                return None
+
+            tasks = [asyncio.ensure_future(one(i, moving if i % 2 else limited)) for i in range(len(prompts))]
+            await started.wait()
+            where = {i: (moving if i % 2 else limited)._engine_id[f"r{i}"][0] for i in range(len(prompts))}
+            ray.kill(cluster.frontends[0], no_restart=False)
+            return await asyncio.gather(*tasks), got, where, moving.migrations
+
+        errors, got, where, moved = asyncio.run(asyncio.wait_for(load(), 240))
+    finally:
+        cluster.shutdown()
+    for i, (error, tokens) in enumerate(zip(errors, got)):
+        if i % 2 == 1 or where[i] == 1:  # moved, or never lost
+            assert error is None and tokens == want[i], (i, error)
+        else:
+            assert "lost" in error and "at most 0 moves" in error, error
+    assert moved == sum(1 for i in range(1, len(prompts), 2) if where[i] == 0) > 0

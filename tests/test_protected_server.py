@@ -184,7 +184,7 @@ async def _burst(server, tls_files, n: int, max_tokens: int, probe=None,
 def _engine_empty(timeout_s: float = 30.0) -> dict:
     """The front-end's stats once it holds no request (or after ``timeout_s``), with ``streams``: its output
     streams still open (one per request whose caller may still read)."""
-    frontend = ray.get_actor("epserve-frontend", namespace="epserve")
+    frontend = ray.get_actor("epserve-frontend-0", namespace="epserve")
     deadline = time.monotonic() + timeout_s
     while True:
         stats = ray.get(frontend.stats.remote(), timeout=30)

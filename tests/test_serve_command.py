@@ -158,7 +158,7 @@ def test_bench_shows_why_requests_failed(served):
 
 def test_serve_drains_then_stops_on_sigterm(served):
     proc, target = served.proc, served.target
-    assert ray.get_actor("epserve-frontend", namespace="epserve") is not None
+    assert ray.get_actor("epserve-frontend-0", namespace="epserve") is not None
     # in flight at SIGTERM: one stream that can finish within the drain time, one that cannot
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceStub(channel)
@@ -182,7 +182,7 @@ def test_serve_drains_then_stops_on_sigterm(served):
     assert "shut down before the request finished" in long.details
     assert DRAIN_S - 1 < long.ended - signalled < DRAIN_S + 30  # ended by the drain time, not at once
     assert proc.wait(timeout=120) == 0
-    for name in ["epserve-frontend", "epserve-shard-0", "epserve-shard-1"]:
+    for name in ["epserve-frontend-0", "epserve-shard-0", "epserve-shard-1"]:
         for _ in range(60):  # actors of the app die with their owner replica; bounded wait
             try:
                 ray.get_actor(name, namespace="epserve")

@@ -7,6 +7,7 @@ import torch
 
 from ..model.config import FULL, SLIDING
 from ..model.gemma4 import ExpertExecutor, Gemma4Model
+from ..model.micro_batches import forward_parts, split
 from .config import EngineConfig
 from .kv_cache import KVCache, PagedAttention, flat_positions, plan_blocks, plan_step
 from .scheduler import Batch
@@ -35,20 +36,27 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
         """-> (logits [S, V] fp32, indices into batch.seqs of the S requests that sample this step)."""
-        starts = [s.num_computed for s in batch.seqs]
-        ids, rows, sampling, end = [], [], [], 0
+        rows, sampling, end = [], [], 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
-            ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
             end += n
             if seq.num_computed + n == seq.num_tokens:
                 sampling.append(i)
                 rows.append(end - 1)
-        positions = flat_positions(torch.tensor(starts), torch.tensor(batch.num_new))[2].to(self.device)
-        plans = plan_step(starts, batch.num_new, [s.block_tables for s in batch.seqs], self.windows,
-                          self.cfg.block_size, self.device)
-        if self.experts is not None:
-            self.experts.begin_step(len(ids))  # the shards learn the step's size before its first layer
-        hidden = self.model(torch.tensor(ids, device=self.device), positions,
-                            PagedAttention(self.cache, plans), self.experts)
+        # with micro-batches on the cluster, two halves of the requests (in order) that take turns
+        cut = split(batch.num_new) if getattr(self.experts, "micro_batches", 1) > 1 else len(batch.seqs)
+        parts = [self._part(batch.seqs[:cut], batch.num_new[:cut])]
+        if cut < len(batch.seqs):
+            parts.append(self._part(batch.seqs[cut:], batch.num_new[cut:]))
+        hidden = [h for h in forward_parts(self.model, parts, self.experts) if h is not None]
+        hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
         logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
         return logits.float().cpu(), sampling
+
+    def _part(self, seqs: list, num_new: list[int]) -> tuple:
+        """(input ids, positions, paged-attention context) of some of a step's requests."""
+        starts = [s.num_computed for s in seqs]
+        ids = [t for seq, n in zip(seqs, num_new) for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
+        positions = flat_positions(torch.tensor(starts), torch.tensor(num_new))[2].to(self.device)
+        plans = plan_step(starts, num_new, [s.block_tables for s in seqs], self.windows, self.cfg.block_size,
+                          self.device)
+        return torch.tensor(ids, device=self.device), positions, PagedAttention(self.cache, plans)

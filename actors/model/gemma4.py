@@ -4,6 +4,11 @@ Parallelism is applied from outside, as in gpt-fast: the routed experts are reac
 executor* (``dispatch`` then ``combine``), local by default; the cluster's front-end passes its side of the
 exchange with the expert shards (actors/dispatch.py). The dense MLP runs between ``dispatch`` and ``combine``,
 which is what hides the all-to-all.
+
+Each layer is also a generator of three stages (``stages``), split where the exchange's collectives are:
+before the dispatch, before the combine and after it. ``forward`` runs them one after another; two
+micro-batches can take turns (actors/model/micro_batches.py), so that one's attention runs while the shards
+compute the other's experts.
 Parameter names equal the checkpoint's keys without their prefix, so loading is a rename-free copy.
 """
 
@@ -26,9 +31,9 @@ ALL_EXPERTS = "all"
 
 
 class ExpertExecutor(Protocol):
-    def begin_step(self, tokens: int) -> None:
-        """A forward pass over ``tokens`` tokens starts (the model runner says so; the exchange tells the
-        shards)."""
+    def begin_step(self, tokens: int | list[int]) -> None:
+        """A forward pass over ``tokens`` tokens starts (a count per micro-batch with several; the model
+        runner says so; the exchange tells the shards)."""
 
     def dispatch(self, layer: int, x_TH, ids_TK, weights_TK): ...
     def combine(self, handle) -> torch.Tensor:
@@ -41,7 +46,7 @@ class LocalExperts:
     def __init__(self, layers):
         self.layers = layers
 
-    def begin_step(self, tokens: int) -> None:
+    def begin_step(self, tokens: int | list[int]) -> None:
         pass
 
     def dispatch(self, layer, x_TH, ids_TK, weights_TK):
@@ -82,6 +87,11 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, h, rope, ctx: AttentionContext, experts: ExpertExecutor):
+        return run_stages(self.stages(h, rope, ctx, experts))
+
+    def stages(self, h, rope, ctx: AttentionContext, experts: ExpertExecutor):
+        """The layer, yielding where another micro-batch may take its turn: before the dispatch, before the
+        combine, after it (see micro_batches.py). Returns the layer's output."""
         eps = self.input_layernorm.eps
         r = ops.add_rms_norm(h, self.self_attn(self.input_layernorm(h), rope, ctx),
                              self.post_attention_layernorm.weight, eps)
@@ -90,9 +100,12 @@ class DecoderLayer(nn.Module):
                                                self.pre_feedforward_layernorm_2.weight, self.router.scale,
                                                self.router.root, eps)
         weights, ids = self.router(z)
+        yield
         handle = experts.dispatch(self.index, x_experts, ids, weights)
         m = self.mlp(x_dense)
+        yield
         y = experts.combine(handle)  # fp32
+        yield
         if self.shared_expert is not None:  # variants with a separate shared expert: it joins the routed sum
             y = y + self.shared_expert(x_experts).float()
         # post_feedforward_layernorm_2 only after every shard's partial is summed
@@ -128,6 +141,10 @@ class Gemma4Model(nn.Module):
 
     def forward(self, input_ids, positions, ctx: AttentionContext, experts: ExpertExecutor | None = None):
         """input_ids, positions [T] -> final-normed hidden states [T, H]."""
+        return run_stages(self.stages(input_ids, positions, ctx, experts))
+
+    def stages(self, input_ids, positions, ctx: AttentionContext, experts: ExpertExecutor | None = None):
+        """``forward`` as a generator of every layer's stages (``DecoderLayer.stages``)."""
         experts = experts or self.local_experts
         if experts is None:
             raise RuntimeError("this model was built without experts: pass an expert executor")
@@ -135,7 +152,7 @@ class Gemma4Model(nn.Module):
         h = self.embed_tokens(input_ids) * torch.tensor(self.cfg.embed_scale).to(dtype)
         ropes = {k: rope_tables(self.inv_freq(k), positions, dtype) for k in (SLIDING, FULL)}
         for layer in self.layers:
-            h = layer(h, ropes[layer.kind], ctx, experts)
+            h = yield from layer.stages(h, ropes[layer.kind], ctx, experts)
         return self.norm(h)
 
     def logits(self, hidden):
@@ -143,6 +160,15 @@ class Gemma4Model(nn.Module):
         logits = linear(hidden, self.embed_tokens.weight, pack=True)
         cap = self.cfg.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def run_stages(stages):
+    """Run a generator of stages to its end; its return value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 def count_text_parameters(cfg: ModelConfig) -> int:

@@ -56,8 +56,6 @@ def _layout(lay: Layout) -> dict:
 def build(name, params: ParamCount, gpu: str, dtype, layout: Layout, work: Workload,
           ranks: list[Rank], prediction: Prediction, problems: list[str], source: str, search=None) -> dict:
     notes = []
-    if layout.frontends > 1:
-        notes.append(f"{layout.frontends} front-ends is a what-if: the cluster runs one front-end today")
     size = dtype.itemsize
     plan = {
         "model": name, "gpu": gpu, "dtype": precision.dtype_name(dtype), "layout": _layout(layout),
@@ -133,8 +131,9 @@ def helm_values(plan: dict, chart: Path = CHART) -> dict:
     lay, cpu = plan["layout"], plan["gpu"] == "cpu"
     fe = next(r for r in plan["ranks"] if r["role"] == "frontend")
     per_pod = max(d for d in range(1, min(lay["gpus_per_node"], lay["shards"]) + 1) if lay["shards"] % d == 0)
-    values["cluster"].update(shards=lay["shards"], placement="PACK" if lay["nodes"] == 1 else "SPREAD",
-                             device="cpu" if cpu else "cuda", dtype=plan["dtype"])
+    values["cluster"].update(frontends=lay["frontends"], shards=lay["shards"],
+                             placement="PACK" if lay["nodes"] == 1 else "SPREAD", device="cpu" if cpu else "cuda",
+                             dtype=plan["dtype"])
     engine = {"max_num_seqs": -(-plan["workload"]["concurrency"] // lay["frontends"])}
     if not cpu:
         engine["kv_cache_bytes"] = fe["kv_bytes"]

@@ -70,10 +70,13 @@ class Ingress:
         try:
             self.cluster = await asyncio.to_thread(Cluster(self.cluster_config, self._on_cluster_change).start)
             self.metrics_endpoint.cluster = self.cluster
-            self.client = FrontendClient(self.cluster.frontend)
+            self.client = FrontendClient(self.cluster.frontends, block_size=self.cluster_config.engine.block_size,
+                                         max_migrations=self.config.max_migrations)
+            self.metrics_endpoint.client = self.client
             self.state.info = await self.client.model_info()
             await self._follow_cluster()
-            log.info("cluster ready: %d shard(s), model %s", self.cluster_config.shards, self.state.model_name)
+            log.info("cluster ready: %d front-end(s), %d shard(s), model %s", self.cluster_config.frontends,
+                     self.cluster_config.shards, self.state.model_name)
         except Exception as e:  # noqa: BLE001 - surfaced by the health check
             self.error = f"{type(e).__name__}: {e}"
             log.error("cluster start failed: %s", self.error)
@@ -86,7 +89,7 @@ class Ingress:
         if self.client is None:
             return  # still starting: _start_cluster follows once the client is there
         serving = self.cluster.supervisor.serving
-        self.client.frontend = self.cluster.frontend  # a recreated front-end is a new actor
+        self.client.frontends = list(self.cluster.frontends)  # a recreated front-end is a new actor
         self.state.client = self.client if serving else None
         self.state.stopped = self.cluster.supervisor.failed
         await self.grpc.set_serving(serving and not self.state.draining)

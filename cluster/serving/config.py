@@ -22,6 +22,9 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     drain_s: float = 30.0  # on shutdown, requests in flight may run on this long (then UNAVAILABLE / 503)
+    # A request whose front-end is lost moves to another (frontend_client.py) at most this often; one more
+    # loss ends it with UNAVAILABLE / 503. 0: it ends with the first
+    max_migrations: int = 3
     tls_cert_file: str | None = None  # PEM files: gRPC over TLS (Serve's HTTP proxy takes the same files)
     tls_key_file: str | None = None
     # Where the bearer token is (never the token itself: Ray stores and shows these settings): a file on the
@@ -38,6 +41,9 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a port number (0 to 65535), got {port!r}")
         if isinstance(self.drain_s, bool) or not isinstance(self.drain_s, (int, float)) or self.drain_s < 0:
             raise ValueError(f"drain_s must be a number of seconds >= 0, got {self.drain_s!r}")
+        if isinstance(self.max_migrations, bool) or not isinstance(self.max_migrations, int) or \
+                self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be an integer >= 0, got {self.max_migrations!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         if self.auth_token_file and self.auth_token_env:

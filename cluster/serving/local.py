@@ -41,6 +41,10 @@ class LocalServer:
         return self.config.grpc_target
 
     @property
+    def http_base(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+    @property
     def metrics_url(self) -> str | None:
         port = self.config.metrics_port
         return f"http://{self.config.metrics_host}:{port}/metrics" if port else None

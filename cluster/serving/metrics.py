@@ -2,13 +2,18 @@
 
 Each actor keeps its own ``CollectorRegistry`` (``epserve.actors.metrics``) and answers ``metrics()`` with its
 collected metric families. ``ClusterCollector`` is a prometheus_client collector that, on every scrape, sends
-that call to the Frontend and every ExpertShard of the cluster at once (one Ray actor call each, bounded by
-``timeout_s``), merges the families by name and adds what only the ingress knows:
+that call to every Frontend and every ExpertShard of the cluster at once (one Ray actor call each, bounded by
+``timeout_s``), merges the families by name (a front-end's series carry its ``frontend`` label, a shard's its
+``shard`` label) and adds what only the ingress knows:
 
-* ``epserve:frontend_up``: the Frontend answered and its engine thread runs without error;
+* ``epserve:frontend_up{frontend}``: the front-end answered and its engine thread runs without error;
 * ``epserve:shard_up{shard}``: the shard answered and its collective loop has not failed;
 * ``epserve:shard_restarts_total{shard}``: new incarnations of a shard seen (its actor start time changed
-  between two scrapes: a Ray restart or a replacement by the cluster).
+  between two scrapes: a Ray restart or a replacement by the cluster);
+* from the ingress's ``FrontendClient`` (``client``): ``epserve:routed_requests_total{frontend}``,
+  ``epserve:prefix_affinity_routes_total`` and ``epserve:request_migrations_total``;
+* from the cluster's Supervisor: ``epserve:recoveries_total`` and
+  ``epserve:frontend_replacements_total{frontend}``.
 
 ``MetricsEndpoint`` owns that collector's registry. The ingress replica (``app.py``) starts it:
 with ``metrics_port`` set (``epserve serve --metrics-port P``, ``metrics_port`` in ``deploy/serve.yaml``) it
@@ -26,6 +31,7 @@ first, cannot ingest.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -45,6 +51,7 @@ __all__ = ["ClusterCollector", "MetricsEndpoint", "metrics_response"]
 class ClusterCollector(Collector):
     def __init__(self, timeout_s: float = 5.0):
         self.cluster = None  # a launcher.Cluster once it is up
+        self.client = None  # the ingress's FrontendClient once it is up (routing and migration counts)
         self.timeout_s = timeout_s
         self._lock = threading.Lock()  # concurrent scrapes: one at a time (restart detection keeps state)
         self._start_times: dict[int, float] = {}
@@ -56,10 +63,13 @@ class ClusterCollector(Collector):
 
     def _collect(self) -> list:
         cluster = self.cluster
-        frontend = getattr(cluster, "frontend", None)
-        shards = list(getattr(cluster, "shards", None) or []) if frontend is not None else []
-        reports = self._ask([frontend, *shards] if frontend is not None else [])
-        front, shard_reports = (reports[0], reports[1:]) if reports else (None, [])
+        frontends = list(getattr(cluster, "frontends", None) or [])
+        shards = list(getattr(cluster, "shards", None) or []) if frontends else []
+        reports = self._ask([*frontends, *shards])
+        # before the cluster is up, front-end 0 (every cluster has one) is down: the series exist from the
+        # first scrape, so that a slow start is not taken for missing metrics
+        front, shard_reports = reports[:len(frontends)] or [None], reports[len(frontends):]
+        front_up = {(str(j),): 1.0 if rep is not None and rep.get("ready") else 0.0 for j, rep in enumerate(front)}
         up, restarts = {}, {}
         for i, rep in enumerate(shard_reports):
             up[(str(i),)] = 1.0 if rep is not None and rep.get("error") is None else 0.0
@@ -70,14 +80,36 @@ class ClusterCollector(Collector):
                 self._start_times[i] = rep["start_time"]
             restarts[(str(i),)] = self._restarts.get(i, 0)
         own = [
-            gauge("frontend_up", "1 if the Frontend answered and its engine runs without error.",
-                  {(): 1.0 if front is not None and front.get("ready") else 0.0}, []),
+            gauge("frontend_up", "1 if the front-end answered and its engine runs without error.", front_up,
+                  ["frontend"]),
             gauge("shard_up", "1 if the expert shard answered and its collective loop has not failed.", up,
                   ["shard"]),
             counter("shard_restarts", "New incarnations of the shard's actor seen by the ingress.", restarts,
                     ["shard"]),
+            *self._ingress_counters(len(front)),
         ]
         return merge([rep["families"] for rep in reports if rep is not None] + [own])
+
+    def _ingress_counters(self, n: int) -> list:
+        """Routing and migrations (the client), recoveries (the supervisor): zeros until they exist, so that
+        every series is there from the first scrape."""
+        client = self.client
+        stats = client.router.stats if client is not None else None
+        routed = dict(enumerate(stats.routed)) if stats is not None else {}
+        recoveries = list(getattr(getattr(self.cluster, "supervisor", None), "recoveries", None) or [])
+        replaced = collections.Counter(j for r in recoveries for j in r.frontends_lost)
+        return [
+            counter("routed_requests", "Requests the ingress sent to each front-end (a request moved off a lost "
+                    "front-end counts again where it goes).", _per_frontend(routed, n), ["frontend"]),
+            counter("prefix_affinity_routes", "Requests sent to a front-end for the prompt prefix it holds rather "
+                    "than for its load.", {(): stats.affinity_hits if stats is not None else 0}, []),
+            counter("request_migrations", "Requests moved off a lost front-end to another (or to its "
+                    "replacement).", {(): client.migrations if client is not None else 0}, []),
+            counter("recoveries", "Recoveries of the cluster from a failure (detection to serving again).",
+                    {(): len(recoveries)}, []),
+            counter("frontend_replacements", "Recoveries in which the front-end was lost and replaced (the "
+                    "requests it held moved).", _per_frontend(replaced, n), ["frontend"]),
+        ]
 
     def _ask(self, actors: list) -> list[dict | None]:
         """Every actor's ``metrics()`` report, asked at once; None for an actor that failed or was late."""
@@ -100,6 +132,17 @@ class ClusterCollector(Collector):
         return reports
 
 
+def _per_frontend(values: dict[int, float], n: int) -> dict[tuple, float]:
+    """``values`` by front-end index, for each of the ``n`` front-ends (0 where absent)."""
+    return {(str(j),): values.get(j, 0) for j in range(n)}
+
+
+def _collector_attribute(name: str) -> property:
+    """An attribute of the endpoint that is its collector's (the ingress sets it once the cluster is up)."""
+    return property(lambda self: getattr(self.collector, name),
+                    lambda self, value: setattr(self.collector, name, value))
+
+
 class MetricsEndpoint:
     """The ingress replica's scrape target: ``start()`` serves http://host:port/metrics when a port is set
     (0 picks a free one); ``render()`` is the same text for the Serve app's ``/metrics`` route."""
@@ -111,13 +154,8 @@ class MetricsEndpoint:
         self.host, self.port = host, port
         self._server = None
 
-    @property
-    def cluster(self):
-        return self.collector.cluster
-
-    @cluster.setter
-    def cluster(self, cluster) -> None:
-        self.collector.cluster = cluster
+    cluster = _collector_attribute("cluster")
+    client = _collector_attribute("client")
 
     def start(self) -> "MetricsEndpoint":
         if self.port is not None and self._server is None:

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config import experts_settings
+from ..config import cluster_settings
 from .bench_targets import make_target
 
 
@@ -232,9 +232,10 @@ def main(args) -> int:
                         args.seed)
     engine = {"max_num_seqs": max(args.concurrency), "enable_prefix_caching": False}
     target = make_target(args.target, args.checkpoint, args.shards, args.model, engine, args.dtype,
-                         experts_settings(args) if args.target is None else None)
+                         cluster_settings(args) if args.target is None else None)
     result = asyncio.run(sweep(target, workload, args.concurrency, args.rate, args.duration_s, args.warmup))
-    result["target"] = args.target or (f"cluster ({args.shards} shards)" if args.shards else "in-process engine")
+    result["target"] = args.target or (f"cluster ({args.frontends} front-end(s), {args.shards} shards)" if args.shards
+                                       else "in-process engine")
     print(report_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -142,9 +142,10 @@ class EngineTarget:
     """A Frontend in this process (``shards=0``: every expert local) or a cluster of ``shards`` actors."""
 
     def __init__(self, checkpoint: str, shards: int = 0, engine: dict | None = None,
-                 cluster: dict | None = None, dtype: str = ClusterConfig.dtype):
+                 cluster: dict | None = None, dtype: str = ClusterConfig.dtype, affinity: bool = True):
         self.checkpoint, self.shards, self.engine, self.dtype = checkpoint, shards, engine or {}, dtype
         self.settings = cluster or {}  # more ClusterConfig fields for shards > 0
+        self.affinity = affinity  # the router's prefix affinity (several front-ends)
         self.cluster, self.vocab_size = None, None
 
     async def start(self) -> None:
@@ -152,7 +153,8 @@ class EngineTarget:
             cfg = ClusterConfig(checkpoint=self.checkpoint, shards=self.shards, engine=self.engine,
                                 dtype=self.dtype, **self.settings)
             self.cluster = await asyncio.to_thread(Cluster(cfg).start)
-            self.client = FrontendClient(self.cluster.frontend)
+            self.client = FrontendClient(self.cluster.frontends, block_size=cfg.engine.block_size,
+                                         affinity=self.affinity)
         else:
             frontend = await asyncio.to_thread(Frontend, self.checkpoint, 0, self.engine, dtype=self.dtype)
             await frontend.start()

@@ -49,6 +49,11 @@ app.kubernetes.io/part-of: epserve
 {{- end -}}
 {{- end -}}
 
+{{/* One front-end per pod. */}}
+{{- define "epserve.frontendPods" -}}
+{{- int .Values.cluster.frontends -}}
+{{- end -}}
+
 {{- define "epserve.expertPods" -}}
 {{- div (int .Values.cluster.shards) (int .Values.expert.shardsPerPod) -}}
 {{- end -}}
@@ -58,8 +63,11 @@ app.kubernetes.io/part-of: epserve
 {{- $shards := int .Values.cluster.shards -}}
 {{- $experts := int .Values.model.numExperts -}}
 {{- $perPod := int .Values.expert.shardsPerPod -}}
-{{- if lt $shards 1 -}}
-{{- fail (printf "cluster.shards must be at least 1 (got %d)" $shards) -}}
+{{- range $key := list "frontends" "shards" -}}
+{{- $n := int (get $.Values.cluster $key) -}}
+{{- if lt $n 1 -}}
+{{- fail (printf "cluster.%s must be at least 1 (got %d)" $key $n) -}}
+{{- end -}}
 {{- end -}}
 {{- if gt $shards $experts -}}
 {{- fail (printf "cluster.shards (%d) is more than the model's expert count model.numExperts (%d): every shard must own at least one expert" $shards $experts) -}}
@@ -89,7 +97,7 @@ app.kubernetes.io/part-of: epserve
 {{- end -}}
 {{- end -}}
 {{- if eq .Values.cluster.placement "STRICT_PACK" -}}
-{{- fail "cluster.placement STRICT_PACK puts every actor on one node, but the front-end and the expert shards run on pods of their own (role resources): use PACK" -}}
+{{- fail "cluster.placement STRICT_PACK puts every actor on one node, but the front-ends and the expert shards run on pods of their own (role resources): use PACK" -}}
 {{- end -}}
 {{- if and (eq .Values.cluster.device "cuda") (not .Values.gpu.enabled) -}}
 {{- fail "cluster.device is cuda but gpu.enabled is false: the pods would have no GPUs" -}}
@@ -121,6 +129,7 @@ app.kubernetes.io/part-of: epserve
 {{- $checkpoint := include "epserve.checkpoint" . -}}
 {{- $cluster := deepCopy .Values.cluster.extra -}}
 {{- $_ := set $cluster "checkpoint" (ternary $checkpoint nil (ne $checkpoint "")) -}}
+{{- $_ := set $cluster "frontends" .Values.cluster.frontends -}}
 {{- $_ := set $cluster "shards" .Values.cluster.shards -}}
 {{- $_ := set $cluster "placement" .Values.cluster.placement -}}
 {{- $_ := set $cluster "device" .Values.cluster.device -}}
