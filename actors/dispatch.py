@@ -25,6 +25,14 @@ stepping when it has work and ``idle`` when not, with no wait between headers wh
 all of them are idle they wait for work and meet at the heartbeat; a front-end that begins a step after an
 idle header first wakes the others (``wake_peers``), so that a request's first step waits for no heartbeat.
 
+The header also changes the group between two steps. Placement: each rank says which placement epoch it is
+ready for (a front-end: the placement it was given with ``stage``; a shard: the one whose experts it has
+loaded); at the first header where every rank is ready for a new epoch, all of them switch to it before that
+step's first layer (online rebalancing, cluster/rebalancer.py). Membership: a front-end asked to (``regroup_
+requested``) raises the header's regroup flag; every rank finishes that step and leaves the group, and the
+cluster joins them into a new one (a shard taken back after degraded mode, cluster/supervisor.py), with no
+request recomputed.
+
 Micro-batches (``micro_batches`` 2, the same on every rank): each front-end's step is two halves, and every
 layer has one exchange per half, in order (actors/model/micro_batches.py); the header then carries each
 front-end's token count per half.
@@ -66,26 +74,41 @@ class Ranks:
         return self.frontends + shard
 
 
-def exchange_header(op: int, tokens: list[int], ranks: Ranks, transport: Transport,
-                    device) -> tuple[int, list[list[int]]]:
-    """Every rank's (op, tokens per micro-batch) combined: (the largest op: a step if any front-end steps, a
-    stop if any stops; per micro-batch, every front-end's token count). Shards pass OP_IDLE and zeros. Every
-    rank waits for every other, the idle heartbeat too, so a stalled peer is noticed within the collective
-    deadline even without work."""
-    M, B = ranks.frontends, ranks.micro_batches
-    header = torch.zeros(1 + B * M, dtype=torch.int64, device=device)
-    header[0] = op
+@dataclass(frozen=True)
+class Header:
+    """Every rank's header combined: the largest op (a step if any front-end steps, a stop if any stops), per
+    micro-batch every front-end's token count, the placement epoch every rank is ready for (the smallest), and
+    whether any rank asked the group to leave after this step (``regroup``)."""
+
+    op: int
+    tokens: list[list[int]]
+    epoch: int = 0
+    regroup: bool = False
+
+
+HEADER_FIELDS = 3  # op, -epoch, regroup; then the token counts
+
+
+def exchange_header(op: int, tokens: list[int], ranks: Ranks, transport: Transport, device, epoch: int = 0,
+                    regroup: bool = False) -> Header:
+    """Every rank's (op, tokens per micro-batch, ready epoch, regroup) combined in one max all-reduce (the
+    epoch as its negative: the max of those is the smallest). Shards pass OP_IDLE and zeros. Every rank waits
+    for every other, the idle heartbeat too, so a stalled peer is noticed within the collective deadline even
+    without work."""
+    M, B, F = ranks.frontends, ranks.micro_batches, HEADER_FIELDS
+    header = torch.zeros(F + B * M, dtype=torch.int64, device=device)
+    header[0], header[1], header[2] = op, -epoch, int(regroup)
     if transport.rank < M:
-        header[1 + transport.rank : 1 + B * M : M] = torch.tensor(tokens, dtype=torch.int64)
+        header[F + transport.rank : F + B * M : M] = torch.tensor(tokens, dtype=torch.int64)
     values = transport.header(header).tolist()
-    return values[0], [values[1 + b * M : 1 + (b + 1) * M] for b in range(B)]
+    return Header(values[0], [values[F + b * M : F + (b + 1) * M] for b in range(B)], -values[1], bool(values[2]))
 
 
 def max_message_bytes(tokens: int, ranks: Ranks, hidden: int, top_k: int, dtype) -> int:
     """The largest message between two ranks in a step of at most ``tokens`` tokens per front-end: a dispatch
     block, a shard's answer to one front-end (every slot of its tokens, at worst), or the header."""
     return max((1 + tokens) * row_bytes(hidden, top_k, dtype), tokens * top_k * hidden * dtype.itemsize,
-               8 * (1 + ranks.frontends * ranks.micro_batches))
+               8 * (HEADER_FIELDS + ranks.frontends * ranks.micro_batches))
 
 
 def row_bytes(hidden: int, top_k: int, dtype: torch.dtype) -> int:
@@ -138,16 +161,46 @@ class FrontendExchange:
         self.headers = 0  # headers joined (a step that sent none still owes its peers one)
         self.group_idle = True  # the last header had no step in it
         self.wake_peers: Callable[[], None] | None = None  # the other front-ends' wake-up (several front-ends)
+        self.members = list(range(N))  # the shard in each of the group's shard positions
+        self.epoch = 0  # the placement's (see ``stage``)
+        self.staged: tuple[int, Placement] | None = None  # the next placement, once every rank is ready for it
+        self.load_LE: torch.Tensor | None = None  # tokens routed to each (layer, expert) so far (rebalancing)
+        self.regroup_requested = False  # ask the group to leave after the next step (a planned new group)
+        self.leaving = False  # the last header said so: leave the group now
 
     @property
     def micro_batches(self) -> int:
         return self.ranks.micro_batches
 
+    def regroup(self, ranks: Ranks, placement: Placement, members: list[int], epoch: int) -> None:
+        """The shape of a new group (before joining it): its ranks, its shards' placement (in group order:
+        ``members[i]`` is the shard at position i) and that placement's epoch. Anything staged is dropped."""
+        self.ranks, self.placement, self.members, self.epoch = ranks, placement, list(members), epoch
+        self.staged, self.regroup_requested, self.leaving, self.group_idle = None, False, False, True
+
+    def slots_by_shard(self) -> list[list[list[int]]]:
+        """The placement by shard index, [layer][shard] (a shard out of the group holds no slot in it)."""
+        position = {s: i for i, s in enumerate(self.members)}
+        return [[layer[position[s]] if s in position else [] for s in range(len(self.stats.tokens_per_shard))]
+                for layer in self.placement.slots]
+
+    def stage(self, epoch: int, placement: Placement) -> None:
+        """The placement to route by from the first header at which every rank is ready for ``epoch`` (the
+        shards have its experts loaded): every rank switches at that same header, between two steps."""
+        if placement.num_shards != self.ranks.shards:
+            raise ValueError(f"a placement over {placement.num_shards} shards for a group of {self.ranks.shards}")
+        self.staged = (epoch, placement)
+
     def _header(self, op: int, tokens: list[int]) -> int:
-        op, _ = exchange_header(op, tokens, self.ranks, self.transport, self.device)
+        ready = self.staged[0] if self.staged else self.epoch
+        header = exchange_header(op, tokens, self.ranks, self.transport, self.device, ready, self.regroup_requested)
         self.headers += 1
-        self.group_idle = op == OP_IDLE
-        return op
+        self.group_idle = header.op == OP_IDLE
+        if self.staged and header.epoch == self.staged[0]:
+            self.epoch, self.placement = self.staged
+            self.staged = None
+        self.leaving = header.regroup
+        return header.op
 
     def begin_step(self, tokens: int | list[int]) -> None:
         """The step's header: this front-end computes ``tokens`` tokens in every layer (a count per
@@ -244,11 +297,15 @@ class FrontendExchange:
         s.token_slots += T * K
         s.bytes_dispatched += rows * (self.hidden * self.dtype.itemsize + 4 * K)
         while len(s.tokens_per_layer_shard) <= layer:
-            s.tokens_per_layer_shard.append([0] * self.ranks.shards)
-        for i, n in enumerate(per_shard):
+            s.tokens_per_layer_shard.append([0] * len(s.tokens_per_shard))
+        for i, n in zip(self.members, per_shard):
             s.tokens_per_shard[i] += n
             s.tokens_per_layer_shard[layer][i] += n
-        for e, n in enumerate(torch.bincount(ids_TK.reshape(-1), minlength=len(s.tokens_per_expert)).tolist()):
+        per_expert = torch.bincount(ids_TK.reshape(-1), minlength=len(s.tokens_per_expert))
+        if self.load_LE is None:
+            self.load_LE = torch.zeros(self.placement.num_layers, len(per_expert), dtype=torch.int64)
+        self.load_LE[layer] += per_expert.cpu()
+        for e, n in enumerate(per_expert.tolist()):
             s.tokens_per_expert[e] += n
 
 
@@ -269,13 +326,15 @@ class ShardExchange:
         self.hidden, self.top_k, self.dtype, self.device = hidden, top_k, dtype, device
         self.row_bytes = row_bytes(hidden, top_k, dtype)
         self.tokens: list[list[int]] = [[0] * ranks.frontends] * ranks.micro_batches  # this step's
+        self.header: Header | None = None  # the last one
 
-    def next_op(self) -> int:
-        """Join the next header: OP_STEP (then ``tokens`` is every front-end's count per micro-batch),
-        OP_IDLE or OP_STOP."""
-        op, self.tokens = exchange_header(OP_IDLE, [0] * self.ranks.micro_batches, self.ranks, self.transport,
-                                          self.device)
-        return op
+    def next_op(self, ready_epoch: int = 0) -> int:
+        """Join the next header, ready for the placement ``ready_epoch``: OP_STEP (then ``tokens`` is every
+        front-end's count per micro-batch), OP_IDLE or OP_STOP; the whole header is ``header``."""
+        self.header = exchange_header(OP_IDLE, [0] * self.ranks.micro_batches, self.ranks, self.transport,
+                                      self.device, ready_epoch)
+        self.tokens = self.header.tokens
+        return self.header.op
 
     def dispatch(self, layer: int, micro_batch: int = 0) -> ShardHandle:
         blocks = [1 + t for t in self.tokens[micro_batch]]

@@ -4,10 +4,9 @@ the expert exchange (``dispatch.FrontendExchange``) as its expert executor.
 One engine thread owns the model, the engine and the process group; everything else reaches it through a
 command queue (add, abort, score) and gets results back through asyncio queues, so the actor's async
 methods (called by the servers, possibly many at once) never block on the model. A server's requests share
-one output stream (``submit`` + ``outputs``): each step's outputs for all of them cross as one Ray item, since
-an item costs the front-end's process about half a millisecond, and one per request and token (``stream``)
-cost a 64-request decode step tens of milliseconds. While there is no work,
-the engine thread sends the shards an idle heartbeat before the collective deadline runs out.
+one output stream (``submit`` + ``outputs``): each step's outputs for all of them cross as one Ray item
+(actors/output_streams.py). While there is no work, the engine thread sends the shards an idle heartbeat
+before the collective deadline runs out.
 
 Several front-ends (``frontends`` M, this one ``frontend`` j: rank j of the group) each run an engine of their
 own over the one pool of shards, in lockstep (actors/dispatch.py): while any of them steps, the others join
@@ -41,11 +40,12 @@ from .engine.config import EngineConfig
 from .engine.engine import LLMEngine, RequestOutput
 from .engine.sampling import SamplingParams
 from .metrics import FrontendMetrics, report
+from .output_streams import OutputStreams
 from .model.attention import WholeSequence
 from .model import precision
 from .model.loader import load_model
 from .model.micro_batches import forward_parts
-from .placement import build
+from .placement import Placement, build
 from .transport import shm_available
 from .model_info import ModelInfo
 
@@ -63,8 +63,7 @@ class Frontend:
                  supervised: bool = False, dtype: str = "auto", placement: dict | None = None,
                  frontend: int = 0, frontends: int = 1, micro_batches: int = 1, cpus: list[int] | None = None):
         process_group.bind_cpus(cpus)
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or torch.get_num_threads())
         self.device = process_group.device_for_actor()
         self.dtype = precision.resolve_dtype(dtype, self.device)
         log.info("front-end on %s", precision.describe(self.device, self.dtype))
@@ -89,26 +88,33 @@ class Frontend:
                                         frontend=self.frontend)
         self.checkpoint = checkpoint
         self._commands = CommandQueue()
-        self._streams: dict[str, asyncio.Queue] = {}  # request id -> where its outputs go
-        self._subscribers: dict[str, asyncio.Queue] = {}  # a server's output stream -> its queue
-        self._thread: threading.Thread | None = None
-        self._store = None
+        self._streams = OutputStreams()
+        self._thread, self._store = None, None
         self.error: str | None = None  # the engine stopped for good
         self.supervised = supervised  # a failed collective suspends the engine (else: error)
         self.suspended: str | None = None  # why the engine waits for a new process group
+        self.parked, self._parked_event = False, None  # left the group for a planned new one (``regroup``)
         self._suspension: asyncio.Event | None = None  # set when the engine suspends (see watch)
         self.step_seconds = 0.0
 
     # ---- wiring -----------------------------------------------------------------------------------------
-    def open_store(self, timeout_s: float) -> tuple[str, int, int]:
-        """A new rendezvous: (host, port, the largest message a step may send between two ranks)."""
-        self._store, host, port = process_group.open_store(self.dispatcher.ranks.world, timeout_s)
+    def open_store(self, timeout_s: float, world: int | None = None) -> tuple[str, int, int]:
+        """A new rendezvous of ``world`` ranks (default: every rank): (host, port, the largest message a step
+        may send between two ranks)."""
+        self._store, host, port = process_group.open_store(world or self.dispatcher.ranks.world, timeout_s)
         cfg = self.model.cfg
         capacity = dispatch.max_message_bytes(self.engine.config.max_num_batched_tokens, self.dispatcher.ranks,
                                               cfg.hidden_size, cfg.top_k, self.dtype)
         return host, port, capacity
 
-    async def join(self, backend: str, host: str, port: int, timeout_s: float, capacity: int = 0) -> bool:
+    async def join(self, backend: str, host: str, port: int, timeout_s: float, capacity: int = 0,
+                   group: dict | None = None) -> bool:
+        """Join a new group; ``group``: its shape, if not the start-up one (``members``: the shard at each
+        shard position; ``slots``: the placement over them; ``epoch``: the placement's)."""
+        if group is not None:
+            d = self.dispatcher
+            d.regroup(dispatch.Ranks(d.ranks.frontends, len(group["members"]), d.ranks.micro_batches),
+                      Placement(self.model.cfg.num_experts, group["slots"]), group["members"], group["epoch"])
         self.dispatcher.transport = await asyncio.to_thread(
             process_group.join, self.frontend, self.dispatcher.ranks.world, backend, host, port, timeout_s,
             self._store if self.frontend == 0 else None, capacity)
@@ -124,8 +130,7 @@ class Frontend:
         self._peers = list(peers or [])
         if self.dispatcher is not None:
             self.dispatcher.wake_peers = self._wake_peers if self._peers else None
-        # a fresh event before the engine can run (and fail) again, so that the next failure sets it; the
-        # previous one is set, so that no earlier watch stays pending
+        # a fresh event before the engine can run (and fail) again; the previous one set: no watch stays pending
         previous, self._suspension = self._suspension, asyncio.Event()
         if previous is not None:
             previous.set()
@@ -143,10 +148,28 @@ class Frontend:
 
     async def suspend(self, reason: str) -> bool:
         """Suspend the engine now (the supervisor saw a peer die first); returns once no step runs. False
-        for a front-end whose engine never started (a new incarnation: it holds no requests)."""
+        for a front-end whose engine never started (a new incarnation: it holds no requests). The group is
+        aborted first, where the transport can (shared memory): a step waiting for a dead peer fails now."""
         if self._thread is None:
             return False
+        abort = getattr(self.dispatcher and self.dispatcher.transport, "abort", None)
+        if abort is not None:
+            abort()
         return await self._call(lambda: self._suspend(reason))
+
+    async def regroup(self) -> bool:
+        """Leave the group after the next step, as every rank does (the header says so), for a new ``join``
+        and ``start``; no request is recomputed. Returns once this front-end has left."""
+        self._parked_event = asyncio.Event()
+        if not self.parked:
+            self.dispatcher.regroup_requested = True
+            self._commands.post(lambda: None)  # an idle engine thread sends the header now
+            await self._parked_event.wait()
+        return True
+
+    def stage(self, epoch: int, slots: list[list[list[int]]]) -> None:
+        """Route by the placement ``slots`` from the first header at which every rank is ready for ``epoch``."""
+        self.dispatcher.stage(epoch, Placement(self.model.cfg.num_experts, slots))
 
     async def fail(self, message: str) -> bool:
         """Give up: end every request, and refuse later ones, with ``EngineFailure(message)``."""
@@ -183,22 +206,13 @@ class Frontend:
         early aborts the request itself (cluster/serving/frontend_client.py): this only stops delivering."""
         out_q: asyncio.Queue = asyncio.Queue()
         rid = await self._add(prompt_ids, params or SamplingParams(), request_id, out_q)
-        finished = False
-        try:
-            while not finished:
-                item = await out_q.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(rid, None)
+        async for item in self._streams.follow(rid, out_q):
+            yield item
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                      subscriber: str) -> str:
         """Add a request whose outputs go to the stream ``outputs(subscriber)``; returns its id."""
-        return await self._add(prompt_ids, params, request_id, self._subscribers.setdefault(subscriber,
-                                                                                             asyncio.Queue()))
+        return await self._add(prompt_ids, params, request_id, self._streams.subscriber(subscriber))
 
     async def _add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
                    out_q: asyncio.Queue) -> str:
@@ -207,7 +221,7 @@ class Frontend:
 
         def add():  # registered in the engine thread, before any step can produce output for it
             rid = self.engine.add_request(prompt_ids, params, request_id)
-            self._streams[rid] = out_q
+            self._streams.by_request[rid] = out_q
             self._metrics.on_add(self.engine.requests[rid])
             return rid
 
@@ -216,20 +230,8 @@ class Frontend:
     async def outputs(self, subscriber: str) -> AsyncIterator[list[RequestOutput]]:
         """The outputs of the requests ``submit``ted for ``subscriber``, everything ready at once as one list
         (one per step while they run). Ends with ``EngineFailure`` when the engine stops for good."""
-        out_q = self._subscribers.setdefault(subscriber, asyncio.Queue())
-        try:
-            while True:
-                batch = [await out_q.get()]
-                while not out_q.empty():
-                    batch.append(out_q.get_nowait())
-                failures = [item for item in batch if isinstance(item, Exception)]
-                outputs = [item for item in batch if not isinstance(item, Exception)]
-                if outputs:
-                    yield outputs
-                if failures:
-                    raise failures[0]
-        finally:
-            self._subscribers.pop(subscriber, None)
+        async for outputs in self._streams.batches(subscriber):
+            yield outputs
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[dict]:
         """Run prompts to completion as one continuous batch: [{token_ids, finish_reason}] in order."""
@@ -247,7 +249,7 @@ class Frontend:
         return await self._call(lambda: self._abort(request_id))
 
     def _abort(self, request_id: str) -> bool:  # in the engine thread
-        self._streams.pop(request_id, None)
+        self._streams.by_request.pop(request_id, None)
         aborted = self.engine.abort(request_id)
         if aborted:
             self._metrics.on_abort(request_id)
@@ -284,7 +286,9 @@ class Frontend:
         the routed load so far (``epserve experts``)."""
         d = self.dispatcher
         stats = asdict(d.stats if d else dispatch.DispatchStats())
-        return {"num_experts": self.model.cfg.num_experts, "layers": d.placement.slots if d else [],
+        load = d.load_LE.tolist() if d is not None and d.load_LE is not None else None
+        return {"num_experts": self.model.cfg.num_experts, "layers": d.slots_by_shard() if d else [],
+                "members": d.members if d else [], "epoch": d.epoch if d else 0, "tokens_per_layer_expert": load,
                 **{k: stats[k] for k in ("tokens_per_shard", "tokens_per_expert", "tokens_per_layer_shard")}}
 
     def ready(self) -> bool:
@@ -301,14 +305,6 @@ class Frontend:
             raise EngineFailure(self.error)
         return await self._commands.call(fn)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:  # in the actor's event loop
-        for out in outputs:
-            q = self._streams.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
-
     def _run(self) -> None:
         self._last_header = time.monotonic()
         try:
@@ -316,8 +312,9 @@ class Frontend:
                 try:
                     if not self._commands.run(self._wait_until()):
                         break
-                    if not self.suspended:
+                    if not (self.suspended or self.parked or self._left()):  # (a command's header may say so)
                         self._step_or_heartbeat()
+                        self._left()
                 except dispatch.GroupStopped:  # another front-end stopped the group: it is gone
                     self._end("the cluster stopped")
                     return
@@ -326,7 +323,7 @@ class Frontend:
                         raise
                     self._suspend(f"{type(e).__name__}: {e}")
                 self._metrics.refresh(self.engine)
-            if self.dispatcher and self.error is None and not self.suspended:
+            if self.dispatcher and self.error is None and not (self.suspended or self.parked):
                 self.dispatcher.stop()
         except Exception as e:  # noqa: BLE001 - every waiting request learns why
             self._metrics.on_engine_error()
@@ -341,9 +338,10 @@ class Frontend:
         """How long the command queue may block: not at all while there is work (here, or at another
         front-end: the group is not idle); until the next heartbeat is due while idle; a heartbeat's time at
         most while suspended (nothing to send then)."""
-        if self.suspended:
+        if self.suspended or self.parked:
             return time.monotonic() + self.heartbeat_s
-        busy = self.engine.has_unfinished() or self._woken or (self.dispatcher and not self.dispatcher.group_idle)
+        d = self.dispatcher
+        busy = self.engine.has_unfinished() or self._woken or (d and (not d.group_idle or d.regroup_requested))
         return None if busy else self._last_header + self.heartbeat_s
 
     def _step_or_heartbeat(self) -> None:
@@ -355,12 +353,13 @@ class Frontend:
             elapsed = time.perf_counter() - t0
             self._metrics.on_step(elapsed, self.engine.last_step_tokens, outputs)
             if outputs:
-                self._loop.call_soon_threadsafe(self._deliver, outputs)  # one wake-up per step
+                self._loop.call_soon_threadsafe(self._streams.deliver, outputs)  # one wake-up per step
             self.step_seconds += elapsed
             if d and d.headers == headers:  # nothing was scheduled: the group still waits for this header
                 self._idle_header()
             self._last_header = time.monotonic()
-        elif self._woken or (d and not d.group_idle) or time.monotonic() - self._last_header >= self.heartbeat_s:
+        elif self._woken or (d and (not d.group_idle or d.regroup_requested)) or \
+                time.monotonic() - self._last_header >= self.heartbeat_s:
             self._idle_header()
 
     def _idle_header(self) -> None:
@@ -379,8 +378,15 @@ class Frontend:
             self._loop.call_soon_threadsafe(lambda: self._suspension.set())  # the event of this run
         return True
 
+    def _left(self) -> bool:  # in the engine thread: leave the group if the last header said so (``regroup``)
+        if self.dispatcher and self.dispatcher.leaving:
+            self.parked, self.dispatcher.leaving = True, False
+            process_group.leave()
+            self._loop.call_soon_threadsafe(lambda: self._parked_event and self._parked_event.set())
+        return self.parked
+
     def _resume(self) -> bool:  # in the engine thread, after a new join
-        self.suspended = None
+        self.suspended, self.parked = None, False
         self._last_header = time.monotonic()
         return True
 
@@ -388,8 +394,7 @@ class Frontend:
         self.error = message
         self._metrics.on_requests_failed()
         failure = EngineFailure(message)
-        for q in {id(q): q for q in [*self._streams.values(), *self._subscribers.values()]}.values():
-            self._loop.call_soon_threadsafe(q.put_nowait, failure)
+        self._streams.fail(self._loop, failure)
         self._commands.fail_all(failure)
         self._loop.call_soon_threadsafe(lambda: self._suspension.set())
         return True

@@ -302,6 +302,11 @@ class ShardMetrics:
         self.compute = Histogram(PREFIX + "shard_compute_seconds", "Per MoE layer: the shard's grouped expert "
                                  "compute (host time; on GPUs, until the kernels are queued).", ["shard"],
                                  buckets=EXCHANGE_BUCKETS, registry=r).labels(*label)
+        self.moved = Counter(PREFIX + "expert_moved_bytes", "Bytes of expert weights loaded onto this shard "
+                             "for a new placement (rebalancing, or a restart after one).", ["shard"],
+                             registry=r).labels(*label)
+        self.epoch = Gauge(PREFIX + "placement_epoch", "The expert placement this shard serves (0: the start-up "
+                           "one; each rebalance adds one).", ["shard"], registry=r).labels(*label)
         Gauge(PREFIX + "shard_start_time_seconds", "Unix time this shard's actor (incarnation) started.",
               ["shard"], registry=r).labels(*label).set(self.start_time)
 

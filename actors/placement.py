@@ -6,7 +6,8 @@ The front-ends route by it (``route``); each shard loads the experts of its slot
   ``redundant`` R > 0, R extra slots per layer: replicas of experts spread over the layer (before any load is
   seen, a hot expert is not known), each on the shard with the fewest slots among those without that expert
   (slot counts within one of each other).
-* ``balanced``: from a measured load per (layer, expert) (EPLB's recipe): the R extra slots go, one at a time, to
+* ``balanced``: from a measured load per (layer, expert) (EPLB's recipe): with R >= E every expert first gets a
+  copy per full pass (a replica of each, whatever the load), then the other extra slots go, one at a time, to
   the expert with the most load per copy, then the copies, heaviest first, each to the least-loaded shard that
   has a free slot and not that expert. Every shard keeps the slot count ``contiguous`` gives it (equal memory).
 * ``from_json``: a pinned layout (``--expert-placement FILE``): ``{"layers": [[[experts of shard 0], [experts
@@ -146,6 +147,22 @@ class Placement:
         replica = (turn % self.num_replicas[layer][flat]).view_as(ids_TK)
         return self.replica_shard[layer][ids_TK, replica], self.replica_slot[layer][ids_TK, replica]
 
+    def restricted(self, shards: list[int]) -> "Placement":
+        """The placement over some of the shards, in that order (a group without a lost shard); a
+        PlacementError where an expert would have no slot left."""
+        return Placement(self.num_experts, [[layer[s] for s in shards] for layer in self.slots])
+
+    def balancedness(self, load) -> float:
+        """What ``load`` [layer][expert] would make of the shards: max / mean of each shard's share (a
+        replicated expert's load split evenly over its copies), mean over the layers with any load."""
+        ratios = []
+        for layer, shards in enumerate(self.slots):
+            copies = self.num_replicas[layer].tolist()
+            per_shard = [sum(load[layer][e] / copies[e] for e in experts) for experts in shards]
+            if sum(per_shard):
+                ratios.append(max(per_shard) * len(per_shard) / sum(per_shard))
+        return sum(ratios) / len(ratios) if ratios else 1.0
+
     def slots_per_shard(self) -> list[int]:
         """The most slots a shard has in any layer (what it holds, in experts per layer)."""
         return [max(len(shards[s]) for shards in self.slots) for s in range(self.num_shards)]
@@ -168,8 +185,9 @@ def _capacity(num_experts: int, num_shards: int, redundant: int) -> list[int]:
 def _pack(load: list[float], capacity: list[int], redundant: int) -> list[list[int]]:
     """One layer of ``balanced``: the experts in each shard's slots."""
     E, N = len(load), len(capacity)
-    copies = [1] * E
-    for _ in range(redundant):  # the expert with the most load per copy gets one more (ties: lower id)
+    passes, rest = divmod(redundant, E)  # as ``contiguous``: every expert once per full pass (R >= E keeps a
+    copies = [1 + passes] * E  # replica of every expert, so that a lost shard stays covered), then by load
+    for _ in range(rest):  # the expert with the most load per copy gets one more (ties: lower id)
         e = max((e for e in range(E) if copies[e] < N), key=lambda e: (load[e] / copies[e], -e))
         copies[e] += 1
     share = [load[e] / copies[e] for e in range(E)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 import uuid
 from typing import Callable, Protocol
 
@@ -99,6 +100,7 @@ class ShmTransport:
         self.sent = [0] * world  # messages this rank sent to each rank
         self.received = [0] * world  # and received from each
         self._lib = cpu_kernels.lib()
+        self._lock = threading.Lock()  # ``abort`` (another thread) against ``close``
 
     # ---- the segment's words
     def _closed(self) -> int:
@@ -187,15 +189,22 @@ class ShmTransport:
         except FileNotFoundError:
             pass
 
+    def abort(self) -> None:
+        """From any thread: every wait in the group, this rank's own too, fails within a moment."""
+        with self._lock:
+            if self.map is not None:
+                self._lib.shm_post(self._closed(), 1)
+
     def close(self) -> None:
         """Leave: every peer's wait fails within a moment (it sees the closed flag when it next wakes)."""
-        if self.map is None:
-            return
-        self._lib.shm_post(self._closed(), 1)
-        del self._anchor
-        self.base = 0
-        self.map.close()
-        self.map = None
+        with self._lock:
+            if self.map is None:
+                return
+            self._lib.shm_post(self._closed(), 1)
+            del self._anchor
+            self.base = 0
+            self.map.close()
+            self.map = None
 
 
 SHM_DIR = "/dev/shm"

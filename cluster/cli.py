@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "default 1)")
         p.add_argument("--redundant-experts", type=int, default=ClusterConfig.redundant_experts, metavar="R",
                        help="R extra expert slots per layer on the shards, holding replicas (default 0)")
+        p.add_argument("--rebalance-interval-s", type=float, default=ClusterConfig.rebalance_interval_s,
+                       metavar="S", help="every S seconds, move experts (and their replicas) to balance the shards "
+                                         "by the measured load, while serving (default 0: off)")
         p.add_argument("--expert-placement", "--placement", metavar="FILE",
                        help='pin where each expert lives: JSON {"shards": [[experts of shard 0], ...]} or '
                             '{"layers": [[[...], ...], ...]} (docs/experts.md)')

@@ -38,6 +38,9 @@ class ClusterConfig:
     # (spread over the experts and the shards), or a pinned placement: a JSON file's path, or its mapping
     redundant_experts: int = 0
     expert_placement: str | dict | None = None
+    # Online rebalancing (cluster/rebalancer.py): every this many seconds, a placement from the measured load
+    # (the redundant slots to the hottest experts), moved to while serving when it is clearly better. 0: off
+    rebalance_interval_s: float = 0.0
     cpus_per_actor: float = 0.2  # on CPU-only clusters: a front-end and 4 shards start on one core
     # Custom Ray resources added to the front-end's placement bundle and to each shard's, so that each actor
     # lands on a node that advertises its role (the Helm chart's {"frontend": 1} / {"expert": 1}). Empty: any
@@ -84,6 +87,11 @@ class ClusterConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.rebalance_interval_s < 0:
+            raise ValueError(f"rebalance_interval_s must be >= 0 (0: off), got {self.rebalance_interval_s}")
+        if self.rebalance_interval_s and self.expert_placement is not None:
+            raise ValueError("rebalance_interval_s moves the experts: it cannot be used with a pinned "
+                             "expert_placement")
         if self.redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
         if self.transport not in ("auto", "shm", "dist"):
@@ -132,14 +140,18 @@ def _check_resources(name: str, resources) -> None:
 
 
 def cluster_settings(args) -> dict:
-    """The ClusterConfig fields of the command line's ``--frontends``, ``--redundant-experts`` and
-    ``--expert-placement`` (commands without them get the defaults)."""
+    """The ClusterConfig fields of the command line's ``--frontends``, ``--micro-batches``,
+    ``--redundant-experts``, ``--rebalance-interval-s`` and ``--expert-placement`` (commands without them get
+    the defaults)."""
     options = vars(args)
     settings = {"frontends": options.get("frontends", 1), "micro_batches": options.get("micro_batches", 1),
                 "redundant_experts": options.get("redundant_experts") or 0,
+                "rebalance_interval_s": options.get("rebalance_interval_s") or 0.0,
                 "expert_placement": options.get("expert_placement") and os.path.abspath(options["expert_placement"])}
-    if not args.shards and (settings["redundant_experts"] or settings["expert_placement"]):
-        raise ValueError("--redundant-experts and --expert-placement place experts on shards: add --shards N")
+    if not args.shards and (settings["redundant_experts"] or settings["expert_placement"]
+                            or settings["rebalance_interval_s"]):
+        raise ValueError("--redundant-experts, --expert-placement and --rebalance-interval-s place experts on "
+                         "shards: add --shards N")
     if not args.shards and (settings["frontends"] > 1 or settings["micro_batches"] > 1):
         raise ValueError("--frontends and --micro-batches work over a pool of expert shards: add --shards N")
     return settings

@@ -26,6 +26,7 @@ from epserve.actors.placement import Placement, build
 
 from .config import ClusterConfig
 from .fixtures.builtin import checkpoint_or_builtin
+from .rebalancer import Rebalancer
 from .supervisor import Supervisor
 
 NAMESPACE = "epserve"
@@ -58,7 +59,11 @@ class Cluster:
         self.on_change = on_change  # called when the cluster starts or stops serving (see Supervisor)
         self.frontends: list = []
         self.shards: list = []
-        self.serve_refs: list = []
+        self.serve_refs: list = []  # each group member's collective loop, in ``members`` order
+        self.members: list[int] = []  # the shards in the process group, in rank order (fewer when degraded)
+        self.layout: Placement | None = None  # every shard's experts (the placement over all shards)
+        self.epoch = 0  # the layout's: each rebalance adds one
+        self.rebalancer = None
         self.pg = None
         self.supervisor: Supervisor | None = None
         self._started_ray = False
@@ -83,11 +88,15 @@ class Cluster:
         # every rank has loaded its weights before any joins: the rendezvous then takes well under its deadline
         ray.get([self.actor(rank).ping.remote() for rank in range(world)], timeout=cfg.start_timeout_s)
         self._check_dtypes()
+        reply = ray.get(self.frontend.experts.remote(), timeout=cfg.start_timeout_s)  # the start-up placement
+        self.layout, self.members = Placement(reply["num_experts"], reply["layers"]), list(range(cfg.shards))
         self._progress(f"joining the group of {world} ranks")
         self.connect(cfg.start_timeout_s)
         self._progress(f"the ranks talk over {TRANSPORTS[self.backend]}")
         ray.get(self.start_frontends(), timeout=cfg.start_timeout_s)
         self.supervisor = Supervisor(self, self.on_change).start()
+        if cfg.rebalance_interval_s:
+            self.rebalancer = Rebalancer(self, cfg.rebalance_interval_s).start()
         self._progress("ready")
         return self
 
@@ -100,20 +109,42 @@ class Cluster:
     def world(self) -> int:
         return self.config.frontends + self.config.shards
 
+    @property
+    def degraded(self) -> list[int]:
+        """The shards left out of the group (lost; their experts served by replicas until they are back)."""
+        return [i for i in range(self.config.shards) if i not in self.members]
+
     def connect(self, timeout_s: float) -> None:
-        """One group over every rank, on a new store at front-end 0; starts the shards' loops."""
+        """One group over every front-end and the shards in ``members``, on a new store at front-end 0, with
+        the current ``layout``; starts the shards' loops."""
         cfg = self.config
+        world = cfg.frontends + len(self.members)
         self.backend = self._backend(timeout_s)
-        host, port, capacity = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s), timeout=timeout_s)
+        host, port, capacity = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s, world),
+                                       timeout=timeout_s)
         args = (self.backend, host, port, cfg.collective_timeout_s)
-        joins = [f.join.remote(*args, capacity) for f in self.frontends]
-        joins += [s.join.remote(self.world, *args, capacity) for s in self.shards]
+        group = {"members": self.members, "slots": self.layout.restricted(self.members).slots, "epoch": self.epoch}
+        joins = [f.join.remote(*args, capacity, group) for f in self.frontends]
+        joins += [self.shards[s].join.remote(world, *args, capacity, position, self.layout.experts_of(s), self.epoch)
+                  for position, s in enumerate(self.members)]
         # every join settles (each within the store's deadline) before a failure is raised: a retry must not
         # find a rank still joining this group
         if ray.wait(joins, num_returns=len(joins), timeout=timeout_s)[1]:
             raise TimeoutError(f"the ranks did not join the process group within {timeout_s:.0f} s")
         ray.get(joins)
-        self.serve_refs = [s.serve.remote() for s in self.shards]
+        self.serve_refs = [self.shards[s].serve.remote() for s in self.members]
+
+    def move_experts(self, layout: Placement, timeout_s: float) -> tuple[int, int]:
+        """Stage ``layout`` on every rank while serving (each shard loads the experts that move to it beside
+        the ones it serves); the group switches to it at the first header where every rank is ready, between
+        two steps. Returns (its epoch, the bytes moved). From here on, a new group starts with it."""
+        epoch = self.epoch + 1
+        self.layout, self.epoch = layout, epoch
+        moved = ray.get([self.shards[s].stage.remote(epoch, layout.experts_of(s)) for s in self.members],
+                        timeout=timeout_s)
+        slots = layout.restricted(self.members).slots
+        ray.get([f.stage.remote(epoch, slots) for f in self.frontends], timeout=timeout_s)
+        return epoch, sum(moved)
 
     def start_frontends(self) -> list:
         """Start (or resume) every front-end's engine, each told who its peers are: refs to wait on."""
@@ -189,9 +220,8 @@ class Cluster:
         return settings
 
     def placement(self) -> Placement:
-        """The experts' placement every rank uses."""
-        model = ModelConfig.from_json(self.config.checkpoint)
-        return build(model.num_layers, model.num_experts, self.config.shards, **self.placement_settings)
+        """The experts' placement over every shard (the one the ranks route by, or will once staged)."""
+        return self.layout
 
     def _backend(self, timeout_s: float) -> str:
         """NCCL with GPUs; for CPUs, shared memory when every rank is on one node (and can use it), else gloo.
@@ -200,7 +230,8 @@ class Cluster:
             return "nccl"
         if self.config.transport == "dist":
             return "gloo"
-        where = ray.get([self.actor(rank).where.remote() for rank in range(self.world)], timeout=timeout_s)
+        ranks = [*range(self.config.frontends), *map(self.shard_rank, self.members)]
+        where = ray.get([self.actor(rank).where.remote() for rank in ranks], timeout=timeout_s)
         one_host = len({node for node, _ in where}) == 1 and all(ok for _, ok in where)
         if self.config.transport == "shm" and not one_host:
             raise RuntimeError("transport=shm needs every actor on one node with /dev/shm and the CPU kernels; "
@@ -256,6 +287,9 @@ class Cluster:
     # ---- shutdown ---------------------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the engine (the shards leave their loops), then remove actors and placement group."""
+        if self.rebalancer is not None:
+            self.rebalancer.stop(timeout_s)
+            self.rebalancer = None
         if self.supervisor is not None:  # first: stopping is not a failure
             self.supervisor.stop(timeout_s)
             self.supervisor = None

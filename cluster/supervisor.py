@@ -37,11 +37,13 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from epserve.actors.placement import PlacementError
 
 log = logging.getLogger("epserve.cluster")
 POLL_S = 0.5  # how often waits look at the stop flag
@@ -56,6 +58,7 @@ class Recovery:
     trigger: str  # what was detected
     seconds: float  # detection to serving again
     frontends_lost: list[int]  # front-ends that were replaced (the requests they held had to move)
+    shards_out: list[int] = field(default_factory=list)  # lost shards left out: served from replicas
 
 
 class Supervisor:
@@ -69,6 +72,7 @@ class Supervisor:
         self._failures: deque[float] = deque()
         self._stop = threading.Event()
         self._watches: list = []  # one per front-end
+        self._returning: dict[int, object] = {}  # shard left out of the group -> its pending ping (or None)
         self._thread: threading.Thread | None = None
 
     @property
@@ -90,10 +94,13 @@ class Supervisor:
     def _run(self) -> None:
         try:
             while not self._stop.is_set() and self.failed is None:
-                refs = [*self._watches, *self.cluster.serve_refs]  # in rank order
+                ranks = [*range(len(self._watches)), *map(self.cluster.shard_rank, self.cluster.members)]
+                refs = [*self._watches, *self.cluster.serve_refs]  # in group order
                 if ray.wait(refs, num_returns=1, timeout=POLL_S)[0] and not self._stop.is_set():
                     done = ray.wait(refs, num_returns=len(refs), timeout=0)[0]  # all that ended by now
-                    self._recover("; ".join(self._describe(refs.index(ref), ref) for ref in done))
+                    self._recover("; ".join(self._describe(ranks[refs.index(ref)], ref) for ref in done))
+                elif self._returning:
+                    self._take_back()
         except _Stopped:
             pass
         except Exception as e:  # noqa: BLE001 - without a supervisor nothing would end a suspension
@@ -127,7 +134,7 @@ class Supervisor:
                               f"more than the {self.config.max_failures} allowed; the last: {reason}")
                 return
             try:
-                frontends_lost = self._restore(reason)
+                frontends_lost, shards_out = self._restore(reason)
                 break
             except _Stopped:
                 raise
@@ -135,23 +142,84 @@ class Supervisor:
                 reason = f"recovery failed: {type(e).__name__}: {_last_line(e)}"
                 log.warning("%s", reason)
         seconds = time.monotonic() - t0
-        self.recoveries.append(Recovery(trigger, seconds, frontends_lost))
-        log.warning("recovered in %.1f s from: %s", seconds, trigger)
+        self.recoveries.append(Recovery(trigger, seconds, frontends_lost, shards_out))
+        log.warning("recovered in %.1f s from: %s%s", seconds, trigger,
+                    f" (degraded: shard(s) {shards_out} out, their experts served by replicas)" if shards_out else "")
         self._set(recovering=None)
 
-    def _restore(self, reason: str) -> list[int]:
-        """Steps 1-4 of the module docstring; returns the front-ends that had to be replaced."""
+    def _restore(self, reason: str) -> tuple[list[int], list[int]]:
+        """Steps 1-4 of the module docstring; returns the front-ends that had to be replaced and the shards
+        left out (degraded mode)."""
         cluster = self.cluster
         deadline = time.monotonic() + self.config.recovery_timeout_s
         lost = self._suspend_frontends(reason)
-        self._release_shards()
-        for rank in range(cluster.world):
+        out = self._release_shards() | {s for s in self._returning}
+        members = [s for s in range(self.config.shards) if s not in out]
+        if out and not self._covered(members):
+            members = list(range(self.config.shards))  # without a replica of every expert: wait for them all
+        for rank in [*range(self.config.frontends), *map(cluster.shard_rank, members)]:
             self._await_alive(rank, deadline)
+        cluster.members = members
         cluster.connect(max(deadline - time.monotonic(), 1.0))
         for ref in cluster.start_frontends():
             self._get(ref, max(deadline - time.monotonic(), 1.0))
         self._watches = [f.watch.remote() for f in cluster.frontends]
-        return lost
+        self._returning = {s: self._returning.get(s) for s in cluster.degraded}
+        return lost, cluster.degraded
+
+    def _covered(self, members: list[int]) -> bool:
+        """Whether the shards ``members`` hold a copy of every expert of every layer."""
+        try:
+            self.cluster.layout.restricted(members)
+            return bool(members)
+        except PlacementError:
+            return False
+
+    def _take_back(self) -> None:
+        """Degraded mode: a left-out shard that answers again (restarted by Ray, or recreated) rejoins, through
+        a planned new group between two steps: nothing is recomputed and the health stays SERVING."""
+        back = []
+        for shard, ref in list(self._returning.items()):
+            rank = self.cluster.shard_rank(shard)
+            if ref is None:
+                if not self.cluster.is_registered(rank):
+                    log.warning("%s is gone for good: recreating it", self.cluster.role(rank))
+                    self.cluster.recreate(rank)
+                self._returning[shard] = self.cluster.actor(rank).ping.remote()
+            elif ray.wait([ref], timeout=0)[0]:
+                try:
+                    ray.get(ref)
+                    back.append(shard)
+                except RayActorError:  # died again, or its restart failed: ask again
+                    self._returning[shard] = None
+        if not back:
+            return
+        t0 = time.monotonic()
+        try:
+            self._regroup(sorted([*self.cluster.members, *back]))
+        except _Stopped:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failure while regrouping is a failure like another
+            self._recover(f"taking shard(s) {back} back failed: {type(e).__name__}: {_last_line(e)}")
+            return
+        for shard in back:
+            self._returning.pop(shard, None)
+        log.warning("shard(s) %s back in the group in %.1f s", back, time.monotonic() - t0)
+
+    def _regroup(self, members: list[int]) -> None:
+        """Every rank leaves the group after the step in progress; a new one over ``members`` starts."""
+        cluster, cfg = self.cluster, self.config
+        leaving = [f.regroup.remote() for f in cluster.frontends]
+        self._wait(leaving, cfg.collective_timeout_s + cfg.probe_timeout_s)
+        self._wait(list(cluster.serve_refs), cfg.collective_timeout_s + cfg.probe_timeout_s)
+        results = [self._get(ref, 0) for ref in [*leaving, *cluster.serve_refs]]
+        if not all(r is True or (isinstance(r, dict) and r.get("regroup")) for r in results):
+            raise RuntimeError(f"the group did not end as planned: {results}")
+        cluster.members = members
+        cluster.connect(cfg.recovery_timeout_s)
+        for ref in cluster.start_frontends():
+            self._get(ref, cfg.recovery_timeout_s)
+        self._watches = [f.watch.remote() for f in cluster.frontends]
 
     def _suspend_frontends(self, reason: str) -> list[int]:
         """Every front-end suspended; returns those that were lost (dead, restarted already, or stalled and
@@ -171,21 +239,29 @@ class Supervisor:
                 lost.append(j)
         return lost
 
-    def _release_shards(self) -> None:
-        """Every shard out of the failed group: stalled ones killed, live ones' loops ended."""
+    def _release_shards(self) -> set[int]:
+        """Every shard out of the failed group: stalled ones killed, live ones' loops ended. Returns the
+        shards lost (dead, or killed here): Ray restarts them, and where replicas cover them the group goes
+        on without them meanwhile."""
         cluster, cfg = self.cluster, self.config
-        in_loop = {i: ref for i, ref in enumerate(cluster.serve_refs) if not ray.wait([ref], timeout=0)[0]}
+        loops = dict(zip(cluster.members, cluster.serve_refs))
+        in_loop = {i: ref for i, ref in loops.items() if not ray.wait([ref], timeout=0)[0]}
+        lost = {i for i, ref in loops.items() if i not in in_loop and _died(ref)}
         pings = {i: cluster.shards[i].ping.remote() for i in in_loop}  # the others' loops are over already
         answered = self._wait(list(pings.values()), cfg.probe_timeout_s)  # a dead one answers with its error
         for i in list(in_loop):
-            if pings[i] not in answered:
-                self._kill(cluster.shard_rank(i), "does not answer")
+            if pings[i] not in answered or _died(pings[i]):
+                if pings[i] not in answered:
+                    self._kill(cluster.shard_rank(i), "does not answer")
+                lost.add(i)
                 del in_loop[i]
         if in_loop:  # their collectives fail once the front-end has left, at the latest at their deadline
             self._wait(list(in_loop.values()), cfg.collective_timeout_s + cfg.probe_timeout_s)
         for i, ref in in_loop.items():
             if not ray.wait([ref], timeout=0)[0]:
                 self._kill(cluster.shard_rank(i), "is stuck in a collective")
+                lost.add(i)
+        return lost
 
     def _kill(self, rank: int, why: str) -> None:
         log.warning("%s %s: killing it (Ray restarts it)", self.cluster.role(rank), why)
@@ -244,6 +320,17 @@ class Supervisor:
         if not self._wait([ref], max(timeout_s, 0)):
             raise GetTimeoutError(f"no answer within {timeout_s:.1f} s")
         return ray.get(ref)
+
+
+def _died(ref) -> bool:
+    """Whether a finished call ended with its actor's death."""
+    try:
+        ray.get(ref, timeout=0)
+    except RayActorError:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure: the actor lives
+        return False
+    return False
 
 
 def _last_line(e: BaseException) -> str:

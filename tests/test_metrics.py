@@ -86,7 +86,9 @@ METRICS = {
     "epserve:layer_shard_tokens_total": COUNTER, "epserve:expert_replicas": GAUGE,
     "epserve:routed_requests_total": COUNTER, "epserve:prefix_affinity_routes_total": COUNTER,
     "epserve:request_migrations_total": COUNTER, "epserve:recoveries_total": COUNTER,
-    "epserve:frontend_replacements_total": COUNTER,
+    "epserve:frontend_replacements_total": COUNTER, "epserve:degraded_recoveries_total": COUNTER,
+    "epserve:shards_out_of_group": GAUGE, "epserve:rebalances_total": COUNTER,
+    "epserve:expert_moved_bytes_total": COUNTER, "epserve:placement_epoch": GAUGE,
 }
 UNSHOWN = {"epserve:shard_start_time_seconds": GAUGE}  # exported for restart detection only
 # The series without a ``frontend`` label: the shards' own and the ingress's cluster-wide counts; every other
@@ -94,7 +96,8 @@ UNSHOWN = {"epserve:shard_start_time_seconds": GAUGE}  # exported for restart de
 NOT_PER_FRONTEND = {"epserve:shard_rows_served_total", "epserve:shard_steps_total", "epserve:shard_compute_seconds",
                     "epserve:shard_start_time_seconds", "epserve:shard_up", "epserve:shard_restarts_total",
                     "epserve:prefix_affinity_routes_total", "epserve:request_migrations_total",
-                    "epserve:recoveries_total"}
+                    "epserve:recoveries_total", "epserve:degraded_recoveries_total", "epserve:shards_out_of_group",
+                    "epserve:rebalances_total", "epserve:expert_moved_bytes_total", "epserve:placement_epoch"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "5s"}
 

@@ -183,3 +183,13 @@ def _load_experts(ckpt: Checkpoint, experts: list[list[int]], first: int, dtype=
         layers.append(held.eval().requires_grad_(False))
     ckpt.close()
     return layers, ckpt.config, ckpt.report
+
+
+def load_layer_experts(path, layer: int, ids: list[int], dtype=torch.float32, device="cpu"):
+    """Some routed experts of one layer (``ids``, in that order; rebalancing): (Experts, bytes read)."""
+    ckpt = Checkpoint(path)
+    with torch.device("meta"):
+        held = Experts(ckpt.config, 0, len(ids))
+    _materialise(held, ckpt, f"layers.{layer}.experts.", dtype, device, rows=list(ids))
+    ckpt.close()
+    return held.eval().requires_grad_(False), ckpt.report.bytes

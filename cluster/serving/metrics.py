@@ -12,8 +12,10 @@ that call to every Frontend and every ExpertShard of the cluster at once (one Ra
   between two scrapes: a Ray restart or a replacement by the cluster);
 * from the ingress's ``FrontendClient`` (``client``): ``epserve:routed_requests_total{frontend}``,
   ``epserve:prefix_affinity_routes_total`` and ``epserve:request_migrations_total``;
-* from the cluster's Supervisor: ``epserve:recoveries_total`` and
-  ``epserve:frontend_replacements_total{frontend}``.
+* from the cluster's Supervisor: ``epserve:recoveries_total``,
+  ``epserve:frontend_replacements_total{frontend}``, ``epserve:degraded_recoveries_total`` and
+  ``epserve:shards_out_of_group``; from its Rebalancer: ``epserve:rebalances_total`` (the bytes moved are
+  each shard's own ``epserve:expert_moved_bytes_total{shard}``).
 
 ``MetricsEndpoint`` owns that collector's registry. The ingress replica (``app.py``) starts it:
 with ``metrics_port`` set (``epserve serve --metrics-port P``, ``metrics_port`` in ``deploy/serve.yaml``) it
@@ -98,6 +100,7 @@ class ClusterCollector(Collector):
         routed = dict(enumerate(stats.routed)) if stats is not None else {}
         recoveries = list(getattr(getattr(self.cluster, "supervisor", None), "recoveries", None) or [])
         replaced = collections.Counter(j for r in recoveries for j in r.frontends_lost)
+        rebalancer = getattr(self.cluster, "rebalancer", None)
         return [
             counter("routed_requests", "Requests the ingress sent to each front-end (a request moved off a lost "
                     "front-end counts again where it goes).", _per_frontend(routed, n), ["frontend"]),
@@ -109,6 +112,12 @@ class ClusterCollector(Collector):
                     {(): len(recoveries)}, []),
             counter("frontend_replacements", "Recoveries in which the front-end was lost and replaced (the "
                     "requests it held moved).", _per_frontend(replaced, n), ["frontend"]),
+            counter("degraded_recoveries", "Recoveries that went on without a lost shard, its experts served by "
+                    "replicas on the others.", {(): sum(1 for r in recoveries if r.shards_out)}, []),
+            gauge("shards_out_of_group", "Shards left out of the process group (lost; their experts served by "
+                  "replicas until they rejoin).", {(): len(getattr(self.cluster, "degraded", None) or [])}, []),
+            counter("rebalances", "Expert placements switched to by online rebalancing.",
+                    {(): rebalancer.rebalances if rebalancer is not None else 0}, []),
         ]
 
     def _ask(self, actors: list) -> list[dict | None]:

@@ -9,7 +9,8 @@ Faults (``FAULTS``): ``shard-kill`` (``ray.kill`` of a shard: gone for good, so 
 ``shard-stall`` (SIGSTOP of a shard's process: alive but silent, so it must be found by the collective
 deadline and killed; the driver must run on the shard's node) and ``frontend-kill`` (``ray.kill`` of a
 front-end with ``no_restart=False``: Ray restarts it; its requests move). benchmarks/recovery_time.py times
-them and tests/test_recovery.py checks them.
+them and tests/test_recovery.py checks them. ``none`` injects nothing: the same load and checks with no fault
+(or with a change of the cluster's own, such as online rebalancing).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ SERVING, NOT_SERVING = "SERVING", "NOT_SERVING"
 
 def inject(fault: str, shard: int = 1, frontend: int = 0) -> int | None:
     """Inject ``fault``; returns the pid of a stopped process (``shard-stall``), else None."""
+    if fault == "none":
+        return None
     if fault == "frontend-kill":
         ray.kill(ray.get_actor(frontend_name(frontend), namespace=NAMESPACE), no_restart=False)
         return None
@@ -49,7 +52,7 @@ def inject(fault: str, shard: int = 1, frontend: int = 0) -> int | None:
         pid = ray.get(actor.info.remote(), timeout=30)["pid"]
         os.kill(pid, signal.SIGSTOP)
         return pid
-    raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
+    raise ValueError(f"fault must be one of {FAULTS} or none, got {fault!r}")
 
 
 def process_exists(pid: int) -> bool:
@@ -122,10 +125,21 @@ class Drill:
     outcomes: list[Outcome]
     fault_at: float  # time.monotonic() of the injection
     tokens_at_fault: list[int]  # what each request had received by then
-    not_serving_at: float  # health went NOT_SERVING
-    serving_at: float  # and SERVING again
+    not_serving_at: float | None  # health went NOT_SERVING (None: it never did, see ``run``'s ``pause``)
+    serving_at: float | None  # and SERVING again
     health: list[tuple[float, str]]
     stopped_pid: int | None = None
+
+    @property
+    def longest_not_serving_s(self) -> float:
+        """The longest time the health service was not SERVING after the fault (0: never)."""
+        longest, down = 0.0, None
+        for t, status in self.health:
+            if status != SERVING and down is None and t >= self.fault_at:
+                down = t
+            elif status == SERVING and down is not None:
+                longest, down = max(longest, t - down), None
+        return longest if down is None else float("inf")
 
     @property
     def detection_s(self) -> float:
@@ -137,17 +151,24 @@ class Drill:
 
 
 def run(target: str, prompts: list[list[int]], max_tokens: int, fault: str, after_tokens: int = 4,
-        timeout_s: float = 300.0, http: str | None = None, frontend: int = 0) -> Drill:
+        timeout_s: float = 300.0, http: str | None = None, frontend: int = 0, pause: bool = True) -> Drill:
     """Send every prompt at once (all gRPC streams, or with ``http``, the base URL of the OpenAI server, the
     four ``KINDS`` in turn); once each stream has ``after_tokens`` tokens, inject ``fault`` (into front-end
     ``frontend`` for ``frontend-kill``); wait for every request to end and the health service to be SERVING
-    again (within ``timeout_s`` in all)."""
+    again (within ``timeout_s`` in all). ``pause`` False: the fault need not take the health service down (a
+    shard lost in degraded mode, whose pause may be shorter than the health poll); then the drill ends once
+    every request has ended and the health service says SERVING."""
     deadline = time.monotonic() + timeout_s
     kinds = [KINDS[i % len(KINDS)] if http else KINDS[0] for i in range(len(prompts))]
     with HealthWatch(target) as health:
         outcomes, fault_at, at_fault, pid = asyncio.run(asyncio.wait_for(
             _load(target, http, prompts, kinds, max_tokens, fault, frontend, after_tokens, timeout_s), timeout_s))
-        serving_at = health.wait_serving_again(fault_at, max(deadline - time.monotonic(), 1.0))
+        if pause or health.first(NOT_SERVING, fault_at) is not None:
+            serving_at = health.wait_serving_again(fault_at, max(deadline - time.monotonic(), 1.0))
+        else:
+            serving_at = None
+            while health.changes[-1][1] != SERVING and time.monotonic() < deadline:
+                time.sleep(health.period_s)
     return Drill(fault, outcomes, fault_at, at_fault, health.first(NOT_SERVING, fault_at), serving_at,
                  health.changes, pid)
 
