@@ -20,7 +20,9 @@ has (the failed step's KV is incomplete; nothing of it was sampled), leaves the 
 peers' collectives fail at once, and tells the supervisor (``watch`` returns). Requests keep their output
 streams: once the supervisor has rebuilt the process group and called ``start`` again, they continue where
 they were, so their clients see a pause and the same tokens. ``fail`` ends the suspension with an error
-instead: every request in flight, and every later one, gets ``EngineFailure`` with the reason.
+instead: every request in flight, and every later one, gets ``EngineFailure`` with the reason. Planned
+changes need no suspension: ``regroup`` leaves the group after the next step, as every rank does (``parked``:
+requests kept as they are), for a new ``join``; ``stage`` gives the next expert placement (rebalancing).
 """
 
 from __future__ import annotations
@@ -183,10 +185,7 @@ class Frontend:
 
     def wake(self) -> None:
         """A peer begins a step: join the group's next header now (not at the next heartbeat)."""
-        self._commands.post(self._on_wake)
-
-    def _on_wake(self) -> None:  # in the engine thread
-        self._woken = True
+        self._commands.post(lambda: setattr(self, "_woken", True))  # read by the engine thread
 
     def _wake_peers(self) -> None:  # in the engine thread; a peer that is gone learns of the step otherwise
         for peer in self._peers:

@@ -79,13 +79,19 @@ class Placement:
         return cls(num_experts, [[list(s) for s in layer] for _ in range(num_layers)])
 
     @classmethod
-    def balanced(cls, load, num_shards: int, redundant: int = 0) -> "Placement":
-        """The placement for ``load`` [layer][expert] (tokens routed to each expert in a window)."""
+    def balanced(cls, load, num_shards: int, redundant: int = 0, current: "Placement | None" = None) -> "Placement":
+        """The placement for ``load`` [layer][expert] (tokens routed to each expert in a window). With
+        ``current`` (the placement served now), as close to it as the same balance allows: shards with the same
+        slot count are interchangeable, so each layer's packed shards are matched to the current shards they
+        share the most experts with, and an expert that stays keeps its place in the slot order."""
         load = [[float(x) for x in layer] for layer in load]
         E = len(load[0])
         _check_redundancy(E, num_shards, redundant)
         capacity = _capacity(E, num_shards, redundant)
-        return cls(E, [_pack(layer, capacity, redundant) for layer in load])
+        layers = [_pack(layer, capacity, redundant) for layer in load]
+        if current is not None and current.num_shards == num_shards:
+            layers = [_closest(packed, held, capacity) for packed, held in zip(layers, current.slots)]
+        return cls(E, layers)
 
     @classmethod
     def from_json(cls, data: dict, num_layers: int, num_experts: int, num_shards: int) -> "Placement":
@@ -193,6 +199,22 @@ def _pack(load: list[float], capacity: list[int], redundant: int) -> list[list[i
     share = [load[e] / copies[e] for e in range(E)]
     items = sorted((e for e in range(E) for _ in range(copies[e])), key=lambda e: (-share[e], e))
     return _place([[] for _ in range(N)], items, share, capacity)
+
+
+def _closest(packed: list[list[int]], held: list[list[int]], capacity: list[int]) -> list[list[int]]:
+    """``packed``'s shards relabelled (among shards of equal slot count) to keep the most experts where they
+    are in ``held``, greedily by overlap; each shard's experts in ``held``'s slot order, new ones after."""
+    pairs = sorted(((len(set(p) & set(h)), i, j) for i, p in enumerate(packed) for j, h in enumerate(held)
+                    if capacity[i] == capacity[j]), key=lambda t: (-t[0], t[1], t[2]))
+    where: dict[int, int] = {}
+    for _, i, j in pairs:
+        if i not in where and j not in where.values():
+            where[i] = j
+    out: list[list[int]] = [[] for _ in held]
+    for i, j in where.items():
+        keep = set(packed[i])
+        out[j] = [e for e in held[j] if e in keep] + [e for e in packed[i] if e not in held[j]]
+    return out
 
 
 def _place(shards: list[list[int]], items: list[int], share: list[float], capacity: list[int]) -> list[list[int]]:

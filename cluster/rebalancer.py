@@ -2,7 +2,8 @@
 front-ends measured over a sliding window (tokens routed to each (layer, expert) in the last ``WINDOW``
 intervals), a new placement that balances the shards (``Placement.balanced``: the redundant slots go to the
 hottest experts, and every copy to the least-loaded shard with a free slot, so that both the tokens and the
-experts they activate spread over the shards); the cluster moves to it while serving (``Cluster.move_experts``):
+experts they activate spread over the shards; as close to the current placement as that allows, so that few
+experts move); the cluster moves to it while serving (``Cluster.move_experts``):
 each shard loads the experts that move to it beside the ones it serves (from the checkpoint; an expert it
 already holds is copied), and every rank switches at the same header, between two steps. No step waits for
 weights, no request is touched.
@@ -80,7 +81,7 @@ class Rebalancer:
         once every front-end routes by it. Returns whether it moved."""
         cluster = self.cluster
         current = cluster.layout
-        candidate = Placement.balanced(load, cluster.config.shards, cluster.config.redundant_experts)
+        candidate = Placement.balanced(load, cluster.config.shards, cluster.config.redundant_experts, current)
         before, after = current.balancedness(load), candidate.balancedness(load)
         if before <= MIN_BALANCEDNESS or after > before * (1 - MIN_GAIN):
             return False

@@ -23,6 +23,13 @@ Recovery, while the serving side reports NOT_SERVING (``on_change``):
 4. a new process group (a new TCPStore on port 0 at front-end 0, every rank joins), the shards' loops,
    and the engines resume: the requests continue where they were, with the same greedy tokens.
 
+Degraded mode: where the shards lost in step 2 (dead, or killed there) leave a copy of every expert on the
+others (the cluster's ``layout`` restricted to the rest is a placement), step 3 waits only for the front-ends
+and the remaining shards, and the new group is made of them (``Cluster.members``). The lost shards are pinged
+(recreated when gone for good) until they answer; then they are taken back by a planned new group
+(``_regroup``: the header's regroup flag, every rank leaves after that step, all join again), in which no
+request is recomputed and the serving side stays SERVING.
+
 More than ``max_failures`` failures within ``failure_window_s`` (a failed recovery attempt counts as one)
 end recovery: the front-end fails every request in flight with the reason, later requests are refused, and
 the serving side stays NOT_SERVING.

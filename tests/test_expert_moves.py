@@ -65,6 +65,22 @@ def test_a_balanced_placement_with_a_replica_of_every_expert_survives_a_lost_sha
     assert p.balancedness(load) < Placement.contiguous(2, 16, 3, 16).balancedness(load)
 
 
+def test_a_new_balanced_placement_keeps_experts_where_they_are_as_far_as_balance_allows():
+    load = [[100.0 / (1 + (e * 7) % 16) for e in range(16)], [float(e % 5) for e in range(16)]]
+    shifted = [layer[3:] + layer[:3] for layer in load]  # the hot experts change
+    start = Placement.contiguous(2, 16, 4, 8)
+    free, close = Placement.balanced(shifted, 4, 8), Placement.balanced(shifted, 4, 8, current=start)
+    assert close.balancedness(shifted) == free.balancedness(shifted)  # the same balance
+    assert sorted(map(sorted, close.slots[0])) == sorted(map(sorted, free.slots[0]))  # relabelled shards only
+
+    def moved(a, b):
+        return sum(len(set(y) - set(x)) for la, lb in zip(a.slots, b.slots) for x, y in zip(la, lb))
+
+    assert moved(start, close) < moved(start, free)
+    again = Placement.balanced(shifted, 4, 8, current=close)
+    assert again.slots == close.slots  # the same load again: nothing moves, not even within a shard
+
+
 @pytest.fixture(scope="module")
 def skewed_dir(tmp_path_factory):
     return write_checkpoint(preset("tiny"), tmp_path_factory.mktemp("tiny-skewed"), seed=1, router_skew=3.0)
