@@ -89,6 +89,13 @@ def test_expert_placement_errors_are_one_line_and_come_before_ray(tmp_path):
     assert "add --shards N" in one_line_error(bad, "generate")
     bad = run("generate", "--prompt-ids", "1,2", "--shards", 2, "--frontends", 0, check=False)
     assert "frontends must be >= 1" in one_line_error(bad, "generate")
+    bad = run("generate", "--prompt-ids", "1,2", "--rebalance-interval-s", 5, check=False)
+    assert "add --shards N" in one_line_error(bad, "generate")
+    bad = run("generate", "--prompt-ids", "1,2", "--shards", 2, "--rebalance-interval-s", -1, check=False)
+    assert "rebalance_interval_s must be >= 0" in one_line_error(bad, "generate")
+    bad = run("generate", "--prompt-ids", "1,2", "--shards", 2, "--rebalance-interval-s", 5, "--expert-placement",
+              tmp_path / "placement.json", check=False)
+    assert "cannot be used with a pinned" in one_line_error(bad, "generate")
 
 
 def test_commands_need_the_input_their_synopsis_names():
