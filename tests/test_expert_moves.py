@@ -88,10 +88,11 @@ def skewed_dir(tmp_path_factory):
 
 @pytest.mark.timeout(BOUND_S + 120)
 def test_rebalancing_while_32_streams_run_changes_no_token(ray_session, skewed_dir):
+    """Two front-ends: both route by the new placement from the same header as the shards."""
     prompts = mixed_prompts(32)
     max_tokens = 120  # long enough for the load window to fill and the experts to move while they run
     want = engine_greedy(load_model(skewed_dir), prompts, max_tokens)
-    with tiny_server(skewed_dir, shards=2, redundant_experts=4, rebalance_interval_s=0.3) as server:
+    with tiny_server(skewed_dir, shards=2, frontends=2, redundant_experts=4, rebalance_interval_s=0.3) as server:
         outcomes = drill.run(server.grpc_target, prompts, max_tokens, "none", timeout_s=BOUND_S, pause=False).outcomes
         rebalances = metric(server, "epserve:rebalances_total")
         moved, epochs = metric(server, "epserve:expert_moved_bytes_total"), metric(server, "epserve:placement_epoch")
@@ -101,11 +102,14 @@ def test_rebalancing_while_32_streams_run_changes_no_token(ray_session, skewed_d
 
 
 @pytest.mark.timeout(BOUND_S + 120)
-def test_a_lost_shard_with_replicas_everywhere_does_not_stop_48_requests(ray_session, tiny_dir, tiny_model):
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_a_lost_shard_with_replicas_everywhere_does_not_stop_48_requests(ray_session, tiny_dir, tiny_model,
+                                                                         frontends):
     """3 shards, 16 redundant slots: every expert on two shards. Shard 1 killed for good mid-run: the group
-    goes on without it at once (its experts from the replicas), the cluster recreates it and takes it back."""
+    goes on without it at once (its experts from the replicas), the cluster recreates it and takes it back
+    (with two front-ends, both leave the group after the same step for it)."""
     prompts = mixed_prompts(48)
-    with tiny_server(tiny_dir, shards=3, redundant_experts=16, max_failures=10) as server:
+    with tiny_server(tiny_dir, shards=3, frontends=frontends, redundant_experts=16, max_failures=10) as server:
         d = drill.run(server.grpc_target, prompts, MAX_TOKENS, "shard-kill", timeout_s=BOUND_S,
                       http=server.http_base, pause=False)
         degraded = metric(server, "epserve:degraded_recoveries_total")
