@@ -274,8 +274,7 @@ class Frontend:
                 "kv_blocks_used": e.blocks.num_used(), "steps": e.num_steps, "preemptions":
                 e.scheduler.num_preemptions, "prefix_hit_tokens": e.blocks.stats.hit_tokens,
                 "prefix_queried_tokens": e.blocks.stats.queried_tokens, "step_seconds": self.step_seconds,
-                "dispatch": asdict(d), "error": self.error,
-                "suspended": self.suspended}
+                "dispatch": asdict(d), "error": self.error, "suspended": self.suspended, "parked": self.parked}
 
     def model_info(self) -> ModelInfo:
         return ModelInfo.of(self)

@@ -224,8 +224,8 @@ class FrontendMetrics:
             self.balancedness.set(self._balancedness(self.dispatcher.stats.tokens_per_layer_shard))
 
     def _balancedness(self, counts: list[list[int]]) -> float:
-        """Mean over layers of max/mean tokens per shard, over the counts of the last ``window_s``: the
-        current cumulative counts minus the newest snapshot at least ``window_s`` old."""
+        """Mean over layers of max/mean tokens per shard in the group, over the counts of the last ``window_s``:
+        the current cumulative counts minus the newest snapshot at least ``window_s`` old."""
         now = time.monotonic()
         snaps = self._snapshots
         if now - snaps[-1][0] >= SNAPSHOT_EVERY_S:
@@ -234,9 +234,10 @@ class FrontendMetrics:
             snaps.popleft()
         base = snaps[0][1]
         ratios = []
+        members = self.dispatcher.members  # a shard out of the group (degraded mode) is not an imbalance
         for layer, row in enumerate(counts):
             old = base[layer] if layer < len(base) else [0] * len(row)
-            delta = [a - b for a, b in zip(row, old)]
+            delta = [row[s] - (old[s] if s < len(old) else 0) for s in members]
             total = sum(delta)
             if total > 0:
                 ratios.append(max(delta) / (total / len(delta)))
