@@ -24,7 +24,7 @@ from epserve.actors.model.config import ModelConfig
 from epserve.actors.model.loader import load_expert_slots, load_model
 from epserve.actors.placement import Placement
 from epserve.cluster.fixtures.checkpoint import preset, write_checkpoint
-from epserve.cluster.tools import drill
+from epserve.cluster.tools import drill, experts
 
 from helpers import engine_greedy, tiny_server
 from test_recovery import BOUND_S, mixed_prompts
@@ -96,9 +96,12 @@ def test_rebalancing_while_32_streams_run_changes_no_token(ray_session, skewed_d
         outcomes = drill.run(server.grpc_target, prompts, max_tokens, "none", timeout_s=BOUND_S, pause=False).outcomes
         rebalances = metric(server, "epserve:rebalances_total")
         moved, epochs = metric(server, "epserve:expert_moved_bytes_total"), metric(server, "epserve:placement_epoch")
+        shown = experts.fetch(server.grpc_target)  # what `epserve experts` shows
     assert [(o.code, o.details) for o in outcomes] == [(grpc.StatusCode.OK, "")] * len(prompts)
     assert [o.tokens for o in outcomes] == want
     assert rebalances >= 1 and moved > 0 and epochs == 2 * rebalances  # both shards serve the last placement
+    assert shown.placement_epoch == rebalances and list(shown.shards_in_group) == [0, 1]
+    assert "after rebalancing" in experts.report(shown)
 
 
 @pytest.mark.timeout(BOUND_S + 120)
@@ -117,10 +120,12 @@ def test_a_lost_shard_with_replicas_everywhere_does_not_stop_48_requests(ray_ses
         while metric(server, "epserve:shards_out_of_group") and time.monotonic() < deadline:
             time.sleep(0.5)
         out = metric(server, "epserve:shards_out_of_group")
+        shown = experts.fetch(server.grpc_target)
         after = drill.run(server.grpc_target, prompts[:8], MAX_TOKENS, "none", timeout_s=BOUND_S, pause=False)
     assert max(d.tokens_at_fault) < MAX_TOKENS, "the fault came after a request had finished"
     assert [(o.kind, o.code, o.details) for o in d.outcomes] == [(o.kind, grpc.StatusCode.OK, "") for o in d.outcomes]
     assert [o.tokens for o in d.outcomes] == engine_greedy(tiny_model, prompts, MAX_TOKENS)
     assert d.longest_not_serving_s <= COLLECTIVE_DEADLINE_S, d.health
     assert degraded == 1 and out == 0  # went on without the shard, then took the new one back
+    assert list(shown.shards_in_group) == [0, 1, 2] and shown.placement_epoch == 0
     assert [o.tokens for o in after.outcomes] == engine_greedy(tiny_model, prompts[:8], MAX_TOKENS)

@@ -125,20 +125,24 @@ class ExpertsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertsResponse(_message.Message):
-    __slots__ = ("num_experts", "num_shards", "layers", "tokens_per_shard", "tokens_per_expert", "load")
+    __slots__ = ("num_experts", "num_shards", "layers", "tokens_per_shard", "tokens_per_expert", "load", "placement_epoch", "shards_in_group")
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_IN_GROUP_FIELD_NUMBER: _ClassVar[int]
     num_experts: int
     num_shards: int
     layers: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
     tokens_per_shard: _containers.RepeatedScalarFieldContainer[int]
     tokens_per_expert: _containers.RepeatedScalarFieldContainer[int]
     load: _containers.RepeatedCompositeFieldContainer[LayerLoad]
-    def __init__(self, num_experts: _Optional[int] = ..., num_shards: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., tokens_per_shard: _Optional[_Iterable[int]] = ..., tokens_per_expert: _Optional[_Iterable[int]] = ..., load: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ...) -> None: ...
+    placement_epoch: int
+    shards_in_group: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_experts: _Optional[int] = ..., num_shards: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., tokens_per_shard: _Optional[_Iterable[int]] = ..., tokens_per_expert: _Optional[_Iterable[int]] = ..., load: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., placement_epoch: _Optional[int] = ..., shards_in_group: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerPlacement(_message.Message):
     __slots__ = ("shards",)

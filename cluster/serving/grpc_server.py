@@ -153,7 +153,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             num_experts=e["num_experts"], num_shards=len(e["layers"][0]) if e["layers"] else 0,
             layers=[pb.LayerPlacement(shards=[pb.ShardSlots(experts=s) for s in layer]) for layer in e["layers"]],
             tokens_per_shard=e["tokens_per_shard"], tokens_per_expert=e["tokens_per_expert"],
-            load=[pb.LayerLoad(tokens_per_shard=t) for t in e["tokens_per_layer_shard"]])
+            load=[pb.LayerLoad(tokens_per_shard=t) for t in e["tokens_per_layer_shard"]],
+            placement_epoch=e["epoch"], shards_in_group=e["members"])
 
 
 def _short(e: Exception) -> str:

@@ -36,8 +36,12 @@ def report(reply: pb.ExpertsResponse) -> str:
     N, E = reply.num_shards, reply.num_experts
     copies = [sum(e in shard for layer in layers for shard in layer) for e in range(E)]
     replicas = sum(copies) - E * len(layers)
+    out = sorted(set(range(N)) - set(reply.shards_in_group))
     lines = [f"{N} shards, {E} experts in each of {len(layers)} layers, {replicas} replica slots in all"
-             f"{' (none: every expert once)' if not replicas else ''}", "",
+             f"{' (none: every expert once)' if not replicas else ''}",
+             f"placement {reply.placement_epoch}" + (" (the start-up one)" if not reply.placement_epoch else
+                                                     " (after rebalancing)") +
+             (f"; shard(s) {out} out of the group, their experts served by replicas" if out else ""), "",
              "shard  slots per layer  tokens routed  share"]
     total = sum(reply.tokens_per_shard) or 1
     for s in range(N):
@@ -61,4 +65,5 @@ def as_json(reply: pb.ExpertsResponse) -> str:
                        **placement_json(reply), "tokens_per_shard": list(reply.tokens_per_shard),
                        "tokens_per_expert": list(reply.tokens_per_expert),
                        "tokens_per_layer_shard": [list(t.tokens_per_shard) for t in reply.load],
-                       "balancedness": balancedness(reply)})
+                       "balancedness": balancedness(reply), "placement_epoch": reply.placement_epoch,
+                       "shards_in_group": list(reply.shards_in_group)})
