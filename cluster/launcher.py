@@ -119,6 +119,7 @@ class Cluster:
         the current ``layout``; starts the shards' loops."""
         cfg = self.config
         world = cfg.frontends + len(self.members)
+        self.serve_refs = []  # the last group's loops are over; these are the new group's, once it stands
         self.backend = self._backend(timeout_s)
         host, port, capacity = ray.get(self.frontend.open_store.remote(cfg.collective_timeout_s, world),
                                        timeout=timeout_s)

@@ -251,7 +251,7 @@ class Supervisor:
         shards lost (dead, or killed here): Ray restarts them, and where replicas cover them the group goes
         on without them meanwhile."""
         cluster, cfg = self.cluster, self.config
-        loops = dict(zip(cluster.members, cluster.serve_refs))
+        loops = dict(zip(cluster.members, cluster.serve_refs))  # none where the last connect failed
         in_loop = {i: ref for i, ref in loops.items() if not ray.wait([ref], timeout=0)[0]}
         lost = {i for i, ref in loops.items() if i not in in_loop and _died(ref)}
         pings = {i: cluster.shards[i].ping.remote() for i in in_loop}  # the others' loops are over already
