@@ -40,5 +40,5 @@ def _stacked(cfg: ModelConfig, rows: list[tuple[Experts, int]], like: Experts) -
         source = getattr(like, name)
         weights = torch.stack([getattr(m, name)[i] for m, i in rows]) if rows else source[:0].clone()
         setattr(layer, name, nn.Parameter(weights, requires_grad=False))
-    layer.path, layer.amx = like.path, like.amx
+    layer.path = like.path
     return layer.eval()

@@ -7,7 +7,7 @@ import torch
 
 from epserve.actors.model import cpu_kernels
 from epserve.actors.model.loader import load_model
-from epserve.actors.model.moe import GROUPED_MM, amx_min_rows, bf16_cpu_project, expert_dtype
+from epserve.actors.model.moe import AMX_MIN_ROWS, GROUPED_MM, expert_dtype
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 
@@ -55,24 +55,30 @@ def test_grouped_linear_equals_one_gemm_per_group_and_is_batch_invariant():
             assert torch.equal(cpu_kernels.bf16_linear(x[r : r + 1], w[e])[0], y[r])
 
 
-@pytest.mark.skipif(not cpu_kernels.bf16_dot_available(), reason="no AVX512-BF16 on this machine")
-@pytest.mark.parametrize("amx", [False, True])
-def test_bf16_experts_take_one_kernel_per_expert_by_its_rows(amx):
-    """With AMX, experts with at least amx_min_rows rows go through torch's grouped GEMM, the rest through the
-    dot kernel, in one projection: each expert's rows come out exactly as if it were alone (as on a shard that
-    holds only it), and within bf16 rounding of fp32 math."""
-    g = torch.Generator().manual_seed(0)
-    big = amx_min_rows(64, 128)
-    counts = [0, 3, big + 1, 1, big + 12, big, big - 1]
-    w = torch.randn(len(counts), 64, 128, generator=g).to(torch.bfloat16)
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this machine")
+@pytest.mark.parametrize("N, K", [(64, 128), (48, 2816)])  # 48: a last column tile of 16 alone
+def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
+    """Experts with at least AMX_MIN_ROWS rows go through the AMX tiles, the rest through the dot kernel, in
+    one call: each expert's rows come out exactly as if it were alone (as on a shard that holds only it), and
+    within bf16 rounding of fp32 math; rows past a 16-row tile, and past a work item's 128 rows, included."""
+    g = torch.Generator().manual_seed(N)
+    big = AMX_MIN_ROWS
+    counts = [0, big - 1, big + 1, 1, 17, 0, 150, big, 32]
+    w = (torch.randn(len(counts), N, K, generator=g) / K**0.5).to(torch.bfloat16)
     offsets = torch.tensor([0, *counts]).cumsum(0)
-    x = torch.randn(int(offsets[-1]), 128, generator=g).to(torch.bfloat16)
-    y = bf16_cpu_project(x, offsets, w, amx)
+    x = torch.randn(int(offsets[-1]), K, generator=g).to(torch.bfloat16)
+    y = cpu_kernels.grouped_linear_amx(x, offsets, w, AMX_MIN_ROWS)
     for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
-        alone = bf16_cpu_project(x[lo:hi], torch.tensor([0, hi - lo]), w[e : e + 1].contiguous(), amx)
+        alone = cpu_kernels.grouped_linear_amx(x[lo:hi], torch.tensor([0, hi - lo]), w[e : e + 1].contiguous(),
+                                               AMX_MIN_ROWS)
         assert torch.equal(y[lo:hi], alone)
-        exact = x[lo:hi].float() @ w[e].float().T
-        assert (y[lo:hi].float() - exact).abs().amax(dim=1).le(2**-7 * exact.abs().amax(dim=1)).all()
+        exact = x[lo:hi].double() @ w[e].double().T
+        assert (y[lo:hi].double() - exact).abs().amax(dim=1).le(2**-8 * exact.abs().amax(dim=1) + 1e-6).all()
+    row = int(offsets[6]) + 140  # one row of the 150, alone through the tiles (min_rows 1): the same bits
+    alone = cpu_kernels.grouped_linear_amx(x[row : row + 1], torch.tensor([0, 1]), w[6:7].contiguous(), 1)
+    assert torch.equal(alone[0], y[row])
+    with pytest.raises(ValueError, match="N % 16"):
+        cpu_kernels.grouped_linear_amx(x[:4, :96], torch.tensor([0, 4]), w[:1, :8, :96].contiguous(), 1)
 
 
 def test_packing_round_trips_and_bad_shapes_or_offsets_are_refused():

@@ -4,13 +4,14 @@ sharded checkpoints, and one-line errors for bad checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from epserve.actors.model import ops
+from epserve.actors.model import host_memory, ops
 from epserve.actors.model.attention import WholeSequence
 from epserve.actors.model.config import ConfigError
 from epserve.actors.model.loader import CheckpointError, load_experts, load_model
@@ -335,3 +336,31 @@ def test_missing_directory_and_missing_weights(tmp_path, broken_copy):
 
 def test_errors_are_value_errors():
     assert issubclass(CheckpointError, ValueError) and issubclass(ConfigError, ValueError)
+
+
+def _vma_flags(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds ``address``."""
+    fields, inside = {}, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"), reason="needs Linux's THP")
+def test_weights_leave_the_readers_buffer_for_memory_in_huge_pages(tmp_path):
+    """A weight read from a checkpoint is copied out of the reader's buffer (4 KB pages) into torch's memory,
+    which Linux backs with 2 MB pages (read faster at decode: host_memory.py)."""
+    save_file({"w": torch.arange(3 << 20, dtype=torch.bfloat16)}, tmp_path / "w.safetensors")  # 6 MB
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        read = f.get_slice("w")[:]
+    held = host_memory.resident(read)
+    assert torch.equal(held, read) and held.data_ptr() != read.data_ptr()
+    huge = 2 << 20
+    if "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
+        assert _vma_flags(-(-held.data_ptr() // huge) * huge).get("THPeligible") == "1"

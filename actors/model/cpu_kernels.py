@@ -80,6 +80,9 @@ def _load():
             lib.bf16_grouped_linear.restype = None
             lib.bf16_dot_grouped_linear.argtypes = lib.bf16_grouped_linear.argtypes
             lib.bf16_dot_grouped_linear.restype = None
+            lib.bf16_amx_grouped_linear.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+            lib.bf16_amx_grouped_linear.restype = ctypes.c_int
+            lib.bf16_amx_init.restype = ctypes.c_int
             _declare_fused(lib)
             lib.shm_wait.argtypes = [ptr, ctypes.c_uint32, i64, ptr]
             lib.shm_wait.restype = ctypes.c_int
@@ -132,6 +135,18 @@ def bf16_dot_available() -> bool:
     return "avx512_bf16" in cpu_flags() and available()
 
 
+_amx: bool | None = None
+
+
+def amx_available() -> bool:
+    """Whether ``grouped_linear_amx`` runs here (the kernels, a CPU with AMX-BF16, and the kernel's grant of
+    AMX state, which Linux gives a process on request)."""
+    global _amx
+    if _amx is None:
+        _amx = {"amx_bf16", "amx_tile", "avx512_bf16"} <= cpu_flags() and available() and lib().bf16_amx_init() == 0
+    return _amx
+
+
 def packable(*widths: int) -> bool:
     """Whether matrices with these output widths can be packed (panels of 16 columns)."""
     return all(w % PANEL == 0 for w in widths)
@@ -175,7 +190,24 @@ def grouped_linear_bf16(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
                     "bf16 x [S, K] and bf16 w [G, N, K] with N % 4 == 0 and K % 32 == 0")
 
 
-def _grouped(kernel: str, x, offsets, w, out_dtype, ok: bool, check: bool, needs: str) -> torch.Tensor:
+def grouped_linear_amx(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, min_rows: int,
+                       check: bool = True) -> torch.Tensor:
+    """As ``grouped_linear_bf16``, on AMX tiles for every expert with at least ``min_rows`` rows (the others
+    through the dot kernel, in the same call); N a multiple of 16, K of 32 (``amx_shapes``). Needs
+    ``amx_available()``."""
+    if not amx_available():
+        raise RuntimeError("the AMX kernel needs a CPU with AMX-BF16 (and the kernel's grant of AMX state)")
+    ok = x.dtype == torch.bfloat16 and amx_shapes(w.shape[1], x.shape[1]) and x.stride(0) % 2 == 0
+    return _grouped("bf16_amx_grouped_linear", x, offsets, w, torch.bfloat16, ok, check,
+                    "bf16 x [S, K] and bf16 w [G, N, K] with N % 16 == 0 and K % 32 == 0", min_rows)
+
+
+def amx_shapes(n: int, k: int) -> bool:
+    """Whether ``grouped_linear_amx`` takes weights [.., n, k]."""
+    return n % 16 == 0 and k % 32 == 0
+
+
+def _grouped(kernel: str, x, offsets, w, out_dtype, ok: bool, check: bool, needs: str, *extra) -> torch.Tensor:
     S, K = x.shape
     G, N = w.shape[0], w.shape[1]
     if (not ok or w.dtype != torch.bfloat16 or w.dim() != 3 or w.shape[2] != K or x.device.type != "cpu"
@@ -187,8 +219,9 @@ def _grouped(kernel: str, x, offsets, w, out_dtype, ok: bool, check: bool, needs
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(S, N, dtype=out_dtype)
-    getattr(lib(), kernel)(x.data_ptr(), x.stride(0), offsets.data_ptr(), G, w.data_ptr(), out.data_ptr(),
-                           out.stride(0), N, K, torch.get_num_threads())
+    if getattr(lib(), kernel)(x.data_ptr(), x.stride(0), offsets.data_ptr(), G, w.data_ptr(), out.data_ptr(),
+                              out.stride(0), N, K, *extra, torch.get_num_threads()):
+        raise MemoryError(f"{kernel}: no memory for the packed rows")
     return out
 
 

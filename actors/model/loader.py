@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import host_memory
 from .config import ModelConfig
 from .gemma4 import ALL_EXPERTS, Gemma4Model
 from .moe import Experts, expert_dtype
@@ -119,13 +120,16 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
 
 
 def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, device, rows=None) -> None:
-    """Fill every tensor of a meta-device module from the checkpoint (expert tensors sliced by ``rows``)."""
+    """Fill every tensor of a meta-device module from the checkpoint (expert tensors sliced by ``rows``); the
+    process that holds them will compute with them: its freed activations are kept for reuse."""
+    if torch.device(device).type == "cpu":
+        host_memory.keep_freed_memory()
     state = {}
     for name, meta in module.state_dict().items():
         expert = (prefix + name).endswith(EXPERT_TENSORS)
         t = ckpt.read(prefix + name, tuple(meta.shape), rows if expert else None)
         held = expert_dtype(t.dtype, dtype, device, ckpt.config) if expert else dtype
-        state[name] = t.to(device=device, dtype=held)
+        state[name] = host_memory.resident(t, held, device)
     module.load_state_dict(state, assign=True, strict=True)
     for m in module.modules():
         if isinstance(m, Experts):

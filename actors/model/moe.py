@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_kernels, ops, precision
+from . import cpu_kernels, ops
 from .config import ModelConfig
 from .layers import Linear, gelu_tanh
 
@@ -58,20 +58,14 @@ def expert_dtype(stored: torch.dtype, compute: torch.dtype, device, cfg: ModelCo
 # How an ``Experts`` module runs its two grouped projections (``Experts.prepare_``), each one call per layer:
 PANELS = "panels"  # fp32 activations, bf16 weights packed in panels: the native AVX2 kernel (fp32 compute)
 BF16_DOT = "bf16-dot"  # bf16 activations and weights: the native AVX512-BF16 kernel (bf16 compute on CPU)
+AMX = "amx"  # bf16 on AMX tiles, experts with few rows on the AVX512-BF16 kernel, in one native call
 GROUPED_MM = "grouped-mm"  # torch's grouped GEMM: CUDA, and every other dtype or CPU
 
-# On a CPU with AMX, torch's grouped GEMM (oneDNN on AMX tiles) beats the AVX512-BF16 dot kernel from about 8
-# rows per expert on the real model's shapes (2-7x at 16-256 rows, docs/performance.md "CPU kernels"); below
-# that both are bound by reading the weights and the dot kernel is a little faster. oneDNN also costs ~25 us a
-# call, which small experts (hidden 256) pay back only from ~2M multiply-adds. ``BF16_DOT`` picks per expert
-# by its row count, so an expert's rows take the same kernel whether its layer runs in process or on a shard.
-AMX_MIN_ROWS = 8
-AMX_MIN_MACS = 1 << 21
-
-
-def amx_min_rows(n: int, k: int) -> int:
-    """The fewest rows of an expert [n, k] that go through torch's grouped GEMM on AMX."""
-    return max(AMX_MIN_ROWS, -(-AMX_MIN_MACS // (n * k)))
+# With AMX, the tile kernel beats the dot kernel from 2-4 rows per expert on the real model's shapes (at a
+# batch-64 decode step, ~4 rows: 15 % less time; at a prefill chunk, ~128 rows: 5x) and on small experts alike;
+# at one row the dot kernel streams the weights a little faster (docs/performance.md "CPU kernels"). The choice
+# is per expert by its row count, so an expert's rows take the same kernel in process and on a shard.
+AMX_MIN_ROWS = 3
 
 
 def grouped_mm(x_SK, w_GNK, offsets_G1) -> torch.Tensor:
@@ -94,27 +88,6 @@ def grouped_mm(x_SK, w_GNK, offsets_G1) -> torch.Tensor:
 
 
 _NO_GROUPED_MM: set = set()  # (device type, dtype) pairs torch's grouped GEMM refused
-
-
-def bf16_cpu_project(x_SK, offsets_G1, w_GNK, amx: bool) -> torch.Tensor:
-    """``BF16_DOT``'s projection: the dot kernel, or with ``amx`` torch's grouped GEMM for the experts with at
-    least ``amx_min_rows`` rows (their rows gathered, and scattered back, only when the two kinds mix)."""
-    dot = cpu_kernels.grouped_linear_bf16
-    if not amx:
-        return dot(x_SK, offsets_G1, w_GNK, check=False)
-    counts = offsets_G1.diff()
-    big = counts >= amx_min_rows(w_GNK.shape[1], w_GNK.shape[2])
-    if not big.any():
-        return dot(x_SK, offsets_G1, w_GNK, check=False)
-    if bool((big | (counts == 0)).all()):
-        return grouped_mm(x_SK, w_GNK, offsets_G1)
-    big_row = torch.repeat_interleave(big, counts)
-    zero = offsets_G1[:1]
-    out = x_SK.new_empty(x_SK.shape[0], w_GNK.shape[1])
-    out[big_row] = grouped_mm(x_SK[big_row], w_GNK, torch.cat([zero, torch.where(big, counts, 0).cumsum(0)]))
-    out[~big_row] = dot(x_SK[~big_row], torch.cat([zero, torch.where(big, 0, counts).cumsum(0)]), w_GNK,
-                        check=False)
-    return out
 
 
 def _grouped(x_TH, ids_TK, experts: "Experts"):
@@ -145,7 +118,7 @@ class Experts(nn.Module):
     """The routed experts ``[first, first + count)`` of one layer, with the checkpoint's shapes.
 
     ``prepare_(compute dtype)`` picks, once the weights are loaded, how the two grouped projections run
-    (``path``: ``PANELS``, ``BF16_DOT`` or ``GROUPED_MM``); for ``PANELS`` it repacks each expert's matrices
+    (``path``: ``PANELS``, ``BF16_DOT``, ``AMX`` or ``GROUPED_MM``); for ``PANELS`` it repacks each expert's matrices
     into the native kernel's panel order (same shapes and bytes, so slices by expert and byte counts keep
     their meaning), and ``unpacked`` gives them back in the checkpoint's order."""
 
@@ -157,7 +130,6 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(count, H, I))
         self.path = GROUPED_MM
-        self.amx = False  # BF16_DOT on a CPU with AMX: big experts through torch's grouped GEMM
 
     def prepare_(self, compute: torch.dtype) -> "Experts":
         """Choose the projections' path for a model computing in ``compute`` (and pack for it)."""
@@ -170,9 +142,11 @@ class Experts(nn.Module):
                 self.gate_up_proj.data = cpu_kernels.pack_panels(self.gate_up_proj.data)
                 self.down_proj.data = cpu_kernels.pack_panels(self.down_proj.data)
             self.path = PANELS
-        elif (compute == torch.bfloat16 and cpu_kernels.dot_shapes(I2, H) and cpu_kernels.dot_shapes(H, I)
-              and cpu_kernels.bf16_dot_available()):
-            self.path, self.amx = BF16_DOT, precision.cpu_isa() == "amx_bf16"
+        elif compute == torch.bfloat16 and cpu_kernels.dot_shapes(I2, H) and cpu_kernels.dot_shapes(H, I):
+            if cpu_kernels.amx_shapes(I2, H) and cpu_kernels.amx_shapes(H, I) and cpu_kernels.amx_available():
+                self.path = AMX
+            elif cpu_kernels.bf16_dot_available():
+                self.path = BF16_DOT
         return self
 
     def project(self, x_SK, offsets_G1, w_GNK) -> torch.Tensor:
@@ -181,7 +155,9 @@ class Experts(nn.Module):
         if self.path == PANELS:
             return cpu_kernels.grouped_linear(x_SK, offsets_G1, w_GNK, check=False)
         if self.path == BF16_DOT:
-            return bf16_cpu_project(x_SK, offsets_G1, w_GNK, self.amx)
+            return cpu_kernels.grouped_linear_bf16(x_SK, offsets_G1, w_GNK, check=False)
+        if self.path == AMX:
+            return cpu_kernels.grouped_linear_amx(x_SK, offsets_G1, w_GNK, AMX_MIN_ROWS, check=False)
         return grouped_mm(x_SK, w_GNK, offsets_G1)
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:

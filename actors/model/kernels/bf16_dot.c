@@ -82,9 +82,9 @@ KERNEL(1) KERNEL(2) KERNEL(3) KERNEL(4)
 typedef void (*kernel_fn)(const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, uint16_t *, int64_t);
 static const kernel_fn KERNELS[5] = {0, kernel_1, kernel_2, kernel_3, kernel_4};
 
-/* columns [n0, n1) of one group for its M rows: per 4 columns, every row in groups of at most 4 */
-TARGET static void item(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
-                        int64_t ldy, int64_t n0, int64_t n1) {
+/* columns [n0, n1) of one group for its M rows (bf16_amx.c calls it too): per 4 columns, every row in groups of at most 4 */
+TARGET void bf16_dot_item(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
+                          int64_t ldy, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n += 4)
         for (int64_t m = 0, left = (M + 3) / 4; m < M; left--) {
             const int64_t mr = (M - m + left - 1) / left;
@@ -108,6 +108,6 @@ TARGET void bf16_dot_grouped_linear(const uint16_t *x, int64_t ldx, const int64_
         const int64_t g = it / blocks, b = it % blocks, M = offsets[g + 1] - offsets[g];
         if (M <= 0) continue;
         const int64_t n0 = b * columns, n1 = n0 + columns < N ? n0 + columns : N;
-        item(x + offsets[g] * ldx, ldx, M, w + g * N * K, K, y + offsets[g] * ldy, ldy, n0, n1);
+        bf16_dot_item(x + offsets[g] * ldx, ldx, M, w + g * N * K, K, y + offsets[g] * ldy, ldy, n0, n1);
     }
 }

@@ -1,0 +1,177 @@
+/* Grouped GEMM in bf16 on AMX tiles, with fp32 accumulation: for every group g (an expert), y[rows of g] =
+ * bf16(x[rows of g] . w[g]^T), w[g] of shape [N, K] as the checkpoint stores it, all groups in one call. An
+ * expert with fewer than ``min_rows`` rows goes through the AVX512-BF16 dot kernel instead (bf16_dot.c: at a
+ * few rows both are bound by reading the weights, and the dot kernel streams them a little faster), in the
+ * same parallel loop, so one call still runs a whole MoE projection with no gather or scatter of rows.
+ *
+ * Transposed form: a tile multiply C[16 x 16] += A[16 x 32] . B[32 x 16] wants B in pairs of k ("VNNI"
+ * order). The weights are the A side, y^T = w . x^T: a tile of A is 16 weight rows x 32 k, loaded straight
+ * from the checkpoint's layout (rows K apart), so the weights are never repacked and stay what the dot
+ * kernel, torch and the expert moves read. The activations are the B side: each big expert's rows are packed
+ * once per call into tiles of 16 rows x 32 k in pair order (a few % of the multiply's bytes), padded with
+ * zeros to 16 rows. A work item is one expert's rows times 32 .. 128 weight rows (about 192 KB of weights,
+ * which stay in L2 while every 32 rows of x pass over them); per step of 32 k it loads 2 weight tiles and
+ * 2 activation tiles into 4 accumulator tiles (32 columns x 32 rows of y).
+ *
+ * Each output element is one fixed chain (the tile unit's sums over k = 0 .. K-1, 32 at a time, in order)
+ * that reads only its own row of x and column of w: a row's result does not depend on the rows beside it,
+ * so the cluster's shards compute exactly what the in-process model does (which kernel an expert takes
+ * depends on its row count alone). Rounded to bf16 once, to nearest even.
+ *
+ * Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): ``bf16_amx_init`` asks for it
+ * once; cpu_kernels.py uses this kernel only where that succeeded.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define ITEM_BYTES (192 << 10)
+#define CHUNK_ROWS 128 /* rows of one expert per work item: their packed tiles (704 KB at K = 2816) stay in L2 */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+void bf16_dot_item(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
+                   int64_t ldy, int64_t n0, int64_t n1); /* bf16_dot.c */
+
+/* 0 when this process may use AMX tiles */
+int bf16_amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+TARGET static void configure_tiles(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* rows [0, M) of x (M <= 16) as K / 32 tiles of 16 k-pairs x 16 rows x 2, zero rows past M */
+static void pack_rows(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, uint16_t *out) {
+    const uint32_t *x32 = (const uint32_t *)x; /* a k-pair as one 32-bit word */
+    uint32_t *o = (uint32_t *)out;
+    for (int64_t kp = 0; kp < K / 2; kp++)
+        for (int64_t m = 0; m < 16; m++) o[kp * 16 + m] = m < M ? x32[m * (ldx / 2) + kp] : 0;
+}
+
+/* C (16 n x 16 m, fp32) -> y[m][n] in bf16 for m < M, rounded to nearest even: C transposed in registers */
+TARGET static void store_tile(const float *c, int64_t M, uint16_t *y, int64_t ldy) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(c + 16 * i);
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+#define PD(v) _mm512_castps_pd(v)
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(PD(t[i]), PD(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(PD(t[i]), PD(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(PD(t[i + 1]), PD(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(PD(t[i + 1]), PD(t[i + 3])));
+    }
+#undef PD
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+            t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+    }
+    for (int64_t m = 0; m < M; m++) _mm256_storeu_si256((__m256i *)(y + m * ldy), (__m256i)_mm512_cvtneps_pbh(r[m]));
+}
+
+/* columns [n0, n1) (multiples of 16) of one group: M rows of x packed in xp (16-row blocks of K / 32 tiles) */
+TARGET static void amx_item(const uint16_t *xp, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
+                            int64_t ldy, int64_t n0, int64_t n1) {
+    float c[4][256];
+    const int64_t tiles = K / 32, blocks = (M + 15) / 16, lda = 2 * K;
+    for (int64_t n = n0; n < n1; n += 32) {
+        const int two_n = n + 32 <= n1;
+        const uint16_t *a0 = w + n * K, *a1 = w + (n + 16) * K;
+        for (int64_t b = 0; b < blocks; b += 2) {
+            const int two_m = b + 1 < blocks;
+            const uint16_t *b0 = xp + b * tiles * 512, *b1 = b0 + tiles * 512;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t t = 0; t < tiles; t++) {
+                _tile_loadd(4, a0 + 32 * t, lda);
+                _tile_loadd(6, b0 + 512 * t, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two_m) { _tile_loadd(7, b1 + 512 * t, 64); _tile_dpbf16ps(1, 4, 7); }
+                if (two_n) {
+                    _tile_loadd(5, a1 + 32 * t, lda);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (two_m) _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+            _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+            for (int i = 0; i < 2 + 2 * two_n; i++) {
+                const int64_t m = (b + (i & 1)) * 16, left = M - m;
+                if ((i & 1) && !two_m) continue;
+                store_tile(c[i], left < 16 ? left : 16, y + m * ldy + n + (i >> 1) * 16, ldy);
+            }
+        }
+    }
+}
+
+/* rows [row, row + rows) of x, all of one group; block: their first packed 16-row block, -1 for the dot kernel */
+typedef struct {
+    int64_t group, row, rows, block;
+} chunk;
+
+/* x [S, K] bf16 (rows ldx apart), w: groups x [N, K] bf16 contiguous (N a multiple of 16, K of 32), y [S, N]
+ * bf16 (rows ldy apart). Returns 0, or -1 when out of memory. */
+TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t *offsets, int64_t groups,
+                                   const uint16_t *w, uint16_t *y, int64_t ldy, int64_t N, int64_t K,
+                                   int64_t min_rows, int threads) {
+    const int64_t tiles = K / 32, S = offsets[groups];
+    chunk *chunks = malloc((groups + S / CHUNK_ROWS + 1) * sizeof *chunks);
+    if (!chunks) return -1;
+    int64_t count = 0, blocks = 0;
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t row = offsets[g], end = offsets[g + 1]; row < end;) {
+            const int amx = end - offsets[g] >= min_rows;
+            const int64_t rows = !amx ? end - row : end - row < CHUNK_ROWS ? end - row : CHUNK_ROWS;
+            chunks[count++] = (chunk){g, row, rows, amx ? blocks : -1};
+            blocks += amx ? (rows + 15) / 16 : 0;
+            row += rows;
+        }
+    uint16_t *xp = blocks ? aligned_alloc(64, blocks * tiles * 512 * sizeof *xp) : 0;
+    if (blocks && !xp) { free(chunks); return -1; }
+    int64_t columns = ITEM_BYTES / (2 * K) / 32 * 32;
+    columns = columns < 32 ? 32 : columns > N ? N : columns;
+    const int64_t per_chunk = (N + columns - 1) / columns, items = count * per_chunk;
+    const int parallel = threads > 1 && S * N * K >= (1 << 20);
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+        if (blocks) configure_tiles();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < count; c++)
+            for (int64_t m = 0; chunks[c].block >= 0 && m < chunks[c].rows; m += 16) {
+                const int64_t left = chunks[c].rows - m;
+                pack_rows(x + (chunks[c].row + m) * ldx, ldx, left < 16 ? left : 16, K,
+                          xp + (chunks[c].block + m / 16) * tiles * 512);
+            }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            const chunk ch = chunks[it / per_chunk];
+            const int64_t n0 = it % per_chunk * columns, n1 = n0 + columns < N ? n0 + columns : N;
+            const uint16_t *wg = w + ch.group * N * K;
+            if (ch.block >= 0)
+                amx_item(xp + ch.block * tiles * 512, ch.rows, wg, K, y + ch.row * ldy, ldy, n0, n1);
+            else
+                bf16_dot_item(x + ch.row * ldx, ldx, ch.rows, wg, K, y + ch.row * ldy, ldy, n0, n1);
+        }
+        if (blocks) _tile_release();
+    }
+    free(xp);
+    free(chunks);
+    return 0;
+}
