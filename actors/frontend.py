@@ -306,6 +306,8 @@ class Frontend:
     def _run(self) -> None:
         self._last_header = time.monotonic()
         try:
+            if self.engine.config.warm_up:  # before serving (every front-end: the shards warm up too)
+                self.engine.warm_up()
             while self.error is None:
                 try:
                     if not self._commands.run(self._wait_until()):

@@ -107,6 +107,24 @@ def test_blocks_all_free_after_finish_and_abort(tiny_model):
     assert engine.blocks.num_used() == 0
 
 
+@pytest.mark.parametrize("config", [EngineConfig(max_num_batched_tokens=256),
+                                    EngineConfig(num_blocks={FULL: 64, SLIDING: 2}, max_num_batched_tokens=128)])
+def test_warm_up_runs_a_full_chunk_and_leaves_no_trace(tiny_model, config):
+    """A throw-away prefill of a whole chunk (a shorter one where the cache would never take it: 2 sliding
+    blocks), then nothing held, nothing cached, no prefix counter moved, and the same tokens after it."""
+    engine = LLMEngine(tiny_model, config)
+    before = engine.generate([[5, 6, 7]], GREEDY)[0].token_ids
+    stats, chunks = dataclasses.replace(engine.blocks.stats), []
+    step = engine.runner.run
+    engine.runner.run = lambda batch: chunks.append(sum(batch.num_new)) or step(batch)
+    engine.warm_up()
+    assert chunks == [256] if config.num_blocks is None else len(chunks) == 1 and 1 <= chunks[0] < 128
+    assert not engine.requests and engine.blocks.num_used() == 0 and engine.blocks.stats == stats
+    assert all(not pool.by_hash for pool in engine.blocks.pools.values())
+    assert engine.blocks.prefix_caching == config.enable_prefix_caching
+    assert engine.generate([[5, 6, 7]], GREEDY)[0].token_ids == before
+
+
 def test_request_that_can_never_fit_the_sliding_cache_is_refused(tiny_model):
     """Plenty of full-layer blocks (1024 tokens) but 2 sliding blocks: a 100-token prompt prefilled in one
     chunk needs 7 at once on the sliding layers, so it could never run, however long it waited."""

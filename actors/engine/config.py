@@ -19,6 +19,8 @@ class EngineConfig:
     # Requests that may wait for a running slot (beyond the max_num_seqs running ones); more are refused at
     # once (Overloaded), so that a burst costs the servers a bounded amount of memory. None: no limit
     max_waiting: int | None = 256
+    # one throw-away request of a full prefill chunk before serving (LLMEngine.warm_up)
+    warm_up: bool = True
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):

@@ -4,7 +4,7 @@ drive this API; ``generate`` runs a list of prompts to completion as one continu
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..model.gemma4 import ExpertExecutor, Gemma4Model
 from .block_manager import BlockManager
@@ -98,6 +98,27 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq, "abort")
         return True
+
+    def warm_up(self) -> None:
+        """Run one throw-away request of a full prefill chunk (or the longest the cache takes), leaving no
+        trace in the prefix cache or its counters: the first requests then do not pay what a first full-size
+        step costs once (on a CPU the memory of its activations faulted in, oneDNN's first calls at its
+        shapes: 2.5x a warm chunk on the `bench` preset). Every front-end of a cluster does it at start, so
+        the shards warm up too."""
+        caching, stats = self.blocks.prefix_caching, replace(self.blocks.stats)
+        self.blocks.prefix_caching = False
+        try:
+            n = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+            while n >= 1:
+                try:
+                    rid = self.add_request([0] * n, SamplingParams(max_tokens=1, ignore_eos=True), "warm-up")
+                    break
+                except RequestError:  # a small cache: a shorter one
+                    n //= 2
+            while n >= 1 and rid in self.requests:
+                self.step()
+        finally:
+            self.blocks.prefix_caching, self.blocks.stats = caching, stats
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
