@@ -23,7 +23,7 @@ import torch
 from . import dispatch, process_group
 from .expert_moves import restage
 from .metrics import ShardMetrics, report
-from .model import precision
+from .model import cpu_threads, precision
 from .model.config import ModelConfig
 from .model.loader import load_expert_slots
 from .placement import build
@@ -57,6 +57,7 @@ class ExpertShard:
         self.error: str | None = None
         self._lock = threading.Lock()
         self._metrics = ShardMetrics(shard)  # Prometheus; see actors/metrics.py
+        cpu_threads.release_team()  # this thread's OpenMP team: Ray may call ``serve`` on another thread
 
     def info(self) -> dict:
         """What this shard holds: the expert in each slot, per layer, and the bytes resident for them."""

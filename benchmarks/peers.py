@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 from common import checkpoint, free_port, git_revision, machine, write_section  # noqa: E402
 from epserve.actors.cache import cache_dir  # noqa: E402
+from epserve.actors.model import cpu_threads  # noqa: E402
 from epserve.cluster.tools.bench import Workload, run_load  # noqa: E402
 from epserve.cluster.tools.bench_targets import EngineTarget, OpenAITarget  # noqa: E402
 
@@ -78,6 +79,9 @@ def drive(target, workload: Workload, runs: int) -> list[dict]:
         finally:
             await target.close()
 
+    # the measurements before this one (the roofline's GEMMs, transformers) left this thread an OpenMP team; a
+    # server's process has none besides its engine thread's (actors/model/cpu_threads.py)
+    cpu_threads.release_team()
     results = asyncio.run(go())
     for r in results:
         if r["errors"] or r["output_tokens"] != workload.num_requests * workload.output_len:

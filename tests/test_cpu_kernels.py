@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from epserve.actors.model import cpu_kernels
+from epserve.actors.model import cpu_kernels, cpu_threads
 from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import AMX_MIN_ROWS, GROUPED_MM, expert_dtype
 
@@ -140,3 +142,12 @@ def test_paged_decode_attention_equals_masked_attention_on_gathered_keys(G, n, D
         ref = masked_attention(q[b : b + 1, None], k_cache[:, slots][:, None], v_cache[:, slots][:, None],
                                pos[b : b + 1, None], u[None], window)[0, 0]
         assert (out[b] - ref).abs().max().item() <= 1e-5, f"request {b}"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="libgomp's call, on Linux")
+def test_a_thread_can_hand_back_its_openmp_team():
+    """The engine is built on one thread and steps on another: the builder's OpenMP team must go, or every
+    parallel region of the engine wakes sleeping workers (cpu_threads.py). torch's runtime has the call."""
+    torch.ones(1 << 16).add_(1)  # a parallel region: this thread now has a team
+    assert cpu_threads.release_team()
+    assert torch.equal(torch.ones(1 << 16).add_(1), torch.full((1 << 16,), 2.0))  # and makes a new one at need

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
+from ..model import cpu_threads
 from ..model.gemma4 import ExpertExecutor, Gemma4Model
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -53,6 +54,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens computed by the last step (metrics)
+        cpu_threads.release_team()  # this thread's OpenMP team: the engine may step on another thread
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
