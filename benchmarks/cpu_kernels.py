@@ -7,11 +7,14 @@ preset's shapes:
    directly, fp32 math, every expert in one call) against one BLAS GEMM per expert on fp32 weights, from the
    few rows an expert gets per decode step to a prefill chunk's.
    In bf16 (CPUs with AVX512-BF16): the dot-product kernel (``cpu_kernels.grouped_linear_bf16``) against torch's
-   grouped GEMM (oneDNN: AMX tiles where the CPU has them), and what the model does (``moe.bf16_cpu_project``).
+   grouped GEMM (oneDNN: AMX tiles where the CPU has them, one call per expert) and, with AMX, our tile kernel
+   (``cpu_kernels.grouped_linear_amx``, what the model uses there).
 2. The dense projections and the tied head: ``x @ w.T``, ``(w @ x.T).T`` and oneDNN with the weight
    reordered once (``layers.linear(..., pack=True)``, what the model uses).
 3. A fresh multi-megabyte tensor with and without transparent huge pages (actors/__init__.py), in a child
    process each, since the setting is read once per process.
+4. A decode step's expert projections reading the weights where the checkpoint reader left them (its buffer,
+   in 4 KB pages) and from a copy in torch's memory (2 MB pages: what the loader makes, host_memory.py).
 
 Writes its tables to docs/performance.md under "CPU kernels".
 """
@@ -64,23 +67,24 @@ def experts_table(num_experts: int = 32) -> str:
 
 
 def bf16_experts_table(num_experts: int = 128) -> str:
-    from epserve.actors.model import cpu_kernels, moe, precision
+    from epserve.actors.model import cpu_kernels, moe
 
     if not cpu_kernels.bf16_dot_available():
         return "No AVX512-BF16 on this machine: bf16 experts run through torch's grouped GEMM only."
-    amx = precision.cpu_isa() == "amx_bf16"
+    kernels = {"dot kernel": lambda x, o, w: cpu_kernels.grouped_linear_bf16(x, o, w),
+               "torch grouped GEMM": lambda x, o, w: moe.grouped_mm(x, w, o)}
+    if cpu_kernels.amx_available():
+        kernels["AMX kernel (the model's)"] = lambda x, o, w: cpu_kernels.grouped_linear_amx(x, o, w, moe.AMX_MIN_ROWS)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(num_experts, 2 * I, H, generator=g).to(torch.bfloat16)
-    lines = ["| threads | rows per expert | dot kernel | torch grouped GEMM | the model's choice |", "|---|---|---|---|---|"]
+    w = torch.randn(num_experts, 2 * I, H, generator=g).to(torch.bfloat16)  # 1 GB: read from memory, not cache
+    lines = ["| threads | rows per expert | " + " | ".join(kernels) + " |", "|---" * (2 + len(kernels)) + "|"]
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        for rows in (1, 4, 8, 16, 64, 256):
+        for rows in (1, 4, 8, 16, 64, 128, 256):
             x = torch.randn(num_experts * rows, H, generator=g).to(torch.bfloat16)
             offsets = torch.arange(0, num_experts * rows + 1, rows)
             flops = 2 * num_experts * rows * 2 * I * H
-            times = [best_of(lambda f=f, x=x, o=offsets: f(x, o)) for f in (
-                lambda x, o: cpu_kernels.grouped_linear_bf16(x, o, w), lambda x, o: moe.grouped_mm(x, w, o),
-                lambda x, o: moe.bf16_cpu_project(x, o, w, amx))]
+            times = [best_of(lambda f=f, x=x, o=offsets: f(x, o, w)) for f in kernels.values()]
             lines.append(f"| {threads} | {rows} | " + " | ".join(f"{1000 * t:.1f} ms ({flops / t / 1e9:.0f} GFLOP/s)"
                                                                   for t in times) + " |")
     return "\n".join(lines)
@@ -125,12 +129,37 @@ def fresh_tensor_table() -> str:
             f"{1000 * times['0']:.0f} ms in 4 KiB pages, {1000 * times['1']:.0f} ms with transparent huge pages.")
 
 
+def weights_memory_line(rows: int = 4) -> str:
+    from safetensors import safe_open
+
+    from common import checkpoint
+    from epserve.actors.model import cpu_kernels, host_memory, moe
+
+    if not cpu_kernels.bf16_dot_available():
+        return ""
+    torch.set_num_threads(os.cpu_count())
+    path = checkpoint("bench", layout="text-only")
+    with safe_open(next(path.glob("*.safetensors")), framework="pt") as f:
+        key = next(k for k in f.keys() if k.endswith("layers.0.experts.gate_up_proj"))
+        read = f.get_slice(key)[:]  # [128, 1408, 2816] bf16, 1 GB
+    project = (lambda x, o, w: cpu_kernels.grouped_linear_amx(x, o, w, moe.AMX_MIN_ROWS)) \
+        if cpu_kernels.amx_available() else cpu_kernels.grouped_linear_bf16
+    x = torch.randn(read.shape[0] * rows, read.shape[2]).to(torch.bfloat16)
+    offsets = torch.arange(0, x.shape[0] + 1, rows)
+    times = {}
+    for name, w in (("the reader's buffer", read), ("torch's memory", host_memory.resident(read))):
+        times[name] = best_of(lambda w=w: project(x, offsets, w))
+    return ("A decode step's gate/up projection of one layer (128 experts, " + f"{rows} rows each, "
+            f"{read.nbytes / 1e9:.2f} GB of weights), weights in " + ", in ".join(
+                f"{name}: {1000 * t:.1f} ms ({read.nbytes / t / 1e9:.1f} GB/s)" for name, t in times.items()) + ".")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     experts, bf16_experts = experts_table(), bf16_experts_table()
-    linear, fresh = linear_table(), fresh_tensor_table()
+    linear, fresh, weights = linear_table(), fresh_tensor_table(), weights_memory_line()
     body = f"""
 Command: `python benchmarks/cpu_kernels.py` (revision {git_revision()}; {machine()}). Best of 3.
 
@@ -147,6 +176,8 @@ Dense projections at decode (64 rows) and prefill (2048 rows), {os.cpu_count()} 
 {linear}
 
 {fresh}
+
+{weights}
 """
     print(body)
     if not args.no_write:

@@ -2,10 +2,9 @@
 
 Weights in memory of torch's own (``resident``): a decode step streams every routed expert's weights once,
 gigabytes of them, and a tile of 16 weight rows K elements apart touches 16 pages. A tensor read from a
-safetensors file lives in the reader's buffer, in 4 KB pages; torch asks Linux for 2 MB pages for its own
-large blocks (madvise MADV_HUGEPAGE, which the distributions' default policy honours). On a 2-core Xeon the
-experts of a `bench` decode step read at 21 GB/s from the reader's buffer and at 29 GB/s from torch's
-(docs/performance.md "Host memory").
+safetensors file lives in the reader's buffer, in 4 KB pages; torch's own large blocks come in 2 MB pages
+(actors/__init__.py turns that on). On a 2-core Xeon the experts of a `bench` decode step read at 21 GB/s
+from the reader's buffer and at 29 GB/s from torch's (docs/performance.md "Host memory").
 
 Freed memory kept (``keep_freed_memory``): a prefill chunk allocates activations of tens of MB per layer
 (the experts' rows: 2048 tokens x 8 x 2816 x 2 bytes = 92 MB), which glibc maps fresh from the kernel and
