@@ -62,10 +62,10 @@ def test_grouped_linear_equals_one_gemm_per_group_and_is_batch_invariant():
 def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
     """Experts with at least AMX_MIN_ROWS rows go through the AMX tiles, the rest through the dot kernel, in
     one call: each expert's rows come out exactly as if it were alone (as on a shard that holds only it), and
-    within bf16 rounding of fp32 math; rows past a 16-row tile, and past a work item's 128 rows, included."""
+    within bf16 rounding of fp32 math; rows past a 16-row tile, and past a work item's 256 rows, included."""
     g = torch.Generator().manual_seed(N)
     big = AMX_MIN_ROWS
-    counts = [0, big - 1, big + 1, 1, 17, 0, 150, big, 32]
+    counts = [0, big - 1, big + 1, 1, 17, 0, 300, big, 32]
     w = (torch.randn(len(counts), N, K, generator=g) / K**0.5).to(torch.bfloat16)
     offsets = torch.tensor([0, *counts]).cumsum(0)
     x = torch.randn(int(offsets[-1]), K, generator=g).to(torch.bfloat16)
@@ -76,7 +76,7 @@ def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
         assert torch.equal(y[lo:hi], alone)
         exact = x[lo:hi].double() @ w[e].double().T
         assert (y[lo:hi].double() - exact).abs().amax(dim=1).le(2**-8 * exact.abs().amax(dim=1) + 1e-6).all()
-    row = int(offsets[6]) + 140  # one row of the 150, alone through the tiles (min_rows 1): the same bits
+    row = int(offsets[6]) + 290  # one row of the 300, alone through the tiles (min_rows 1): the same bits
     alone = cpu_kernels.grouped_linear_amx(x[row : row + 1], torch.tensor([0, 1]), w[6:7].contiguous(), 1)
     assert torch.equal(alone[0], y[row])
     with pytest.raises(ValueError, match="N % 16"):

@@ -30,7 +30,9 @@
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 #define ITEM_BYTES (192 << 10)
-#define CHUNK_ROWS 128 /* rows of one expert per work item: their packed tiles (704 KB at K = 2816) stay in L2 */
+/* rows of one expert per work item: their packed tiles (1.4 MB at K = 2816) stay in L2; 128 was 7-13 % slower
+ * at 256 rows per expert */
+#define CHUNK_ROWS 256
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
