@@ -5,9 +5,9 @@ calling thread keeps between regions; its workers spin for a while before they s
 starts in about a microsecond. libgomp spins only while the threads it manages fit the CPUs: a second team
 (the constructor's thread loaded the weights on one, the engine thread computes on another) makes every
 worker sleep at once, and each region then starts with a futex wake-up. On a 2-core machine that cost 45 us
-per region, and the `tiny` preset's in-process decode step went from 8 to 15 ms (docs/performance.md "One
-OpenMP team"). ``release_team`` hands the calling thread's idle team back (OpenMP 5's omp_pause_resource_all),
-so the thread that runs the engine is the only one with a team.
+per region, and the `tiny` preset's 68 steps of the peers workload took 1.32 s instead of 0.76 s
+(docs/performance.md "On a CPU with AMX"). ``release_team`` hands the calling thread's idle team back
+(OpenMP 5's omp_pause_resource_all), so the thread that runs the engine is the only one with a team.
 """
 
 from __future__ import annotations

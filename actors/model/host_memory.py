@@ -4,11 +4,12 @@ Weights in memory of torch's own (``resident``): a decode step streams every rou
 gigabytes of them, and a tile of 16 weight rows K elements apart touches 16 pages. A tensor read from a
 safetensors file lives in the reader's buffer, in 4 KB pages; torch's own large blocks come in 2 MB pages
 (actors/__init__.py turns that on). On a 2-core Xeon the experts of a `bench` decode step read at 21 GB/s
-from the reader's buffer and at 29 GB/s from torch's (docs/performance.md "Host memory").
+from the reader's buffer and at 28-29 GB/s from torch's, and the step went from 209 to 169 ms
+(docs/performance.md "On a CPU with AMX").
 
 Freed memory kept (``keep_freed_memory``): a prefill chunk allocates activations of tens of MB per layer
 (the experts' rows: 2048 tokens x 8 x 2816 x 2 bytes = 92 MB), which glibc maps fresh from the kernel and
-unmaps on free; faulting them in again on every call cost a third of a chunk's time. glibc's own switches
+unmaps on free; faulting them in again on every call cost this VM up to a third of a chunk's time. glibc's own switches
 (no mmap for big blocks, no trimming) make it reuse the freed blocks instead; the process keeps the
 high-water mark of its activations, which a server reaches on its first full chunk anyway.
 """
