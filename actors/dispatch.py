@@ -40,6 +40,8 @@ front-end's token count per half.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,7 +53,9 @@ from .model.moe import expert_outputs
 from .placement import Placement
 from .transport import Transport
 
-OP_IDLE, OP_STEP, OP_STOP = 0, 1, 2
+# a warm-up step runs like a step but counts nowhere (LLMEngine.warm_up); in the header's max a real step wins
+OP_IDLE, OP_WARM_UP, OP_STEP, OP_STOP = 0, 1, 2, 3
+STEPS = (OP_WARM_UP, OP_STEP)
 
 
 class GroupStopped(RuntimeError):
@@ -167,10 +171,20 @@ class FrontendExchange:
         self.load_LE: torch.Tensor | None = None  # tokens routed to each (layer, expert) so far (rebalancing)
         self.regroup_requested = False  # ask the group to leave after the next step (a planned new group)
         self.leaving = False  # the last header said so: leave the group now
+        self.counting = True  # False during a warm-up: no stats, no load, no metrics (``uncounted``)
 
     @property
     def micro_batches(self) -> int:
         return self.ranks.micro_batches
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Steps that count nowhere, here or on the shards (their header says OP_WARM_UP)."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     def regroup(self, ranks: Ranks, placement: Placement, members: list[int], epoch: int) -> None:
         """The shape of a new group (before joining it): its ranks, its shards' placement (in group order:
@@ -210,7 +224,7 @@ class FrontendExchange:
             raise ValueError(f"{len(tokens)} micro-batch token counts for {self.ranks.micro_batches} micro-batches")
         if self.group_idle and self.wake_peers is not None:
             self.wake_peers()  # they wait for work, not for this header
-        if self._header(OP_STEP, tokens) == OP_STOP:
+        if self._header(OP_STEP if self.counting else OP_WARM_UP, tokens) == OP_STOP:
             raise GroupStopped("the cluster is stopping")
         self.tokens = sum(tokens)
 
@@ -218,7 +232,7 @@ class FrontendExchange:
         """The header of a front-end without work (the heartbeat when every rank is idle); when another
         front-end steps, this one joins every layer's exchanges with zero rows. Returns the header's op."""
         op = self._header(OP_IDLE, [0] * self.ranks.micro_batches)
-        if op == OP_STEP:
+        if op in STEPS:
             for _ in range(self.placement.num_layers * self.ranks.micro_batches):
                 self.dispatch_nothing()
                 self.receive_nothing()
@@ -264,11 +278,12 @@ class FrontendExchange:
         slots_per_shard = torch.zeros(N, dtype=torch.int64, device=self.device).index_add_(
             0, dest, own_RK.sum(1)).tolist()
         handle = FrontendHandle(weights_TK, row_of_slot, slots_per_shard, sent)
-        self._count(layer, T, K, len(tokens), per_shard.tolist(), ids_TK)
-        elapsed = time.perf_counter() - t0
-        self.stats.dispatch_seconds += elapsed
-        if self.on_dispatch is not None:
-            self.on_dispatch(elapsed)
+        if self.counting:
+            self._count(layer, T, K, len(tokens), per_shard.tolist(), ids_TK)
+            elapsed = time.perf_counter() - t0
+            self.stats.dispatch_seconds += elapsed
+            if self.on_dispatch is not None:
+                self.on_dispatch(elapsed)
         if not self.overlap:
             self._receive(handle)
         return handle
@@ -286,9 +301,10 @@ class FrontendExchange:
                                                  [0] * self.ranks.world,
                                                  [0] * self.ranks.frontends + handle.slots_per_shard)
         elapsed = time.perf_counter() - t0
-        self.stats.wait_seconds += elapsed
-        if self.on_combine is not None:
-            self.on_combine(elapsed)
+        if self.counting:
+            self.stats.wait_seconds += elapsed
+            if self.on_combine is not None:
+                self.on_combine(elapsed)
 
     def _count(self, layer, T, K, rows, per_shard, ids_TK) -> None:
         s = self.stats
@@ -329,8 +345,8 @@ class ShardExchange:
         self.header: Header | None = None  # the last one
 
     def next_op(self, ready_epoch: int = 0) -> int:
-        """Join the next header, ready for the placement ``ready_epoch``: OP_STEP (then ``tokens`` is every
-        front-end's count per micro-batch), OP_IDLE or OP_STOP; the whole header is ``header``."""
+        """Join the next header, ready for the placement ``ready_epoch``: OP_STEP or OP_WARM_UP (then ``tokens``
+        is every front-end's count per micro-batch), OP_IDLE or OP_STOP; the whole header is ``header``."""
         self.header = exchange_header(OP_IDLE, [0] * self.ranks.micro_batches, self.ranks, self.transport,
                                       self.device, ready_epoch)
         self.tokens = self.header.tokens

@@ -131,14 +131,18 @@ class ExpertShard:
                     self._switch(ep.header.epoch)
                 if op == dispatch.OP_STOP:
                     break
-                if op == dispatch.OP_STEP:
+                if op in dispatch.STEPS:
+                    counted = op == dispatch.OP_STEP  # not a warm-up
                     for layer, experts in enumerate(self.layers):
                         for micro_batch in range(self.ranks.micro_batches):
-                            rows = dispatch.serve_layer(ep, layer, experts, self._on_compute, micro_batch)
-                            self.rows_served += rows
-                            self._metrics.rows.inc(rows)
-                    self.steps += 1
-                    self._metrics.steps.inc()
+                            timer = self._on_compute if counted else None
+                            rows = dispatch.serve_layer(ep, layer, experts, timer, micro_batch)
+                            if counted:
+                                self.rows_served += rows
+                                self._metrics.rows.inc(rows)
+                    if counted:
+                        self.steps += 1
+                        self._metrics.steps.inc()
                 if ep.header.regroup:  # a planned new group: this one ends after the step
                     return {"steps": self.steps, "rows": self.rows_served, "regroup": True}
         except Exception as e:  # noqa: BLE001 - reported to the front-end and the driver

@@ -3,6 +3,7 @@ drive this API; ``generate`` runs a list of prompts to completion as one continu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, replace
 
@@ -105,8 +106,9 @@ class LLMEngine:
         """Run one throw-away request of a full prefill chunk (or the longest the cache takes), leaving no
         trace in the prefix cache or its counters: the first requests then do not pay what a first full-size
         step costs once (on a CPU the memory of its activations faulted in, oneDNN's first calls at its
-        shapes: 2.5x a warm chunk on the `bench` preset). Every front-end of a cluster does it at start, so
-        the shards warm up too."""
+        shapes: 2.5x a warm chunk on the `bench` preset). Every front-end of a cluster does it at start, and
+        the shards with it: the exchange marks its steps (OP_WARM_UP), so that no served rows, steps or
+        expert load count it."""
         caching, stats = self.blocks.prefix_caching, replace(self.blocks.stats)
         self.blocks.prefix_caching = False
         try:
@@ -117,8 +119,10 @@ class LLMEngine:
                     break
                 except RequestError:  # a small cache: a shorter one
                     n //= 2
-            while n >= 1 and rid in self.requests:
-                self.step()
+            experts = self.runner.experts  # None: the model's own (nothing counts there)
+            with experts.uncounted() if experts is not None else contextlib.nullcontext():
+                while n >= 1 and rid in self.requests:
+                    self.step()
         finally:
             self.blocks.prefix_caching, self.blocks.stats = caching, stats
 

@@ -14,6 +14,7 @@ Parameter names equal the checkpoint's keys without their prefix, so loading is 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -39,6 +40,9 @@ class ExpertExecutor(Protocol):
     def combine(self, handle) -> torch.Tensor:
         """fp32 [T, H]: Σ_k w·expert(x) over every expert."""
 
+    def uncounted(self):
+        """A context in which steps count in no statistics (a warm-up)."""
+
 
 class LocalExperts:
     """Runs each layer's own ``Experts`` module in this process."""
@@ -54,6 +58,9 @@ class LocalExperts:
 
     def combine(self, handle):
         return handle
+
+    def uncounted(self):
+        return contextlib.nullcontext()
 
 
 class DecoderLayer(nn.Module):
