@@ -41,7 +41,6 @@ front-end's token count per half.
 from __future__ import annotations
 
 import contextlib
-
 import time
 from dataclasses import dataclass, field
 from typing import Callable

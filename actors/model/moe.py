@@ -61,10 +61,10 @@ BF16_DOT = "bf16-dot"  # bf16 activations and weights: the native AVX512-BF16 ke
 AMX = "amx"  # bf16 on AMX tiles, experts with few rows on the AVX512-BF16 kernel, in one native call
 GROUPED_MM = "grouped-mm"  # torch's grouped GEMM: CUDA, and every other dtype or CPU
 
-# With AMX, the tile kernel beats the dot kernel from 2-4 rows per expert on the real model's shapes (at a
-# batch-64 decode step, ~4 rows: 15 % less time; at a prefill chunk, ~128 rows: 5x) and on small experts alike;
-# at one row the dot kernel streams the weights a little faster (docs/performance.md "CPU kernels"). The choice
-# is per expert by its row count, so an expert's rows take the same kernel in process and on a shard.
+# With AMX, the tile kernel is 1.5-6x the dot kernel from 8 rows per expert on the real model's shapes, and
+# as fast at 4 (docs/performance.md "CPU kernels"); at 1-2 rows the dot kernel streams the weights a little
+# faster. The choice is per expert by its row count, so an expert's rows take the same kernel in process and
+# on a shard.
 AMX_MIN_ROWS = 3
 
 

@@ -9,7 +9,7 @@
  * from the checkpoint's layout (rows K apart), so the weights are never repacked and stay what the dot
  * kernel, torch and the expert moves read. The activations are the B side: each big expert's rows are packed
  * once per call into tiles of 16 rows x 32 k in pair order (a few % of the multiply's bytes), padded with
- * zeros to 16 rows. A work item is one expert's rows times 32 .. 128 weight rows (about 192 KB of weights,
+ * zeros to 16 rows. A work item is up to 256 of one expert's rows times 32 .. 128 weight rows (about 192 KB of weights,
  * which stay in L2 while every 32 rows of x pass over them); per step of 32 k it loads 2 weight tiles and
  * 2 activation tiles into 4 accumulator tiles (32 columns x 32 rows of y).
  *

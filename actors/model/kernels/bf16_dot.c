@@ -82,7 +82,8 @@ KERNEL(1) KERNEL(2) KERNEL(3) KERNEL(4)
 typedef void (*kernel_fn)(const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, uint16_t *, int64_t);
 static const kernel_fn KERNELS[5] = {0, kernel_1, kernel_2, kernel_3, kernel_4};
 
-/* columns [n0, n1) of one group for its M rows (bf16_amx.c calls it too): per 4 columns, every row in groups of at most 4 */
+/* columns [n0, n1) of one group for its M rows (bf16_amx.c calls it too): per 4 columns, every row in groups
+ * of at most 4 */
 TARGET void bf16_dot_item(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
                           int64_t ldy, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n += 4)
