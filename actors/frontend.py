@@ -305,11 +305,13 @@ class Frontend:
 
     def _run(self) -> None:
         self._last_header = time.monotonic()
+        warm_up = self.engine.config.warm_up
         try:
-            if self.engine.config.warm_up:  # before serving (every front-end: the shards warm up too)
-                self.engine.warm_up()
             while self.error is None:
                 try:
+                    if warm_up:  # before the first command (every front-end: the shards warm up too); a
+                        warm_up = False  # shard lost meanwhile is recovered as in a step, and it is not redone
+                        self.engine.warm_up()
                     if not self._commands.run(self._wait_until()):
                         break
                     if not (self.suspended or self.parked or self._left()):  # (a command's header may say so)

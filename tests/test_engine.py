@@ -125,6 +125,25 @@ def test_warm_up_runs_a_full_chunk_and_leaves_no_trace(tiny_model, config):
     assert engine.generate([[5, 6, 7]], GREEDY)[0].token_ids == before
 
 
+def test_a_failed_warm_up_leaves_nothing_to_recompute(tiny_model):
+    """A warm-up whose step fails (on a cluster: a shard lost meanwhile) raises, and the throw-away request is
+    gone, blocks and all: nothing of it is computed again once the group is back."""
+    engine = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=256))
+    step, calls = engine.runner.run, []
+
+    def failing(batch):
+        calls.append(batch)
+        raise RuntimeError("collective failed")
+
+    engine.runner.run = failing
+    with pytest.raises(RuntimeError, match="collective failed"):
+        engine.warm_up()
+    assert len(calls) == 1 and not engine.requests and not engine.has_unfinished()
+    assert engine.blocks.num_used() == 0
+    engine.runner.run = step
+    assert engine.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"
+
+
 def test_request_that_can_never_fit_the_sliding_cache_is_refused(tiny_model):
     """Plenty of full-layer blocks (1024 tokens) but 2 sliding blocks: a 100-token prompt prefilled in one
     chunk needs 7 at once on the sliding layers, so it could never run, however long it waited."""

@@ -50,6 +50,12 @@ def assert_quiet(output: str) -> None:
     assert not found, found
 
 
+def as_in_a_terminal() -> None:
+    """Ctrl-C's default action, as a command run in a terminal has it: a shell that starts a command in the
+    background (as CI may start this suite) makes it ignore SIGINT, and that is inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def env(tmp_path):
     """A fresh environment: no address of the test session's Ray cluster, a cache of its own (the built-in
@@ -81,7 +87,7 @@ def test_serve_stops_on_ctrl_c_and_leaves_nothing_behind(env):
     grpc_port = free_port()
     proc = subprocess.Popen([*EPSERVE, "serve", "--grpc-port", str(grpc_port), "--http-port", str(free_port()),
                              "--metrics-port", str(free_port())], env=environ, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=as_in_a_terminal)
     try:
         lines = []
         for line in proc.stdout:  # until it says it serves (or exits)

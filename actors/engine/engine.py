@@ -110,7 +110,7 @@ class LLMEngine:
         the shards with it: the exchange marks its steps (OP_WARM_UP), so that no served rows, steps or
         expert load count it."""
         caching, stats = self.blocks.prefix_caching, replace(self.blocks.stats)
-        self.blocks.prefix_caching = False
+        self.blocks.prefix_caching, rid = False, None
         try:
             n = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
             while n >= 1:
@@ -121,9 +121,11 @@ class LLMEngine:
                     n //= 2
             experts = self.runner.experts  # None: the model's own (nothing counts there)
             with experts.uncounted() if experts is not None else contextlib.nullcontext():
-                while n >= 1 and rid in self.requests:
+                while rid in self.requests:
                     self.step()
         finally:
+            if rid is not None:
+                self.abort(rid)  # a failed step (a lost shard) leaves nothing to recompute after a recovery
             self.blocks.prefix_caching, self.blocks.stats = caching, stats
 
     def has_unfinished(self) -> bool:
