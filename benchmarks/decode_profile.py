@@ -1,12 +1,16 @@
-"""Where a decode step's time goes: the in-process engine at batch ``--requests``, each part of the model timed
-in place (wall time around the call; everything runs synchronously on the CPU), beside the part's arithmetic
-and the FLOP/s it reached; then the step split into the GEMMs, attention over the KV cache, and everything
-else (norms, RoPE, KV writes, routing, the experts' sort / gather / combine, the step plan, the sampler).
+"""Where a step's time goes: the in-process engine at batch ``--requests``, each part of the model timed in
+place (wall time around the call; everything runs synchronously on the CPU), beside the part's arithmetic and
+the FLOP/s it reached; then the step split into the GEMMs, attention over the KV cache, and everything else,
+of which the small native steps are timed too (norms, q/k norms with RoPE, routing, the experts' sort and
+combine); what none of them covers is the experts' gelu x up, embedding, the step plan, scheduler, sampler.
+
+``--phase decode`` (default) times decode steps at batch ``--requests``; ``--phase prefill`` times the
+prefill chunks of the same requests (``--chunk`` tokens each, after a warm-up chunk).
 
     python benchmarks/decode_profile.py [--preset bench] [--dtype auto] [--requests 64] [--prompt 128]
-        [--steps 8] [--no-write]
+        [--steps 8] [--phase decode|prefill] [--chunk 2048] [--no-write]
 
-Records docs/performance.md ("Decode step, by part: <preset>, <dtype>").
+Records docs/performance.md ("Decode step, by part: <preset>, <dtype>", or "Prefill chunk, by part: ...").
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from epserve.cluster.tools.bench import Workload
 
 GEMMS = ("attention projections", "dense MLP", "routed experts' grouped GEMMs", "router projection",
          "tied head")
+# the small steps of a layer (actors/model/ops.py), timed inside "everything else"
+SMALL_OPS = {"norms": ("rms_norm", "add_rms_norm", "ffn_inputs", "ffn_output"), "q/k/v norms and RoPE": ("qkv",),
+             "routing (softmax, top-k)": ("route",), "experts' sort and gather": ("moe_align",),
+             "experts' weighted sum": ("moe_combine",)}
 
 
 def timed(owner, name: str, label: str, totals: dict) -> None:
@@ -65,20 +73,25 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=list(precision.DTYPES))
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed")
+    ap.add_argument("--phase", default="decode", choices=("decode", "prefill"))
+    ap.add_argument("--chunk", type=int, default=2048, help="tokens per step (max_num_batched_tokens)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     dtype = precision.resolve_dtype(args.dtype, "cpu")
     model = load_model(checkpoint(args.preset, layout="text-only"), dtype)
-    cfg, B = model.cfg, args.requests
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=B, max_num_batched_tokens=2048,
+    cfg, B, prefill = model.cfg, args.requests, args.phase == "prefill"
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=B, max_num_batched_tokens=args.chunk,
                                            enable_prefix_caching=False))
+    engine.warm_up()  # a full chunk: oneDNN's first calls at its shapes, the activations' memory faulted in
     for p, _ in Workload(B, args.prompt, 1, vocab_size=cfg.vocab_size).requests():
         engine.add_request(p, SamplingParams(max_tokens=2 * args.steps + 4, ignore_eos=True))
-    while any(s.num_computed < s.num_prompt for s in engine.requests.values()):
-        engine.step()
-    for _ in range(args.steps // 2 + 1):  # warm-up (oneDNN's first calls at each shape)
-        engine.step()
+    prefilling = lambda: any(s.num_computed < s.num_prompt for s in engine.requests.values())  # noqa: E731
+    if not prefill:
+        while prefilling():
+            engine.step()
+        for _ in range(args.steps // 2 + 1):  # warm-up (oneDNN's first calls at each shape)
+            engine.step()
 
     totals: dict[str, float] = collections.defaultdict(float)
     for layer in model.layers:
@@ -91,37 +104,50 @@ def main() -> None:
     timed(Experts, "project", "routed experts' grouped GEMMs", totals)
     import epserve.actors.engine.kv_cache as kv_cache
     import epserve.actors.model.gemma4 as gemma4
+    import epserve.actors.model.ops as ops
 
     timed(gemma4, "linear", "tied head", totals)  # the head is the one call of ``linear`` in gemma4.py
     timed(kv_cache.PagedAttention, "attend", "attention (with KV writes)", totals)
-    timed(engine.runner, "run", "model step", totals)
+    for label, names in SMALL_OPS.items():
+        for name in names:
+            timed(ops, name, label, totals)
     totals.clear()
+    steps, tokens = 0, 0
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    while prefilling() if prefill else steps < args.steps:
         engine.step()
-    step = (time.perf_counter() - t0) / args.steps
+        steps, tokens = steps + 1, tokens + engine.last_step_tokens
+    step = (time.perf_counter() - t0) / steps
 
-    flops = flops_per_token(cfg, args.prompt + args.steps)
-    ms = {k: 1000 * v / args.steps for k, v in totals.items()}
+    flops = flops_per_token(cfg, args.prompt // 2 if prefill else args.prompt + args.steps)
+    per_step = tokens / steps
+    ms = {k: 1000 * v / steps for k, v in totals.items()}
     step_ms = 1000 * step
     gemm_ms = sum(ms.get(k, 0.0) for k in GEMMS)
     attention_ms = ms.get("attention (with KV writes)", 0.0)
     rest_ms = step_ms - gemm_ms - attention_ms
     lines = ["| part | ms per step | share | GFLOP/s |", "|---|---|---|---|"]
     for k in [*GEMMS, "attention (with KV writes)"]:
-        flop = flops[k]
-        rate = f"{flop * B / (ms[k] / 1000) / 1e9:.0f}" if ms.get(k) else ""
+        # the head computes the logits of one token per request, prefill or decode
+        flop = flops[k] * (B / per_step if k == "tied head" else 1)
+        rate = f"{flop * per_step / (ms[k] / 1000) / 1e9:.0f}" if ms.get(k) else ""
         lines.append(f"| {k} | {ms.get(k, 0.0):.1f} | {ms.get(k, 0.0) / step_ms:.0%} | {rate} |")
-    lines.append(f"| everything else: norms, RoPE, routing, the experts' sort / gather / combine, embedding, "
-                 f"step plan, scheduler, sampler | {rest_ms:.1f} | {rest_ms / step_ms:.0%} | |")
-    heading = f"Decode step, by part: `{args.preset}` preset, {precision.dtype_name(dtype)}"
+    lines.append(f"| everything else | {rest_ms:.1f} | {rest_ms / step_ms:.0%} | |")
+    small_ms = sum(ms.get(k, 0.0) for k in SMALL_OPS)
+    for k in SMALL_OPS:
+        lines.append(f"| of which {k} | {ms.get(k, 0.0):.1f} | {ms.get(k, 0.0) / step_ms:.0%} | |")
+    lines.append(f"| of which the experts' gelu x up, embedding, step plan, scheduler, sampler | "
+                 f"{rest_ms - small_ms:.1f} | {(rest_ms - small_ms) / step_ms:.0%} | |")
+    what = (f"prefill chunk ({per_step:.0f} tokens of {B} requests x {args.prompt} prompt tokens)" if prefill
+            else f"decode step at batch {B} (context ~{args.prompt + args.steps})")
+    heading = f"{'Prefill chunk' if prefill else 'Decode step'}, by part: `{args.preset}` preset, {precision.dtype_name(dtype)}"
+    phase = f" --phase prefill --chunk {args.chunk}" if prefill else f" --steps {args.steps}"
     body = f"""
-Command: `python benchmarks/decode_profile.py --preset {args.preset} --dtype {args.dtype} --requests {B} --prompt {args.prompt} --steps {args.steps}`
+Command: `python benchmarks/decode_profile.py --preset {args.preset} --dtype {args.dtype} --requests {B} --prompt {args.prompt}{phase}`
 (revision {git_revision()}; {machine()}).
-The in-process engine's decode step at batch {B} on the `{args.preset}` preset, computing in
-{precision.dtype_name(dtype)} (context ~{args.prompt + args.steps}): {step_ms:.1f} ms, by part (mean of
-{args.steps} steps). GEMMs {gemm_ms / step_ms:.0%}, attention over the KV cache (with its writes)
-{attention_ms / step_ms:.0%}, everything else {rest_ms / step_ms:.0%}.
+The in-process engine's {what} on the `{args.preset}` preset, computing in
+{precision.dtype_name(dtype)}: {step_ms:.1f} ms, by part (mean of {steps} steps). GEMMs {gemm_ms / step_ms:.0%},
+attention over the KV cache (with its writes) {attention_ms / step_ms:.0%}, everything else {rest_ms / step_ms:.0%}.
 
 """ + "\n".join(lines)
     print(body)

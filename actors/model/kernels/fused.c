@@ -30,12 +30,11 @@ static inline float from_bf16(uint16_t b) {
     return f;
 }
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch; NaN stays NaN */
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch; NaN stays NaN (a select: vectorizes) */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet = (u >> 16) | 0x40;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 /* the value a tensor of type `bf16` stores for f */
@@ -152,15 +151,22 @@ void fused_ffn_output(const void *r, const void *m, const float *y, int bf16, in
     }
 }
 
-/* rotate-half RoPE of one head vector in place: x·cos + rotate_half(x)·sin, each product stored */
-static void rope(float *x, int64_t d, const float *cos, const float *sin, int bf16) {
-    const int64_t half = d / 2;
-    float out[MAX_DIM];
-    for (int64_t i = 0; i < d; i++) {
-        const float rotated = i < half ? -x[i + half] : x[i - half];
-        out[i] = rnd(rnd(x[i] * cos[i], bf16) + rnd(rotated * sin[i], bf16), bf16);
+/* rotate-half RoPE of one head vector in place: x·cos + rotate_half(x)·sin, each product stored; the pairs
+ * (i, i + d/2) in one pass, the dtype a constant in each copy of the loop, so that both vectorize */
+static inline __attribute__((always_inline)) void rope_pairs(float *restrict x, int64_t half, const float *restrict cos,
+                                                             const float *restrict sin, const int bf16) {
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = rnd(rnd(a * cos[i], bf16) + rnd(-b * sin[i], bf16), bf16);
+        x[i + half] = rnd(rnd(b * cos[i + half], bf16) + rnd(a * sin[i + half], bf16), bf16);
     }
-    memcpy(x, out, sizeof(float) * d);
+}
+
+static void rope(float *x, int64_t d, const float *cos, const float *sin, int bf16) {
+    if (bf16)
+        rope_pairs(x, d / 2, cos, sin, 1);
+    else
+        rope_pairs(x, d / 2, cos, sin, 0);
 }
 
 /* q, k, v of the step's tokens from the raw projections: q = rope(q_norm(q)), k = rope(k_norm(k)),
