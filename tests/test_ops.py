@@ -81,3 +81,35 @@ def test_moe_align_and_combine(dtype):
     strided = w.T.contiguous().T  # the shards' weights are a strided view too
     out = ops.moe_combine(ys, strided, row_of_slot, S)
     assert torch.allclose(out, ops.torch_moe_combine(ys, w, row_of_slot, S), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_mul_on_the_halves_of_one_projection_and_on_two(dtype):
+    """GeGLU's activation from the two halves of the experts' gate/up projection (rows 2I apart) and from the
+    dense MLP's two projections; large negative inputs (gelu -> 0 through 1 + tanh) and exact zeros included."""
+    S, I = 37, 136
+    gate_up = rand(S, 2 * I, dtype=dtype, scale=4.0)
+    gate_up[0, :4] = torch.tensor([0.0, -12.0, 12.0, -3.5]).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    close(ops.gelu_mul(gate, up), ops.torch_gelu_mul(gate, up), dtype)
+    gate, up = gate.contiguous(), up.contiguous()
+    close(ops.gelu_mul(gate, up), ops.torch_gelu_mul(gate, up), dtype)
+    assert ops.gelu_mul(gate[:0], up[:0]).shape == (0, I)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cap", [30.0, 0.0])
+def test_softcap_and_the_greedy_token_in_one_pass(dtype, cap):
+    """The soft-capped fp32 logits (each step rounded to the model dtype, as torch) and each row's argmax:
+    the first of equal maxima, a NaN before any number (torch.argmax), a vocabulary wider than the scratch rows
+    of the other kernels."""
+    R, V = 5, 40_000
+    logits = rand(R, V, dtype=dtype, scale=20.0)
+    logits[1, 7] = logits[1, 9] = 500.0  # ties: the first
+    logits[2, 11] = float("nan")
+    ours, argmax = ops.softcap_argmax(logits, cap)
+    ref, ref_argmax = ops.torch_softcap_argmax(logits, cap)
+    assert ours.dtype == torch.float32 and torch.isnan(ours[2, 11])
+    finite = ~torch.isnan(ref)
+    close(torch.where(finite, ours, 0.0), torch.where(finite, ref, 0.0), dtype)
+    assert argmax.tolist() == ref_argmax.tolist() and argmax[1] == 7 and argmax[2] == 11

@@ -137,7 +137,7 @@ class LLMEngine:
         self.last_step_tokens = sum(batch.num_new)
         if not batch:
             return []
-        logits, sampling = self.runner.run(batch)
+        logits, sampling, argmax = self.runner.run(batch)
         self.num_steps += 1
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
@@ -145,7 +145,7 @@ class LLMEngine:
         outputs = []
         if sampling:
             seqs = [batch.seqs[i] for i in sampling]
-            tokens, logprobs = sample(logits, seqs)
+            tokens, logprobs = sample(logits, seqs, argmax)
             for seq, token, lp in zip(seqs, tokens, logprobs):
                 outputs.append(self._append(seq, token, lp))
         return outputs

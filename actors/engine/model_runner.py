@@ -34,8 +34,9 @@ class ModelRunner:
         return self.num_blocks.get(FULL, 1 << 30) * self.cfg.block_size
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
-        """-> (logits [S, V] fp32, indices into batch.seqs of the S requests that sample this step)."""
+    def run(self, batch: Batch) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """-> (logits [S, V] fp32, indices into batch.seqs of the S requests that sample this step, each
+        one's argmax [S])."""
         rows, sampling, end = [], [], 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             end += n
@@ -49,8 +50,8 @@ class ModelRunner:
             parts.append(self._part(batch.seqs[cut:], batch.num_new[cut:]))
         hidden = [h for h in forward_parts(self.model, parts, self.experts) if h is not None]
         hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-        logits = self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
-        return logits.float().cpu(), sampling
+        logits, argmax = self.model.logits_and_argmax(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        return logits.cpu(), sampling, argmax.cpu()
 
     def _part(self, seqs: list, num_new: list[int]) -> tuple:
         """(input ids, positions, paged-attention context) of some of a step's requests."""

@@ -29,10 +29,12 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return probs
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
-    """logits [B, V] for the requests ``seqs`` -> (token ids, chosen-token logprobs or None)."""
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           argmax: torch.Tensor | None = None) -> tuple[list[int], list[float | None]]:
+    """logits [B, V] for the requests ``seqs`` -> (token ids, chosen-token logprobs or None). ``argmax``: each
+    row's argmax where the caller has it already (the model's head finds it in its last pass)."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = (logits.argmax(dim=-1) if argmax is None else argmax).tolist()
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.min_tokens and seq.num_output < p.min_tokens:

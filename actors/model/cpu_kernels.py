@@ -112,6 +112,8 @@ def _declare_fused(lib) -> None:
         "fused_route": [p, flag, i, i, i, p, p, p, threads],
         "fused_moe_align": [p, i, i, i, p, flag, i, p, p, p],
         "fused_moe_combine": [p, flag, i, p, p, i, i, i, p, threads],
+        "fused_gelu_mul": [p, p, i, flag, i, i, p, threads],
+        "fused_softcap_argmax": [p, flag, i, i, f, p, p, threads],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -163,10 +163,13 @@ class Gemma4Model(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden):
-        """Tied head on the unscaled embedding, then the final soft-cap (in the model dtype)."""
-        logits = linear(hidden, self.embed_tokens.weight, pack=True)
-        cap = self.cfg.final_logit_softcapping
-        return cap * torch.tanh(logits / cap) if cap else logits
+        """fp32 logits: the tied head on the unscaled embedding, then the final soft-cap, each step rounded to
+        the model dtype (as transformers computes them)."""
+        return self.logits_and_argmax(hidden)[0]
+
+    def logits_and_argmax(self, hidden):
+        """(fp32 logits [R, V], each row's argmax [R]): the greedy tokens come out of the soft-cap's pass."""
+        return ops.softcap_argmax(linear(hidden, self.embed_tokens.weight, pack=True), self.cfg.final_logit_softcapping)
 
 
 def run_stages(stages):

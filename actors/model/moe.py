@@ -15,7 +15,7 @@ from torch import nn
 
 from . import cpu_kernels, ops
 from .config import ModelConfig
-from .layers import Linear, gelu_tanh
+from .layers import Linear
 
 
 class DenseMLP(nn.Module):
@@ -28,7 +28,7 @@ class DenseMLP(nn.Module):
         self.down_proj = Linear(width, hidden)
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -97,7 +97,7 @@ def _grouped(x_TH, ids_TK, experts: "Experts"):
     if S == 0:
         return x_TH.new_empty(0, x_TH.shape[1]), row_of_slot, 0
     gate, up = experts.project(xs_SH, offsets_G1, experts.gate_up_proj).chunk(2, dim=-1)
-    return experts.project(gelu_tanh(gate) * up, offsets_G1, experts.down_proj), row_of_slot, S
+    return experts.project(ops.gelu_mul(gate, up), offsets_G1, experts.down_proj), row_of_slot, S
 
 
 def grouped_experts(x_TH, ids_TK, weights_TK, experts: "Experts") -> torch.Tensor:

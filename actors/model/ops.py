@@ -1,12 +1,14 @@
 """The small steps of a decoder layer, each one call: RMSNorm (alone, after attention with the residual, the
-three inputs of the feed-forward block, and the layer's end), q/k/v norms with RoPE, the router's top-k, and
-the experts' sort and weighted sum.
+three inputs of the feed-forward block, and the layer's end), q/k/v norms with RoPE, the router's top-k, the
+experts' sort and weighted sum, GeGLU's gelu x up; and the head's soft-cap with the greedy choice.
 
 Each op has a torch definition (``torch_*``, the model spec's math as transformers computes it; used on GPUs
 and as the oracle in tests) and, on CPUs, a native kernel (``kernels/fused.c``) that computes the same in one
 pass: at decode these steps are a few thousand numbers per token, and as chains of torch operators they cost
 more in per-operator overhead than in arithmetic. The kernels round to the model dtype where torch stores an
-intermediate tensor, so a bf16 model rounds where transformers' does.
+intermediate tensor, so a bf16 model rounds where transformers' does. Where a step takes a tanh (GELU, the
+soft-cap), the kernel's is within 2-3 ulp of fp32 where torch's is within 1, so a bf16 result may differ from
+torch's by one bf16 ulp in a few of every 10^4 numbers, an fp32 one in its last bits.
 
 Legend: T tokens, H hidden, E experts, K top-k, N / G query / KV heads, D head dim, S expert rows.
 """
@@ -19,16 +21,17 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .layers import apply_rope, derived, rms_norm as torch_rms_norm
+from .layers import apply_rope, derived, gelu_tanh, rms_norm as torch_rms_norm
 
 MAX_DIM = 16384  # the widest row the kernels take (their scratch rows; kernels/fused.c)
 _TYPE = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def native(*tensors: torch.Tensor) -> bool:
-    """Whether the native kernels serve these tensors (CPU, fp32 or bf16, contiguous rows within MAX_DIM)."""
-    return all(t.device.type == "cpu" and t.dtype in _TYPE and t.is_contiguous() and t.shape[-1] <= MAX_DIM
-               for t in tensors) and cpu_kernels.available()
+def native(*tensors: torch.Tensor, widest: int | None = MAX_DIM) -> bool:
+    """Whether the native kernels serve these tensors (CPU, fp32 or bf16, contiguous rows within ``widest``:
+    MAX_DIM for a kernel with scratch rows, None for one without)."""
+    return all(t.device.type == "cpu" and t.dtype in _TYPE and t.is_contiguous()
+               and (widest is None or t.shape[-1] <= widest) for t in tensors) and cpu_kernels.available()
 
 
 def _f32(w: torch.Tensor | None):
@@ -211,3 +214,42 @@ def moe_combine(ys_SH, weights_TK, row_of_slot, S: int):
     cpu_kernels.lib().fused_moe_combine(_ptr(ys_SH), _TYPE[ys_SH.dtype], S, _ptr(weights_TK),
                                         _ptr(row_of_slot), T, K, ys_SH.shape[1], _ptr(out), _threads())
     return out
+
+
+def torch_gelu_mul(gate_SI, up_SI):
+    return gelu_tanh(gate_SI) * up_SI
+
+
+def gelu_mul(gate_SI, up_SI):
+    """GeGLU's activation gelu_tanh(gate) * up: rows of gate and up the same distance apart (the halves of one
+    [S, 2I] projection, or two [S, I] ones)."""
+    S, I = gate_SI.shape
+    rows = lambda t: t.device.type == "cpu" and t.dtype in _TYPE and t.stride(1) == 1  # noqa: E731
+    if not (rows(gate_SI) and rows(up_SI) and up_SI.dtype == gate_SI.dtype and gate_SI.stride() == up_SI.stride()
+            and I % 8 == 0 and cpu_kernels.available()):
+        return torch_gelu_mul(gate_SI, up_SI)
+    out = torch.empty(S, I, dtype=gate_SI.dtype)
+    cpu_kernels.lib().fused_gelu_mul(_ptr(gate_SI), _ptr(up_SI), gate_SI.stride(0), _TYPE[gate_SI.dtype], S, I,
+                                     _ptr(out), _threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the head
+
+
+def torch_softcap_argmax(logits_RV, cap: float):
+    capped = (cap * torch.tanh(logits_RV / cap) if cap else logits_RV).float()
+    return capped, capped.argmax(dim=-1)
+
+
+def softcap_argmax(logits_RV, cap: float):
+    """(fp32 cap · tanh(logits / cap) [R, V], rounded to the logits' dtype at each step as torch stores it, and
+    each row's argmax [R]: the greedy token, found in the same pass)."""
+    R, V = logits_RV.shape
+    if not native(logits_RV, widest=None) or V % 8:
+        return torch_softcap_argmax(logits_RV, cap)
+    out = torch.empty(R, V, dtype=torch.float32)
+    argmax = torch.empty(R, dtype=torch.int64)
+    cpu_kernels.lib().fused_softcap_argmax(_ptr(logits_RV), _TYPE[logits_RV.dtype], R, V, float(cap or 0.0),
+                                           _ptr(out), _ptr(argmax), _threads())
+    return out, argmax

@@ -274,3 +274,121 @@ void fused_moe_combine(const void *ys, int bf16, int64_t S, const float *weights
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------- tanh: GELU, soft-cap */
+
+/* e^x for 8 lanes (|x| <= 88; Cephes' expf: Cody-Waite reduction by ln 2, a degree-6 polynomial; within
+ * 2 ulp of the true value) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+/* tanh for 8 lanes, within 2-3 ulp of the true value (torch's own is within 1): an odd polynomial below
+ * |x| = 0.625 (Cephes' tanhf), 1 - 2 / (e^2|x| + 1) above (+-1 in fp32 from |x| = 9.01); NaN stays NaN */
+static inline __m256 tanh8(__m256 x) {
+    const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f)), a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+    const __m256 e = exp8(_mm256_add_ps(_mm256_min_ps(a, _mm256_set1_ps(10.0f)), _mm256_min_ps(a, _mm256_set1_ps(10.0f))));
+    const __m256 large = _mm256_or_ps(sign, _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                                                          _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)))));
+    const __m256 y = _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN in, NaN out */
+}
+
+/* 8 numbers of a row in the model dtype, as fp32, and back (rounded to nearest even, as torch) */
+static inline __m256 load8(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static inline __m256 round8(__m256 f, int bf16) { /* the value a tensor of the dtype stores for each lane */
+    if (!bf16) return f;
+    const __m256i u = _mm256_castps_si256(f), mask = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), mask);
+    const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x400000)), mask);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q))));
+}
+
+static inline void store8(void *p, int bf16, int64_t i, __m256 f) { /* f already rounded to the dtype */
+    if (!bf16) {
+        _mm256_storeu_ps((float *)p + i, f);
+        return;
+    }
+    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(f), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
+}
+
+/* GeGLU's activation: out[s] = gelu_tanh(gate[s]) * up[s] for rows s of gate and up (ld elements apart: the
+ * halves of one [S, 2I] tensor, or two [S, I] ones); out [S, I]. As torch: GELU in fp32 rounded to the dtype,
+ * the product rounded again. I a multiple of 8. */
+void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int64_t S, int64_t I, void *out,
+                    int threads) {
+    const int64_t rows = S, n = 2 * I;
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 beta = _mm256_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
+    PARALLEL_ROWS
+    for (int64_t s = 0; s < S; s++) {
+        const void *g_row = row_of(gate, bf16, s, ld), *u_row = row_of(up, bf16, s, ld);
+        void *o = mrow_of(out, bf16, s, I);
+        for (int64_t i = 0; i < I; i += 8) {
+            const __m256 x = load8(g_row, bf16, i), u = load8(u_row, bf16, i);
+            const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+            const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
+            const __m256 g = round8(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh8(inner))), bf16);
+            store8(o, bf16, i, round8(_mm256_mul_ps(g, u), bf16));
+        }
+    }
+}
+
+/* The head's end: out = fp32(cap · tanh(logits / cap)), each step rounded to the model dtype as torch stores
+ * it (no cap: the logits widened); argmax[r] = the first index of row r's largest value (a NaN counts as the
+ * largest, as torch.argmax). logits [R, V] (V a multiple of 8), out [R, V] fp32. */
+void fused_softcap_argmax(const void *logits, int bf16, int64_t R, int64_t V, float cap, float *out,
+                          int64_t *argmax, int threads) {
+    const int64_t rows = R, n = V;
+    PARALLEL_ROWS
+    for (int64_t r = 0; r < R; r++) {
+        const void *row = row_of(logits, bf16, r, V);
+        float *o = out + r * V;
+        __m256 top = _mm256_set1_ps(-INFINITY);
+        int nan = 0;
+        for (int64_t i = 0; i < V; i += 8) {
+            __m256 x = load8(row, bf16, i);
+            if (cap != 0.0f) {
+                const __m256 c = _mm256_set1_ps(cap);
+                x = round8(_mm256_mul_ps(c, round8(tanh8(round8(_mm256_div_ps(x, c), bf16)), bf16)), bf16);
+            }
+            _mm256_storeu_ps(o + i, x);
+            nan |= _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            top = _mm256_max_ps(top, x);
+        }
+        float lanes[8], best = -INFINITY;
+        _mm256_storeu_ps(lanes, top);
+        for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
+        int64_t at = 0;
+        for (int64_t i = 0; i < V; i++)
+            if (nan ? o[i] != o[i] : o[i] == best) { at = i; break; }
+        argmax[r] = at;
+    }
+}

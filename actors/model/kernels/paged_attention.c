@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define FLUSH_DENORMALS 0x8040 /* MXCSR: flush-to-zero (results) and denormals-are-zero (inputs) */
+
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -31,29 +33,53 @@ static inline __m256 load_bf16(const uint16_t *p) {
 
 /* The kernel for a cache of element type T (read with LOAD): paged_decode_attention_<NAME>. */
 #define DEFINE_ATTENTION(NAME, T, LOAD)                                                                    \
-/* scores[h][i] = q_h . k_(lo + i) for n query heads (n <= 8) */                                          \
+/* scores[h][i] for `group` keys from i0 at once: n x group independent sums in registers (one key's sum is a  \
+ * chain of D / 8 dependent FMAs: alone, its latency, not the loads, set the pace). Inlined with constant n and  \
+ * group, so the accumulators stay in registers; each key's sum is the same chain whatever the group. */     \
+static inline __attribute__((always_inline)) void key_group_##NAME(const float *q, const int n, const int group,\
+        const T *k, int64_t slot_stride, const int64_t *blocks, int64_t bs, int64_t lo, int64_t first, int64_t i0,\
+        int64_t D, float *scores, int64_t ld) {                                                            \
+    const T *ku[8];                                                                                        \
+    __m256 acc[8];                                                                                         \
+    for (int j = 0; j < group; j++) {                                                                      \
+        const int64_t u = lo + i0 + j;                                                                     \
+        ku[j] = k + (blocks[u / bs - first] * bs + u % bs) * slot_stride;                                  \
+    }                                                                                                      \
+    for (int a = 0; a < n * group; a++) acc[a] = _mm256_setzero_ps();                                      \
+    for (int64_t d = 0; d < D; d += 8)                                                                     \
+        for (int j = 0; j < group; j++) {                                                                  \
+            const __m256 kv = LOAD(ku[j] + d);                                                             \
+            for (int h = 0; h < n; h++)                                                                    \
+                acc[j * n + h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + d), kv, acc[j * n + h]);      \
+        }                                                                                                  \
+    for (int j = 0; j < group; j++)                                                                        \
+        for (int h = 0; h < n; h++) scores[h * ld + i0 + j] = hsum(acc[j * n + h]);                        \
+}                                                                                                          \
+                                                                                                           \
+/* scores[h][i] = q_h . k_(lo + i) for n query heads (n <= 8), 8 / n keys at a time */                    \
 static void scores_##NAME(const float *q, int64_t n, const T *k, int64_t slot_stride, const int64_t *blocks,\
                           int64_t bs, int64_t lo, int64_t count, int64_t D, float *scores, int64_t ld) {   \
     const int64_t first = lo / bs;                                                                         \
-    for (int64_t i = 0; i < count; i++) {                                                                  \
-        const int64_t u = lo + i;                                                                          \
-        const T *ku = k + (blocks[u / bs - first] * bs + u % bs) * slot_stride;                            \
-        __m256 acc[8];                                                                                     \
-        for (int h = 0; h < n; h++) acc[h] = _mm256_setzero_ps();                                          \
-        for (int64_t d = 0; d < D; d += 8) {                                                               \
-            const __m256 kv = LOAD(ku + d);                                                                \
-            for (int h = 0; h < n; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + d), kv, acc[h]);\
-        }                                                                                                  \
-        for (int h = 0; h < n; h++) scores[h * ld + i] = hsum(acc[h]);                                     \
+    int64_t i = 0;                                                                                         \
+    switch (n) {                                                                                           \
+    case 1: for (; i + 8 <= count; i += 8) key_group_##NAME(q, 1, 8, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
+    case 2: for (; i + 4 <= count; i += 4) key_group_##NAME(q, 2, 4, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
+    case 4: for (; i + 2 <= count; i += 2) key_group_##NAME(q, 4, 2, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
+    case 8: for (; i < count; i++) key_group_##NAME(q, 8, 1, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
     }                                                                                                      \
+    for (; i < count; i++) /* the keys left, and other head counts: one key at a time */                   \
+        for (int64_t h = 0; h < n; h++)                                                                    \
+            key_group_##NAME(q + h * D, 1, 1, k, slot_stride, blocks, bs, lo, first, i, D, scores + h * ld, ld);\
 }                                                                                                          \
                                                                                                            \
-/* out[n, D] = p[n, count] . v (64 columns at a time: 8 accumulators per head) */                         \
+/* out[n, D] = p[n, count] . v (64 columns at a time: 8 accumulators per head). The heads of a column range \
+ * one after another, so its values (count x 128 bytes) are read from memory once and from cache by the other \
+ * heads: head by head over every column, a 512-wide head's values (1 KB apart) left L2 before the next head. */\
 static void values_##NAME(const float *p, int64_t ld, int64_t n, const T *v, int64_t slot_stride,          \
                           const int64_t *blocks, int64_t bs, int64_t lo, int64_t count, int64_t D, float *out) {\
     const int64_t first = lo / bs;                                                                         \
-    for (int h = 0; h < n; h++)                                                                            \
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {                                                           \
+    for (int64_t d0 = 0; d0 < D; d0 += 64)                                                                 \
+        for (int h = 0; h < n; h++) {                                                                      \
             const int64_t w = D - d0 < 64 ? (D - d0) / 8 : 8;                                              \
             __m256 acc[8];                                                                                 \
             for (int j = 0; j < w; j++) acc[j] = _mm256_setzero_ps();                                      \
@@ -79,6 +105,11 @@ int paged_decode_attention_##NAME(const float *q, const T *k, const T *v, int64_
     const int parallel = threads > 1 && B * G > 1;                                                         \
     _Pragma("omp parallel num_threads(threads) if (parallel) reduction(| : failed)")                       \
     {                                                                                                      \
+        /* denormals as zero: the softmax of a peaked row has probabilities below 1e-38, and every FMA on   \
+         * one took a microcode assist (a 512-wide head's decode attention ran 5x slower); such a term is   \
+         * below the output's last bit */                                                                  \
+        const unsigned int csr = _mm_getcsr();                                                             \
+        _mm_setcsr(csr | FLUSH_DENORMALS);                                                                 \
         float *scores = malloc(sizeof(float) * (n < 8 ? n : 8) * longest);                                 \
         if (!scores) failed = 1;                                                                           \
         _Pragma("omp for schedule(dynamic, 1)")                                                            \
@@ -102,6 +133,7 @@ int paged_decode_attention_##NAME(const float *q, const T *k, const T *v, int64_
             }                                                                                              \
         }                                                                                                  \
         free(scores);                                                                                      \
+        _mm_setcsr(csr);                                                                                   \
     }                                                                                                      \
     return failed ? -1 : 0;                                                                                \
 }
