@@ -24,22 +24,20 @@ def masked_attention(q, k, v, q_pos, k_pos, window: int | None):
 
     q [B, Q, N, D], k/v [G, B, K, D] (head-major, N = G * n), q_pos [B, Q], k_pos [B, K] (positions; padding
     keys carry a position no query can see). A key u is visible to a query t iff u <= t and, with a window W,
-    t - u < W. Softmax runs in fp32 and the probabilities are cast back to the model dtype, as transformers'
-    eager path. Two batched GEMMs over (head group, request): the head-major keys need no permuted copy.
+    t - u < W. torch's fused attention (on a CPU its flash kernel: 2-4x the two batched GEMMs around an fp32
+    softmax in bf16, 1.2-1.4x in fp32, docs/performance.md "Prefill chunk, by part"): the softmax and the
+    sums run in fp32 blocks, so a bf16 model is no less exact than transformers' eager attention, which rounds
+    the probabilities to bf16. A query that sees no key (padding) gets the first one: its row is discarded,
+    and it stays a number.
     """
-    B, Q, N, D = q.shape
-    G, _, K, _ = k.shape
-    n = N // G
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Q, K]
     visible = delta >= 0
     if window is not None:
         visible &= delta < window
-    qg = q.view(B, Q, G, n, D).permute(2, 0, 3, 1, 4).reshape(G * B, n * Q, D)
-    scores = torch.bmm(qg, k.reshape(G * B, K, D).transpose(1, 2)).view(G, B, n, Q, K)
-    scores = scores.masked_fill(~visible[None, :, None], torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.bmm(probs.view(G * B, n * Q, K), v.reshape(G * B, K, D)).view(G, B, n, Q, D)
-    return out.permute(1, 3, 0, 2, 4).reshape(B, Q, N, D)
+    visible[..., 0] |= ~visible.any(dim=-1)
+    out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(0, 1), v.transpose(0, 1),
+                                                     attn_mask=visible[:, None], scale=1.0, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 class AttentionContext(Protocol):
