@@ -102,7 +102,7 @@ def _load():
 def _declare_fused(lib) -> None:
     """Argument types of kernels/fused.c (pointers, int64 sizes, fp32 scalars, the dtype flag)."""
     p, i, f, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    threads = ctypes.c_int  # the last argument of all but the sort
+    threads = ctypes.c_int  # the last argument of each
     signatures = {
         "fused_rms_norm": [p, flag, i, i, p, f, p, threads],
         "fused_add_rms_norm": [p, p, flag, i, i, p, f, p, threads],
@@ -110,7 +110,7 @@ def _declare_fused(lib) -> None:
         "fused_ffn_output": [p, p, p, flag, i, i, p, p, p, f, f, p, threads],
         "fused_qkv": [p, p, p, flag, i, i, i, i, p, p, p, p, f, p, p, p, threads],
         "fused_route": [p, flag, i, i, i, p, p, p, threads],
-        "fused_moe_align": [p, i, i, i, p, flag, i, p, p, p],
+        "fused_moe_align": [p, i, i, i, p, flag, i, p, p, p, threads],
         "fused_moe_combine": [p, flag, i, p, p, i, i, i, p, threads],
         "fused_gelu_mul": [p, p, i, flag, i, i, p, threads],
         "fused_softcap_argmax": [p, flag, i, i, f, p, p, threads],

@@ -191,7 +191,7 @@ def moe_align(ids_TK, num_experts: int, x_TH):
     offsets = torch.empty(num_experts + 1, dtype=torch.int64)
     row_of_slot = torch.empty(T * K, dtype=torch.int64)
     S = cpu_kernels.lib().fused_moe_align(_ptr(ids), T, K, num_experts, _ptr(x_TH), _TYPE[x_TH.dtype], x_TH.shape[1],
-                                          _ptr(offsets), _ptr(row_of_slot), _ptr(xs))
+                                          _ptr(offsets), _ptr(row_of_slot), _ptr(xs), _threads())
     return xs[:S], offsets, row_of_slot, S
 
 

@@ -232,9 +232,10 @@ void fused_route(const void *logits, int bf16, int64_t T, int64_t E, int64_t k, 
 
 /* The experts' rows in expert order: for the (token, slot) pairs with a local expert id (>= 0; -1 = another
  * process's), a stable counting sort by expert. offsets [E + 1]; row_of_slot [T * k]: the slot's row, or S
- * for the others' slots; xs [S, n] the tokens' rows gathered. Returns S. */
+ * for the others' slots; xs [S, n] the tokens' rows gathered (a prefill chunk's are tens of MB: copied by
+ * every thread). Returns S. */
 int64_t fused_moe_align(const int64_t *ids, int64_t T, int64_t k, int64_t E, const void *x, int bf16, int64_t n,
-                        int64_t *offsets, int64_t *row_of_slot, void *xs) {
+                        int64_t *offsets, int64_t *row_of_slot, void *xs, int threads) {
     const int64_t size = bf16 ? 2 : 4;
     memset(offsets, 0, sizeof(int64_t) * (E + 1));
     for (int64_t i = 0; i < T * k; i++)
@@ -247,11 +248,13 @@ int64_t fused_moe_align(const int64_t *ids, int64_t T, int64_t k, int64_t E, con
             row_of_slot[i] = S;
             continue;
         }
-        const int64_t row = offsets[ids[i] + 1]++;
-        row_of_slot[i] = row;
-        memcpy((char *)xs + row * n * size, (const char *)x + (i / k) * n * size, n * size);
+        row_of_slot[i] = offsets[ids[i] + 1]++;
     }
     offsets[0] = 0;
+    const int64_t rows = T * k;
+    PARALLEL_ROWS
+    for (int64_t i = 0; i < T * k; i++)
+        if (row_of_slot[i] < S) memcpy((char *)xs + row_of_slot[i] * n * size, (const char *)x + (i / k) * n * size, n * size);
     return S;
 }
 
