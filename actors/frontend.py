@@ -290,8 +290,7 @@ class Frontend:
                 **{k: stats[k] for k in ("tokens_per_shard", "tokens_per_expert", "tokens_per_layer_shard")}}
 
     def ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None \
-            and self.suspended is None
+        return self._thread is not None and self._thread.is_alive() and (self.error, self.suspended) == (None, None)
 
     def metrics(self) -> dict:
         """This actor's Prometheus metric families and health, for the ingress's scrape target."""
@@ -304,13 +303,12 @@ class Frontend:
         return await self._commands.call(fn)
 
     def _run(self) -> None:
-        self._last_header = time.monotonic()
-        warm_up = self.engine.config.warm_up
+        self._last_header, warm_up = time.monotonic(), self.engine.config.warm_up
         try:
             while self.error is None:
-                try:
-                    if warm_up:  # before the first command (every front-end: the shards warm up too); a
-                        warm_up = False  # shard lost meanwhile is recovered as in a step, and it is not redone
+                try:  # the warm-up first (the shards warm up too), once: a shard lost in it is recovered as in
+                    if warm_up:  # a step
+                        warm_up = False
                         self.engine.warm_up()
                     if not self._commands.run(self._wait_until()):
                         break
