@@ -25,6 +25,7 @@ import types
 import pytest
 import torch
 
+from epserve.actors.model import host_memory
 from epserve.actors.model.attention import WholeSequence
 from epserve.actors.model.loader import load_model
 from epserve.cluster.fixtures.checkpoint import preset, write_checkpoint
@@ -35,6 +36,14 @@ torch.set_num_threads(2)
 
 REL_TOL = 1e-5  # the acceptance tolerance, relative to the largest reference logit
 TINY_SEED = 1234
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _freed_memory_given_back():
+    """After each test module: this process loads and drops many models, and glibc keeps what they freed
+    (host_memory.keep_freed_memory, for servers); the Ray actors of the next module need that memory."""
+    yield
+    host_memory.give_back_freed_memory()
 
 
 # --------------------------------------------------------------------------------------------- helpers

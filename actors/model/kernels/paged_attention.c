@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #define FLUSH_DENORMALS 0x8040 /* MXCSR: flush-to-zero (results) and denormals-are-zero (inputs) */
+#define KEY_GROUP_ARGS k, slot_stride, blocks, bs, lo, first, i, D, scores, ld
 
 
 static inline float hsum(__m256 v) {
@@ -61,11 +62,11 @@ static void scores_##NAME(const float *q, int64_t n, const T *k, int64_t slot_st
                           int64_t bs, int64_t lo, int64_t count, int64_t D, float *scores, int64_t ld) {   \
     const int64_t first = lo / bs;                                                                         \
     int64_t i = 0;                                                                                         \
-    switch (n) {                                                                                           \
-    case 1: for (; i + 8 <= count; i += 8) key_group_##NAME(q, 1, 8, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
-    case 2: for (; i + 4 <= count; i += 4) key_group_##NAME(q, 2, 4, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
-    case 4: for (; i + 2 <= count; i += 2) key_group_##NAME(q, 4, 2, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
-    case 8: for (; i < count; i++) key_group_##NAME(q, 8, 1, k, slot_stride, blocks, bs, lo, first, i, D, scores, ld); break;\
+    switch (n) { /* n heads x group keys: 8 sums in registers */                                            \
+    case 1: for (; i + 8 <= count; i += 8) key_group_##NAME(q, 1, 8, KEY_GROUP_ARGS); break;                \
+    case 2: for (; i + 4 <= count; i += 4) key_group_##NAME(q, 2, 4, KEY_GROUP_ARGS); break;                \
+    case 4: for (; i + 2 <= count; i += 2) key_group_##NAME(q, 4, 2, KEY_GROUP_ARGS); break;                \
+    case 8: for (; i < count; i++) key_group_##NAME(q, 8, 1, KEY_GROUP_ARGS); break;                        \
     }                                                                                                      \
     for (; i < count; i++) /* the keys left, and other head counts: one key at a time */                   \
         for (int64_t h = 0; h < n; h++)                                                                    \
