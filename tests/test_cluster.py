@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 
@@ -24,7 +25,7 @@ from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import expert_dtype
 from epserve.cluster.config import ClusterConfig
 from epserve.actors.frontend import EngineFailure
-from epserve.cluster.launcher import Cluster, bundles, frontend_name, shard_name
+from epserve.cluster.launcher import Cluster, bundles, frontend_name, openmp_env, shard_name
 from epserve.cluster.serving.frontend_client import FrontendClient
 
 from helpers import engine_greedy
@@ -78,6 +79,10 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
             # the same bits, whatever the number of shards and front-ends
             assert torch.equal(remote, local)
         assert [ray.get_actor(frontend_name(j), namespace="epserve") for j in range(frontends)]
+        # actors sharing the host's cores wait passively between parallel regions (launcher.openmp_env)
+        waits = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("OMP_WAIT_POLICY"))
+                         for a in cluster.frontends + cluster.shards])
+        assert waits == [os.environ.get("OMP_WAIT_POLICY", "passive")] * (frontends + shards)
         # each shard holds its slice only, read from the checkpoint as just that slice
         cfg = tiny_model.cfg
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down
@@ -204,6 +209,17 @@ def test_bundles_add_each_roles_resources():
     # a bundle per front-end, first: rank r of the group is bundle r
     assert bundles(ClusterConfig(shards=2, frontends=3, **ROLES), 1.0, True) == \
         [gpu | {"frontend": 1}] * 3 + [gpu | {"expert": 1}] * 2
+
+
+def test_openmp_waits_passively_only_where_actors_share_cores(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    passive = {"OMP_WAIT_POLICY": "passive"}
+    assert openmp_env(ClusterConfig(), use_gpu=False) == passive
+    assert openmp_env(ClusterConfig(frontend_cpus=[0], shard_cpus=[0, 1]), use_gpu=False) == passive
+    assert openmp_env(ClusterConfig(frontend_cpus=[0], shard_cpus=[1]), use_gpu=False) == {}  # cores apart
+    assert openmp_env(ClusterConfig(), use_gpu=True) == {}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the operator's word stands
+    assert openmp_env(ClusterConfig(), use_gpu=False) == {}
 
 
 @pytest.mark.parametrize("resources, words", [
