@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from epserve.actors.model import cpu_kernels, cpu_threads
+from epserve.actors.model import cpu_kernels, cpu_threads, layers
 from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import AMX_MIN_ROWS, GROUPED_MM, expert_dtype
 
@@ -81,6 +81,27 @@ def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
     assert torch.equal(alone[0], y[row])
     with pytest.raises(ValueError, match="N % 16"):
         cpu_kernels.grouped_linear_amx(x[:4, :96], torch.tensor([0, 4]), w[:1, :8, :96].contiguous(), 1)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this machine")
+def test_model_linears_take_the_amx_kernel_at_decode_rows_and_onednn_above(monkeypatch):
+    """A long-lived bf16 weight (``Linear``, the tied head) goes through the AMX kernel at up to AMX_ROWS
+    rows, strided rows and a leading batch shape included, and through oneDNN above; both within bf16 rounding
+    of fp32 math."""
+    calls = []
+    kernel = cpu_kernels.linear_amx
+    monkeypatch.setattr(cpu_kernels, "linear_amx", lambda x, w: calls.append(len(x)) or kernel(x, w))
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(96, 320, generator=g) / 320**0.5).to(torch.bfloat16)
+    for rows in (1, 2, 5, layers.AMX_ROWS, layers.AMX_ROWS + 1):
+        x = torch.randn(rows, 2 * 320, generator=g).to(torch.bfloat16)[:, :320]  # rows 640 apart
+        y = layers.linear(x, w, pack=True)
+        exact = x.double() @ w.double().T
+        assert (y.double() - exact).abs().amax(dim=1).le(2**-8 * exact.abs().amax(dim=1) + 1e-6).all()
+    assert calls == [1, 2, 5, layers.AMX_ROWS]
+    assert layers.linear(torch.ones(2, 3, 320, dtype=torch.bfloat16), w, pack=True).shape == (2, 3, 96)
+    assert layers.linear(torch.ones(4, 320), w.float(), pack=True).dtype == torch.float32  # fp32: oneDNN
+    assert calls == [1, 2, 5, layers.AMX_ROWS, 6]
 
 
 def test_packing_round_trips_and_bad_shapes_or_offsets_are_refused():

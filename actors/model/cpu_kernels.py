@@ -204,6 +204,25 @@ def grouped_linear_amx(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, 
                     "bf16 x [S, K] and bf16 w [G, N, K] with N % 16 == 0 and K % 32 == 0", min_rows)
 
 
+def linear_amx(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16 [M, N] = x [M, K] @ w [N, K].T on AMX tiles (one group of ``grouped_linear_amx``; fewer than 3 rows
+    through the dot kernel, which streams the weights a little faster)."""
+    return grouped_linear_amx(x, _whole(x.shape[0]), w[None], 3, check=False)
+
+
+_WHOLE: dict[int, torch.Tensor] = {}
+
+
+def _whole(rows: int) -> torch.Tensor:
+    """offsets [0, rows]: one group of every row (kept for a decode step's row counts, read only)."""
+    offsets = _WHOLE.get(rows)
+    if offsets is None:
+        offsets = torch.tensor([0, rows])
+        if rows <= 1024:
+            _WHOLE[rows] = offsets
+    return offsets
+
+
 def amx_shapes(n: int, k: int) -> bool:
     """Whether ``grouped_linear_amx`` takes weights [.., n, k]."""
     return n % 16 == 0 and k % 32 == 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu_kernels
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma 4 RMSNorm: fp32 inside, eps inside the root, ``x̂ · w`` (not ``1 + w``), cast back."""
@@ -44,15 +46,27 @@ def _onednn_weight(w: torch.Tensor):
 
 
 ONEDNN_ROWS = 32  # above this many rows, a weight without a reordered copy also goes through oneDNN
+# At most this many rows (a decode step), a long-lived bf16 weight goes through the AMX kernel
+# (kernels/bf16_amx.c, the weight as the checkpoint stores it): on the `bench` preset's projections and head it
+# took 0.46-0.96x oneDNN's time from 1 to 128 rows on a 2-core Xeon (weights streamed from memory; at 1-2 rows
+# the AVX512-BF16 dot kernel, 0.52-0.62x). Above it oneDNN, which reached 1.9-2.0 TFLOP/s on a prefill chunk
+# where that kernel made 1.3 on another Xeon (docs/performance.md, "CPU kernels").
+AMX_ROWS = 128
+
+
+def _amx_serves(rows: torch.Tensor, w: torch.Tensor) -> bool:
+    return (rows.shape[0] <= AMX_ROWS and rows.dtype == w.dtype == torch.bfloat16 and rows.stride(-1) == 1
+            and rows.stride(0) % 2 == 0 and w.dim() == 2 and w.is_contiguous() and cpu_kernels.amx_shapes(*w.shape) and cpu_kernels.amx_available())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, pack: bool = False) -> torch.Tensor:
     """x @ w.T over the last dim of x, in x's dtype, by the fastest path measured on this CPU
     (docs/performance.md, "CPU kernels"):
 
-    * ``pack`` (a long-lived weight: the model's projections and the tied head) on CPU in fp32 or bf16: oneDNN
-      with the weight reordered once into its blocked layout, 1.1-1.7x faster than BLAS from 16 to 2048 rows
-      in fp32, up to 1.2x ``F.linear`` at decode in bf16;
+    * ``pack`` (a long-lived weight: the model's projections and the tied head) on CPU: in bf16 at up to
+      ``AMX_ROWS`` rows on a CPU with AMX, the native AMX kernel; else oneDNN with the weight reordered once
+      into its blocked layout, 1.1-1.7x faster than BLAS from 16 to 2048 rows in fp32, up to 1.2x
+      ``F.linear`` at decode in bf16;
     * a transient weight (an expert's matrix, widened from bf16 for a prefill): oneDNN on the plain weight
       above ``ONEDNN_ROWS`` rows (1.15-1.4x BLAS at 64-256 rows), else (w @ x.T).T, which with this torch's
       MKL streams the weight and packs the small activation side, 1.2-2.5x faster than x @ w.T;
@@ -60,6 +74,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, pack: bool = False) -> torch.Tensor
     if x.device.type != "cpu":
         return nn.functional.linear(x, w)
     rows = x.reshape(-1, x.shape[-1])
+    if pack and _amx_serves(rows, w):
+        return cpu_kernels.linear_amx(rows, w).view(*x.shape[:-1], w.shape[0])
     onednn = _onednn_weight(w) if pack else (w if rows.shape[0] > ONEDNN_ROWS and _onednn_serves(w) else None)
     if onednn is not None:
         out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), onednn, None, "none", [], "")

@@ -33,6 +33,7 @@
 /* rows of one expert per work item: their packed tiles (1.4 MB at K = 2816) stay in L2; 128 was 7-13 % slower
  * at 256 rows per expert */
 #define CHUNK_ROWS 256
+#define PF_TILES 4
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -102,6 +103,9 @@ TARGET static void amx_item(const uint16_t *xp, int64_t M, const uint16_t *w, in
             const uint16_t *b0 = xp + b * tiles * 512, *b1 = b0 + tiles * 512;
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (int64_t t = 0; t < tiles; t++) {
+                if (b == 0 && t + PF_TILES < tiles)
+                    for (int r = 0; r < 16 * (1 + two_n); r++)
+                        _mm_prefetch((const char *)(a0 + r * K + 32 * (t + PF_TILES)), _MM_HINT_T0);
                 _tile_loadd(4, a0 + 32 * t, lda);
                 _tile_loadd(6, b0 + 512 * t, 64);
                 _tile_dpbf16ps(0, 4, 6);
