@@ -10,7 +10,8 @@ preset's shapes:
    grouped GEMM (oneDNN: AMX tiles where the CPU has them, one call per expert) and, with AMX, our tile kernel
    (``cpu_kernels.grouped_linear_amx``, what the model uses there).
 2. The dense projections and the tied head: ``x @ w.T``, ``(w @ x.T).T`` and oneDNN with the weight
-   reordered once (``layers.linear(..., pack=True)``, what the model uses).
+   reordered once (``layers.linear(..., pack=True)``, what the model uses); in bf16 with AMX, oneDNN against
+   the AMX kernel from 1 to 2048 rows (the model takes the kernel up to ``layers.AMX_ROWS``).
 3. A fresh multi-megabyte tensor with and without transparent huge pages (actors/__init__.py), in a child
    process each, since the setting is read once per process.
 4. A decode step's expert projections reading the weights where the checkpoint reader left them (its buffer,
@@ -108,6 +109,48 @@ def linear_table() -> str:
     return "\n".join(lines)
 
 
+def bf16_linear_table(copies_bytes: float = 1e9) -> str:
+    """The model's bf16 projections: oneDNN (reordered weight) against the AMX kernel, each call on another copy
+    of the weight (``copies_bytes`` of them, more than an L3 holds), so the weights come from memory as in a
+    step."""
+    from epserve.actors.model import cpu_kernels, host_memory
+    from epserve.actors.model.layers import _onednn_weight
+
+    if not cpu_kernels.amx_available():
+        return ""
+    torch.set_num_threads(os.cpu_count())
+    shapes = {"q (sliding)": (H, 4096), "o (full)": (8192, H), "dense down": (2112, H), "tied head": (H, 32768)}
+    lines = ["| projection | " + " | ".join(f"{r} rows" for r in BF16_ROWS) + " |", "|---" * (1 + len(BF16_ROWS)) + "|"]
+    for name, (k, n) in shapes.items():
+        copies = max(3, int(copies_bytes // (2 * n * k)))
+        ws = [host_memory.resident(torch.randn(n, k).to(torch.bfloat16)) for _ in range(copies)]
+        packed = [_onednn_weight(w) for w in ws]
+        cells = []
+        for rows in BF16_ROWS:
+            x = torch.randn(rows, k).to(torch.bfloat16)
+            onednn = median_over(lambda p, x=x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), packed)
+            amx = median_over(lambda w, x=x: cpu_kernels.linear_amx(x, w), ws)
+            cells.append(f"{1000 * onednn:.2f} / {1000 * amx:.2f} ms ({amx / onednn:.2f})")
+        lines.append(f"| {name} [{k} -> {n}] | " + " | ".join(cells) + " |")
+        del ws, packed
+    return "\n".join(lines)
+
+
+BF16_ROWS = (1, 16, 64, 128, 512, 2048)
+
+
+def median_over(fn, weights) -> float:
+    """The median time of ``fn`` over every weight in turn (after one pass to warm up)."""
+    for w in weights[:2]:
+        fn(w)
+    times = []
+    for w in weights:
+        t0 = time.perf_counter()
+        fn(w)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 FRESH = """
 import os, sys, time
 os.environ["THP_MEM_ALLOC_ENABLE"] = sys.argv[1]
@@ -159,7 +202,8 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     experts, bf16_experts = experts_table(), bf16_experts_table()
-    linear, fresh, weights = linear_table(), fresh_tensor_table(), weights_memory_line()
+    linear, bf16_linear = linear_table(), bf16_linear_table()
+    fresh, weights = fresh_tensor_table(), weights_memory_line()
     body = f"""
 Command: `python benchmarks/cpu_kernels.py` (revision {git_revision()}; {machine()}). Best of 3.
 
@@ -174,6 +218,12 @@ Routed experts in bf16 compute, 128 experts' gate/up matrices, the same number o
 Dense projections at decode (64 rows) and prefill (2048 rows), {os.cpu_count()} threads:
 
 {linear}
+
+The same in bf16 on a CPU with AMX: oneDNN (weight reordered once) / the AMX kernel (``cpu_kernels.linear_amx``,
+what the model uses at up to ``layers.AMX_ROWS`` rows), the median over calls on distinct copies of the weight
+(1 GB of them: read from memory, as in a step), {os.cpu_count()} threads:
+
+{bf16_linear}
 
 {fresh}
 

@@ -56,7 +56,8 @@ AMX_ROWS = 128
 
 def _amx_serves(rows: torch.Tensor, w: torch.Tensor) -> bool:
     return (rows.shape[0] <= AMX_ROWS and rows.dtype == w.dtype == torch.bfloat16 and rows.stride(-1) == 1
-            and rows.stride(0) % 2 == 0 and w.dim() == 2 and w.is_contiguous() and cpu_kernels.amx_shapes(*w.shape) and cpu_kernels.amx_available())
+            and rows.stride(0) % 2 == 0 and w.dim() == 2 and w.is_contiguous()
+            and cpu_kernels.amx_shapes(*w.shape) and cpu_kernels.amx_available())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, pack: bool = False) -> torch.Tensor:
