@@ -47,6 +47,7 @@ from typing import Callable
 
 import torch
 
+from .dispatch_rows import pack_rows, row_bytes
 from .model import ops
 from .model.moe import expert_outputs
 from .placement import Placement
@@ -112,11 +113,6 @@ def max_message_bytes(tokens: int, ranks: Ranks, hidden: int, top_k: int, dtype)
     block, a shard's answer to one front-end (every slot of its tokens, at worst), or the header."""
     return max((1 + tokens) * row_bytes(hidden, top_k, dtype), tokens * top_k * hidden * dtype.itemsize,
                8 * (HEADER_FIELDS + ranks.frontends * ranks.micro_batches))
-
-
-def row_bytes(hidden: int, top_k: int, dtype: torch.dtype) -> int:
-    """Bytes of one dispatched row: the hidden state, then the K local slots (int32), padded to 8 bytes."""
-    return -(-(hidden * dtype.itemsize + 4 * top_k) // 8) * 8
 
 
 @dataclass
@@ -256,29 +252,12 @@ class FrontendExchange:
         T, K = ids_TK.shape
         N = self.ranks.shards
         shard_TK, slot_TK = self.placement.route(layer, ids_TK)
-        hits_TN = torch.zeros(T, N, dtype=torch.bool, device=self.device)
-        hits_TN.scatter_(1, shard_TK, True)
-        dest, tokens = hits_TN.T.nonzero().unbind(1)  # (shard, token) pairs, grouped by shard
-        per_shard = hits_TN.sum(0)
-        own_RK = shard_TK[tokens] == dest[:, None]  # the slots each row's shard computes
-        block = 1 + T  # rows per shard: the count, then room for every token
-        row = dest * block + 1 + torch.arange(len(tokens), device=self.device) - (per_shard.cumsum(0) - per_shard)[dest]
-        send = torch.empty(N * block, self.row_bytes, dtype=torch.uint8, device=self.device)
-        send.view(torch.int64)[torch.arange(N, device=self.device) * block, 0] = per_shard
-        send.view(self.dtype)[row, : self.hidden] = x_TH[tokens]
-        first_slot = self.hidden * self.dtype.itemsize // 4
-        send.view(torch.int32)[row, first_slot : first_slot + K] = torch.where(own_RK, slot_TK[tokens], -1).int()
-        _, sent = self.transport.all_to_all(send, [0] * self.ranks.frontends + [block] * N, [0] * self.ranks.world,
+        send, row_of_slot, per_shard, slots_per_shard = pack_rows(x_TH, shard_TK, slot_TK, N, self.row_bytes)
+        _, sent = self.transport.all_to_all(send, [0] * self.ranks.frontends + [1 + T] * N, [0] * self.ranks.world,
                                             async_op=True)
-        # where each (token, slot)'s output will land: shards in rank order, rows in order, slots in order
-        row_of_slot = torch.empty(T * K, dtype=torch.int64, device=self.device)
-        flat_slot = (tokens[:, None] * K + torch.arange(K, device=self.device))[own_RK]
-        row_of_slot[flat_slot] = torch.arange(flat_slot.numel(), device=self.device)
-        slots_per_shard = torch.zeros(N, dtype=torch.int64, device=self.device).index_add_(
-            0, dest, own_RK.sum(1)).tolist()
         handle = FrontendHandle(weights_TK, row_of_slot, slots_per_shard, sent)
         if self.counting:
-            self._count(layer, T, K, len(tokens), per_shard.tolist(), ids_TK)
+            self._count(layer, T, K, sum(per_shard), per_shard, ids_TK)
             elapsed = time.perf_counter() - t0
             self.stats.dispatch_seconds += elapsed
             if self.on_dispatch is not None:

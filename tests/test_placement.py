@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from epserve.actors.model.attention import WholeSequence
 from epserve.actors.model.loader import load_model
+from epserve.actors.dispatch_rows import pack_rows, row_bytes, torch_pack_rows
 from epserve.actors.placement import Placement, PlacementError, build, expert_ranges
 from epserve.cluster.config import ClusterConfig
 from epserve.cluster.fixtures.checkpoint import preset, write_checkpoint
@@ -50,6 +51,29 @@ def test_a_replicated_experts_tokens_take_its_replicas_in_turn():
     assert shard[ids == 3].tolist() == [1] and slot[ids == 3].tolist() == [0]
     assert (shard[ids == 2].tolist(), slot[ids == 2].tolist()) == ([0, 0], [2, 2])
     assert all(torch.equal(a, b) for a, b in zip(p.route(0, ids), (shard, slot)))  # deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layers_rows_pack_the_same_natively_and_in_tensor_ops(dtype):
+    """The front-end's dispatch blocks (count, then each token's hidden state and its slots on the shard) and
+    where each slot's answer lands: the native pass equals the tensor ops, byte for byte in every row a shard
+    reads; tokens with no slot on a shard, replicas and strided hidden states included."""
+    g = torch.Generator().manual_seed(3)
+    E, N, T, K, H = 16, 3, 9, 4, 24
+    p = build(1, E, N, redundant=5)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids[0] = torch.tensor([0, 1, 2, 3])  # the first tokens of experts on shard 0: no row for the others
+    x = torch.randn(T, 2 * H, generator=g).to(dtype)[:, :H]
+    shard, slot = p.route(0, ids)
+    size = row_bytes(H, K, dtype)
+    native, reference = pack_rows(x, shard, slot, N, size), torch_pack_rows(x, shard, slot, N, size)
+    assert torch.equal(native[1], reference[1]) and native[2:] == reference[2:]
+    per_shard = native[2]
+    assert sum(native[3]) == T * K and min(per_shard) < T  # every slot answered once; not every token everywhere
+    for s, rows in enumerate(per_shard):  # the count row and each token's row (room past them is never read)
+        lo, used = s * (1 + T), slice(0, H * x.element_size() + 4 * K)
+        assert torch.equal(native[0][lo : lo + 1 + rows, used][1:], reference[0][lo : lo + 1 + rows, used][1:])
+        assert torch.equal(native[0][lo, :8], reference[0][lo, :8])
 
 
 @pytest.mark.parametrize("pinned, words", [

@@ -84,6 +84,8 @@ def _load():
             lib.bf16_amx_grouped_linear.restype = ctypes.c_int
             lib.bf16_amx_init.restype = ctypes.c_int
             _declare_fused(lib)
+            lib.moe_dispatch_pack.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
+            lib.moe_dispatch_pack.restype = None
             lib.shm_wait.argtypes = [ptr, ctypes.c_uint32, i64, ptr]
             lib.shm_wait.restype = ctypes.c_int
             lib.shm_post.argtypes = [ptr, ctypes.c_uint32]
