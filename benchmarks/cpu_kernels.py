@@ -16,6 +16,8 @@ preset's shapes:
    process each, since the setting is read once per process.
 4. A decode step's expert projections reading the weights where the checkpoint reader left them (its buffer,
    in 4 KB pages) and from a copy in torch's memory (2 MB pages: what the loader makes, host_memory.py).
+5. A front-end's dispatch rows for one layer: the native pass (``dispatch_rows.pack_rows``) against the same in
+   tensor ops (what a GPU runs).
 
 Writes its tables to docs/performance.md under "CPU kernels".
 """
@@ -151,6 +153,21 @@ def median_over(fn, weights) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def dispatch_line(tokens: int = 64, shards: int = 2) -> str:
+    """A layer's dispatch rows on the `bench` preset (128 experts, top-8): the native pass against tensor ops."""
+    from epserve.actors.dispatch_rows import pack_rows, row_bytes, torch_pack_rows
+    from epserve.actors.placement import build
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(tokens)])
+    shard, slot = build(1, 128, shards).route(0, ids)
+    x, size = torch.randn(tokens, H).to(torch.bfloat16), row_bytes(H, 8, torch.bfloat16)
+    times = {name: min(best_of(lambda f=f: f(x, shard, slot, shards, size), 50) for _ in range(3))
+             for name, f in (("native", pack_rows), ("tensor ops", torch_pack_rows))}
+    return (f"A layer's dispatch rows ({tokens} tokens, top-8 of 128 experts, {shards} shards, bf16): "
+            + ", ".join(f"{name} {1e6 * t:.0f} us" for name, t in times.items()) + ".")
+
+
 FRESH = """
 import os, sys, time
 os.environ["THP_MEM_ALLOC_ENABLE"] = sys.argv[1]
@@ -203,7 +220,7 @@ def main():
     args = ap.parse_args()
     experts, bf16_experts = experts_table(), bf16_experts_table()
     linear, bf16_linear = linear_table(), bf16_linear_table()
-    fresh, weights = fresh_tensor_table(), weights_memory_line()
+    fresh, weights, dispatch = fresh_tensor_table(), weights_memory_line(), dispatch_line()
     body = f"""
 Command: `python benchmarks/cpu_kernels.py` (revision {git_revision()}; {machine()}). Best of 3.
 
@@ -228,6 +245,8 @@ what the model uses at up to ``layers.AMX_ROWS`` rows), the median over calls on
 {fresh}
 
 {weights}
+
+{dispatch}
 """
     print(body)
     if not args.no_write:
