@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from epserve.actors.engine.block_manager import DROPPED
 from epserve.actors.engine.config import EngineConfig
 from epserve.actors.engine.engine import LLMEngine
 from epserve.actors.engine.sampler import filtered_probs, sample
@@ -203,10 +204,14 @@ def test_long_request_holds_bounded_sliding_blocks(tiny_model):
     cfg = EngineConfig(max_num_batched_tokens=64)
     engine = LLMEngine(tiny_model, cfg)
     rid = engine.add_request(list(range(3, 703)), SamplingParams(max_tokens=100, ignore_eos=True))
-    seq, peak = engine.requests[rid], 0
+    seq, peak, pool = engine.requests[rid], 0, engine.blocks.pools[SLIDING]
     while engine.has_unfinished():
         engine.step()
-        held = [b for b in seq.block_tables.get(SLIDING, []) if b >= 0]
+        table = seq.block_tables.get(SLIDING, [])
+        held = [b for b in table if b >= 0]
+        if table:  # the dropped blocks are a prefix of the table, and every one of them is back in the pool
+            assert table == [DROPPED] * (len(table) - len(held)) + held
+            assert pool.num_free == pool.num_blocks - len(held)
         peak = max(peak, len(held))
     window, bs = tiny_model.cfg.sliding.window, cfg.block_size
     assert 0 < peak <= -(-(window - 1 + cfg.max_num_batched_tokens) // bs) + 1

@@ -114,10 +114,14 @@ class BlockManager:
     def _drop_out_of_window(self, seq: Sequence) -> None:
         for kind, table in seq.block_tables.items():
             first = self._first_needed(kind, seq.num_computed)
-            for j in range(first):
-                if table[j] != DROPPED:
-                    self.pools[kind].release(table[j])
-                    table[j] = DROPPED
+            # the dropped blocks are always a prefix of the table: walk back from ``first`` only over the ones
+            # still held (one or none a step), not over the whole history of a long request
+            j = first
+            while j > 0 and table[j - 1] != DROPPED:
+                j -= 1
+            for k in range(j, first):  # oldest first: the order they join the free list (LRU)
+                self.pools[kind].release(table[k])
+                table[k] = DROPPED
 
     def can_append(self, seq: Sequence, num_new: int) -> bool:
         self._drop_out_of_window(seq)
