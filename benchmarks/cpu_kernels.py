@@ -5,7 +5,8 @@ preset's shapes:
 
 1. Routed experts: the grouped bf16 kernel (``cpu_kernels.grouped_linear``: panel-packed bf16 weights read
    directly, fp32 math, every expert in one call) against one BLAS GEMM per expert on fp32 weights, from the
-   few rows an expert gets per decode step to a prefill chunk's.
+   few rows an expert gets per decode step to a prefill chunk's; on a CPU with AVX-512, its AVX2 micro-kernel
+   beside it.
    In bf16 (CPUs with AVX512-BF16): the dot-product kernel (``cpu_kernels.grouped_linear_bf16``) against torch's
    grouped GEMM (oneDNN: AMX tiles where the CPU has them, one call per expert) and, with AMX, our tile kernel
    (``cpu_kernels.grouped_linear_amx``, what the model uses there).
@@ -49,13 +50,17 @@ def best_of(fn, repeats: int = 3) -> float:
 
 def experts_table(num_experts: int = 32) -> str:
     from epserve.actors.model import cpu_kernels
+    from epserve.actors.model.precision import cpu_flags
 
     if not cpu_kernels.available():
         return "bf16 kernel unavailable on this machine."
     g = torch.Generator().manual_seed(0)
     w16 = torch.randn(num_experts, 2 * I, H, generator=g).to(torch.bfloat16)
     packed, w32 = cpu_kernels.pack_panels(w16), w16.float()
-    lines = ["| threads | rows per expert | bf16 kernel | fp32 BLAS per expert | speed-up |", "|---|---|---|---|---|"]
+    # the AVX-512 micro-kernel where the CPU has it (the model's), and the AVX2 one it falls back to
+    wide = "avx512f" in cpu_flags()
+    lines = ["| threads | rows per expert | bf16 kernel | fp32 BLAS per expert | speed-up | AVX2 micro-kernel |",
+             "|---|---|---|---|---|---|"]
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for rows in (1, 4, 8, 16, 128):
@@ -63,9 +68,11 @@ def experts_table(num_experts: int = 32) -> str:
             offsets = torch.arange(0, num_experts * rows + 1, rows)
             k = best_of(lambda x=x, o=offsets: cpu_kernels.grouped_linear(x, o, packed))
             b = best_of(lambda x=x, r=rows: [(w32[e] @ x[e * r : (e + 1) * r].T).T for e in range(num_experts)])
+            narrow = best_of(lambda x=x, o=offsets: cpu_kernels.grouped_linear(x, o, packed, wide=False)) if wide else k
             flops = 2 * num_experts * rows * 2 * I * H
             lines.append(f"| {threads} | {rows} | {1000 * k:.1f} ms ({flops / k / 1e9:.1f} GFLOP/s) | {1000 * b:.1f} ms "
-                         f"({flops / b / 1e9:.1f} GFLOP/s) | {b / k:.2f}x |")
+                         f"({flops / b / 1e9:.1f} GFLOP/s) | {b / k:.2f}x | "
+                         + (f"{1000 * narrow:.1f} ms ({flops / narrow / 1e9:.1f} GFLOP/s) |" if wide else "(the same) |"))
     return "\n".join(lines)
 
 

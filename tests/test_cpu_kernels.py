@@ -10,6 +10,7 @@ import torch
 from epserve.actors.model import cpu_kernels, cpu_threads, layers
 from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import AMX_MIN_ROWS, GROUPED_MM, expert_dtype
+from epserve.actors.model.precision import cpu_flags
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 
@@ -55,6 +56,21 @@ def test_grouped_linear_equals_one_gemm_per_group_and_is_batch_invariant():
             assert (y[rows] - ref).abs().max().item() <= 1e-5 * 120**0.5
         for r in range(offsets[e], offsets[e + 1]):  # each row alone: bit-identical
             assert torch.equal(cpu_kernels.bf16_linear(x[r : r + 1], w[e])[0], y[r])
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="no AVX-512 on this machine")
+@pytest.mark.parametrize("N", [48, 96, 1408])  # 3 panels (a pair and one alone), 6, and the bench preset's gate/up
+def test_avx512_kernel_gives_the_avx2_kernels_bits(N):
+    """The AVX-512 micro-kernel (two panels a register) computes every output element as the same FMA chain
+    over k as the AVX2 one: equal bits, for every row count of a 6-row block and a few experts at once."""
+    g = torch.Generator().manual_seed(N)
+    counts = [1, 2, 3, 4, 5, 6, 7, 13, 0, 64]
+    w = cpu_kernels.pack_panels((torch.randn(len(counts), N, 256, generator=g) / 16).to(torch.bfloat16))
+    x = torch.randn(sum(counts), 256, generator=g)
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    wide = cpu_kernels.grouped_linear(x, offsets, w, wide=True)
+    assert torch.equal(wide, cpu_kernels.grouped_linear(x, offsets, w, wide=False))
+    assert wide.abs().sum() > 0
 
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this machine")

@@ -76,9 +76,10 @@ def _load():
                 raise RuntimeError(f"needs AVX2, this CPU offers {torch.backends.cpu.get_cpu_capability()}")
             lib = ctypes.CDLL(str(_build()))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.bf16_grouped_linear.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
+            lib.bf16_grouped_linear.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int,
+                                                ctypes.c_int]
             lib.bf16_grouped_linear.restype = None
-            lib.bf16_dot_grouped_linear.argtypes = lib.bf16_grouped_linear.argtypes
+            lib.bf16_dot_grouped_linear.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
             lib.bf16_dot_grouped_linear.restype = None
             lib.bf16_amx_grouped_linear.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
             lib.bf16_amx_grouped_linear.restype = ctypes.c_int
@@ -175,13 +176,16 @@ def unpack_panels(w: torch.Tensor) -> torch.Tensor:
     return w.view(G, N // PANEL, K, PANEL // 2, 2).permute(0, 1, 4, 3, 2).reshape(G, N, K)
 
 
-def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, check: bool = True) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, check: bool = True,
+                   wide: bool = True) -> torch.Tensor:
     """fp32 [S, N]: rows offsets[g] .. offsets[g + 1] of x [S, K] fp32 times w[g].T, where w [G, N, K] holds bf16
     weights packed by ``pack_panels``; offsets: int64 [G + 1], non-decreasing from 0 to S. Rows of x may be
-    strided. ``check=False`` skips checking the offsets (the model's own, made by ``ops.moe_align``)."""
+    strided. ``check=False`` skips checking the offsets (the model's own, made by ``ops.moe_align``).
+    ``wide``: the AVX-512 micro-kernel where the CPU has it (the same bits as the AVX2 one, twice the columns
+    per instruction)."""
     ok = x.dtype == torch.float32 and packable(w.shape[1])
     return _grouped("bf16_grouped_linear", x, offsets, w, torch.float32, ok, check,
-                    "fp32 x [S, K] and packed bf16 w [G, N, K]")
+                    "fp32 x [S, K] and packed bf16 w [G, N, K]", int(wide))
 
 
 def grouped_linear_bf16(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, check: bool = True) -> torch.Tensor:
