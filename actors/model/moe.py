@@ -56,7 +56,7 @@ def expert_dtype(stored: torch.dtype, compute: torch.dtype, device, cfg: ModelCo
 
 
 # How an ``Experts`` module runs its two grouped projections (``Experts.prepare_``), each one call per layer:
-PANELS = "panels"  # fp32 activations, bf16 weights packed in panels: the native AVX2 kernel (fp32 compute)
+PANELS = "panels"  # fp32 activations, bf16 weights packed in panels: the native kernel (fp32 compute; AVX-512 or AVX2)
 BF16_DOT = "bf16-dot"  # bf16 activations and weights: the native AVX512-BF16 kernel (bf16 compute on CPU)
 AMX = "amx"  # bf16 on AMX tiles, experts with few rows on the AVX512-BF16 kernel, in one native call
 GROUPED_MM = "grouped-mm"  # torch's grouped GEMM: CUDA, and every other dtype or CPU

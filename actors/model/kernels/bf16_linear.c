@@ -1,6 +1,7 @@
-/* Grouped GEMM with bf16 weights and fp32 activations, computed in fp32 (AVX2 + FMA): for every group g
- * (an expert), y[rows of g] = x[rows of g] . w[g]^T with w[g] of shape [N, K]; the rows of group g are
- * [offsets[g], offsets[g + 1]). One call runs a whole MoE layer's projection, every expert at once.
+/* Grouped GEMM with bf16 weights and fp32 activations, computed in fp32 (AVX2 + FMA, and AVX-512 where the CPU
+ * has it): for every group g (an expert), y[rows of g] = x[rows of g] . w[g]^T with w[g] of shape [N, K]; the
+ * rows of group g are [offsets[g], offsets[g + 1]). One call runs a whole MoE layer's projection, every expert
+ * at once.
  *
  * Why bf16: a decode step's expert GEMMs have few rows per expert and are bound by reading the weights;
  * reading them as bf16 (the checkpoint's own dtype, so every weight's fp32 value is exact) halves the bytes.
