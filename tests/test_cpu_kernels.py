@@ -62,7 +62,8 @@ def test_grouped_linear_equals_one_gemm_per_group_and_is_batch_invariant():
 @pytest.mark.parametrize("N", [48, 96, 1408])  # 3 panels (a pair and one alone), 6, and the bench preset's gate/up
 def test_avx512_kernel_gives_the_avx2_kernels_bits(N):
     """The AVX-512 micro-kernel (two panels a register) computes every output element as the same FMA chain
-    over k as the AVX2 one: equal bits, for every row count of a 6-row block and a few experts at once."""
+    over k as the AVX2 one: equal bits, for blocks of 1 to 8 rows (and the AVX2 kernel's 6-row blocks on a
+    lone last panel), several experts in one call."""
     g = torch.Generator().manual_seed(N)
     counts = [1, 2, 3, 4, 5, 6, 7, 13, 0, 64]
     w = cpu_kernels.pack_panels((torch.randn(len(counts), N, 256, generator=g) / 16).to(torch.bfloat16))

@@ -115,7 +115,7 @@ class BlockManager:
         for kind, table in seq.block_tables.items():
             first = self._first_needed(kind, seq.num_computed)
             # the dropped blocks are always a prefix of the table: walk back from ``first`` only over the ones
-            # still held (one or none a step), not over the whole history of a long request
+            # still held (usually one or none a step), not over the whole history of a long request
             j = first
             while j > 0 and table[j - 1] != DROPPED:
                 j -= 1
