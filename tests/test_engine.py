@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from epserve.actors.engine.block_manager import DROPPED
 from epserve.actors.engine.config import EngineConfig
 from epserve.actors.engine.engine import LLMEngine
+from epserve.actors.engine.kv_cache import table_arrays
 from epserve.actors.engine.sampler import filtered_probs, sample
 from epserve.actors.engine.sampling import RequestError, SamplingParams
 from epserve.actors.engine.sequence import Sequence, Status
@@ -216,6 +217,20 @@ def test_long_request_holds_bounded_sliding_blocks(tiny_model):
     window, bs = tiny_model.cfg.sliding.window, cfg.block_size
     assert 0 < peak <= -(-(window - 1 + cfg.max_num_batched_tokens) // bs) + 1
     assert seq.num_tokens // bs > 5 * peak  # far fewer than the full layers hold
+
+
+def test_block_table_arrays_follow_the_lists_across_steps():
+    """The model runner's int64 copies of a request's block tables (kv_cache.table_arrays): blocks appended
+    since the last step are copied, past the first capacity too; a new list (an admission) is copied whole."""
+    seq = Sequence("r", [1], SamplingParams(), frozenset())
+    seq.block_tables = {FULL: [3, 4], SLIDING: [5]}
+    assert [table_arrays(seq)[k].array[:2].tolist() for k in (FULL, SLIDING)] == [[3, 4], [5, 0]]
+    seq.block_tables[FULL].extend(range(10, 60))  # beyond the array's first capacity
+    assert table_arrays(seq)[FULL].array[:52].tolist() == [3, 4, *range(10, 60)]
+    seq.block_tables[SLIDING] += [6]  # the same list, grown
+    assert table_arrays(seq)[SLIDING].array[:2].tolist() == [5, 6]
+    seq.block_tables = {FULL: [7], SLIDING: [DROPPED, 8]}  # preempted and admitted again
+    assert [table_arrays(seq)[k].array[:2].tolist() for k in (FULL, SLIDING)] == [[7, 0], [DROPPED, 8]]
 
 
 def test_streaming_yields_tokens_every_step(tiny_model):

@@ -9,7 +9,7 @@ from ..model.config import FULL, SLIDING
 from ..model.gemma4 import ExpertExecutor, Gemma4Model
 from ..model.micro_batches import forward_parts, split
 from .config import EngineConfig
-from .kv_cache import KVCache, PagedAttention, flat_positions, plan_blocks, plan_step
+from .kv_cache import KVCache, PagedAttention, plan_blocks, plan_step, table_arrays
 from .scheduler import Batch
 
 
@@ -57,7 +57,6 @@ class ModelRunner:
         """(input ids, positions, paged-attention context) of some of a step's requests."""
         starts = [s.num_computed for s in seqs]
         ids = [t for seq, n in zip(seqs, num_new) for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
-        positions = flat_positions(torch.tensor(starts), torch.tensor(num_new))[2].to(self.device)
-        plans = plan_step(starts, num_new, [s.block_tables for s in seqs], self.windows, self.cfg.block_size,
-                          self.device)
+        positions, plans = plan_step(starts, num_new, [table_arrays(s) for s in seqs], self.windows,
+                                     self.cfg.block_size, self.device)
         return torch.tensor(ids, device=self.device), positions, PagedAttention(self.cache, plans)

@@ -26,6 +26,7 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0  # tokens whose KV is in the cache
         self.block_tables: dict[str, list[int]] = {}  # per attention kind; -1 = block dropped (out of window)
+        self.block_arrays: dict = {}  # the model runner's int64 copies of them (kv_cache.table_arrays)
         self.num_cached_prefix = 0  # tokens served from the prefix cache at the last admission
         self.finish_reason: str | None = None
         self.logprobs: list[float] = []
