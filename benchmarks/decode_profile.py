@@ -96,9 +96,8 @@ def main() -> None:
     totals: dict[str, float] = collections.defaultdict(float)
     for layer in model.layers:
         attn = layer.self_attn
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-            if proj is not None:
-                timed(proj, "forward", "attention projections", totals)
+        timed(attn, "qkv_proj", "attention projections", totals)  # q, k, v: one GEMM (layers.JointLinears)
+        timed(attn.o_proj, "forward", "attention projections", totals)
         timed(layer.mlp, "forward", "dense MLP", totals)
         timed(layer.router.proj, "forward", "router projection", totals)
     timed(Experts, "project", "routed experts' grouped GEMMs", totals)

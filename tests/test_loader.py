@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from epserve.actors.model import host_memory, ops
+from epserve.actors.model import host_memory, layers, ops
 from epserve.actors.model.attention import WholeSequence
 from epserve.actors.model.config import ConfigError
 from epserve.actors.model.loader import CheckpointError, load_experts, load_model
@@ -364,3 +364,27 @@ def test_weights_leave_the_readers_buffer_for_memory_in_huge_pages(tmp_path):
     huge = 2 << 20
     if "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
         assert _vma_flags(-(-held.data_ptr() // huge) * huge).get("THPeligible") == "1"
+
+
+def test_linears_that_read_one_input_run_as_one_gemm_over_a_joint_weight(tiny_model, monkeypatch):
+    """q/k/v and the dense MLP's gate/up are row blocks of one tensor once loaded (no second copy), and a
+    layer runs each group as one GEMM; a weight replaced afterwards runs on its own again."""
+    layer = tiny_model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    for joint, parts in ((attn.qkv_proj, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                         (mlp.gate_up, [mlp.gate_proj, mlp.up_proj])):
+        parts = [m for m in parts if m is not None]
+        assert joint.joint is not None and sum(m.out_features for m in parts) == joint.joint.shape[0]
+        assert all(m.weight.untyped_storage().data_ptr() == joint.joint.untyped_storage().data_ptr() for m in parts)
+    calls = []
+    inner = layers.linear
+    monkeypatch.setattr(layers, "linear", lambda x, w, **k: calls.append(w.shape[0]) or inner(x, w, **k))
+    x = torch.randn(3, tiny_model.cfg.hidden_size).to(tiny_model.dtype)
+    gate, up = mlp.gate_up(x)
+    assert calls == [2 * mlp.gate_proj.out_features]
+    assert torch.equal(gate, mlp.gate_proj(x)) and torch.equal(up, mlp.up_proj(x))
+    calls.clear()
+    with torch.no_grad():
+        mlp.up_proj.weight.data = mlp.up_proj.weight.detach().clone()
+    assert [t.shape for t in mlp.gate_up(x)] == [gate.shape, up.shape] and len(calls) == 2
+    mlp.gate_up.join()  # the shared model as it was

@@ -56,6 +56,21 @@ def test_qkv_norms_and_rope(dtype, k_eq_v):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_reads_the_column_blocks_of_one_joint_projection(dtype):
+    """q, k and v as views of one [T, (N + 2G) D] output (``layers.JointLinears``): the same bits as from
+    tensors of their own."""
+    T, N, G, D = 5, 4, 2, 32
+    joint = rand(T, (N + 2 * G) * D, dtype=dtype)
+    q, k, v = (t.view(T, -1, D) for t in joint.split([N * D, G * D, G * D], dim=-1))
+    assert not q.is_contiguous()
+    wq, wk = rand(D, dtype=dtype, seed=3) + 1, rand(D, dtype=dtype, seed=4) + 1
+    cos, sin = rope_tables(RopeConfig(10_000.0, 0.5).inv_freq(D), torch.arange(T), dtype)
+    for ours, own in zip(ops.qkv(q, k, v, wq, wk, cos, sin, 1e-6),
+                         ops.qkv(q.contiguous(), k.contiguous(), v.contiguous(), wq, wk, cos, sin, 1e-6)):
+        assert ours.is_contiguous() and torch.equal(ours, own)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_route_picks_the_top_k_and_weighs_them(dtype):
     T, E, K = 33, 20, 4
     g = torch.Generator().manual_seed(0)  # distinct logits, exact in bf16 too: the top-k is unambiguous

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import ops
 from .config import AttentionShape, ModelConfig
-from .layers import Linear
+from .layers import JointLinears, Linear
 from .ops import RMSNorm
 
 
@@ -67,6 +67,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(H, G * D)
         self.v_proj = None if shape.k_eq_v else Linear(H, G * D)
         self.o_proj = Linear(N * D, H)
+        self.qkv_proj = JointLinears(self.q_proj, self.k_proj, self.v_proj)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps
@@ -74,9 +75,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, ctx: AttentionContext):
         """x [T, H] (already input-normed); rope = (cos, sin) [T, D] of this layer's kind."""
         T, D = x.shape[0], self.shape.head_dim
-        q_raw = self.q_proj(x).view(T, -1, D)
-        k_raw = self.k_proj(x).view(T, -1, D)
-        v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(T, -1, D)  # k_eq_v: V from the raw k
+        q_raw, k_raw, *v_raw = (t.view(T, -1, D) for t in self.qkv_proj(x))
+        v_raw = v_raw[0] if v_raw else k_raw  # k_eq_v: V from the raw k
         # q and k: their norms, then RoPE; v: an unweighted norm
         q, k, v = ops.qkv(q_raw, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, *rope, self.eps)
         out = ctx.attend(self.layer, self.shape, q, k, v)

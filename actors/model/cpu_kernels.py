@@ -34,6 +34,7 @@ from .precision import cpu_flags
 
 log = logging.getLogger("epserve.kernels")
 SOURCES = sorted(Path(__file__).with_name("kernels").glob("*.c"))
+HEADERS = sorted(Path(__file__).with_name("kernels").glob("*.h"))  # in the digest: a change rebuilds
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
@@ -47,7 +48,8 @@ def _build() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     command = [compiler, *FLAGS]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(command).encode()).hexdigest()
+    sources = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+    digest = hashlib.sha256(sources + " ".join(command).encode()).hexdigest()
     target = _cache_dir() / f"epserve-kernels-{digest[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,7 @@ def _declare_fused(lib) -> None:
         "fused_add_rms_norm": [p, p, flag, i, i, p, f, p, threads],
         "fused_ffn_inputs": [p, flag, i, i, p, p, p, f, f, p, p, p, threads],
         "fused_ffn_output": [p, p, p, flag, i, i, p, p, p, f, f, p, threads],
-        "fused_qkv": [p, p, p, flag, i, i, i, i, p, p, p, p, f, p, p, p, threads],
+        "fused_qkv": [p, p, p, i, i, i, flag, i, i, i, i, p, p, p, p, f, p, p, p, threads],
         "fused_route": [p, flag, i, i, i, p, p, p, threads],
         "fused_moe_align": [p, i, i, i, p, flag, i, p, p, p, threads],
         "fused_moe_combine": [p, flag, i, p, p, i, i, i, p, threads],

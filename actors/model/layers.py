@@ -95,6 +95,32 @@ class Linear(nn.Linear):
         return linear(x, self.weight, pack=True)
 
 
+class JointLinears:
+    """Linears that read the same input (q/k/v, the dense MLP's gate and up) run as one GEMM over a joint
+    weight whose row blocks are their weights: ``join`` copies them into one tensor once the checkpoint is
+    loaded and re-points each ``weight`` at its block (the same values and names, no second copy). One call
+    instead of two or three: at decode on a CPU each call has a fixed cost (~20 us) near the GEMM's own.
+    Until joined (a model built in place), or if a weight is replaced later, each linear runs alone."""
+
+    def __init__(self, *linears: Linear | None):
+        self.linears = [m for m in linears if m is not None]
+        self.sizes = [m.out_features for m in self.linears]
+        self.joint, self.views = None, []
+
+    def join(self) -> None:
+        with torch.no_grad():
+            self.joint = torch.cat([m.weight.detach() for m in self.linears])
+            for m, block in zip(self.linears, self.joint.split(self.sizes)):
+                m.weight.data = block
+        self.views = [m.weight.data_ptr() for m in self.linears]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each linear's output, as views of the joint output where joined."""
+        if self.joint is None or [m.weight.data_ptr() for m in self.linears] != self.views:
+            return [m(x) for m in self.linears]
+        return list(linear(x, self.joint, pack=True).split(self.sizes, dim=-1))
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.gelu(x, approximate="tanh")
 

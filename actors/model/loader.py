@@ -5,7 +5,8 @@ A shard's experts (any set, read run by run of consecutive ids with ``get_slice`
 holding some of the experts never reads the other experts' bytes; every load reports the tensors and bytes it
 materialised.
 Routed-expert weights stored as bf16 stay bf16 under fp32 compute on CPU (``moe.expert_dtype``); each layer's
-experts then choose how their grouped projections run (``Experts.prepare_``).
+experts then choose how their grouped projections run (``Experts.prepare_``), and linears that read the same
+input are joined into one weight (``layers.JointLinears``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from . import host_memory
 from .config import ModelConfig
 from .gemma4 import ALL_EXPERTS, Gemma4Model
+from .layers import JointLinears
 from .moe import Experts, expert_dtype
 
 PREFIXES = {"released": "model.language_model.", "text-only": "model."}
@@ -134,6 +136,8 @@ def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, 
     for m in module.modules():
         if isinstance(m, Experts):
             m.prepare_(dtype)
+        for joint in [v for v in vars(m).values() if isinstance(v, JointLinears)]:
+            joint.join()
 
 
 def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS) -> Gemma4Model:

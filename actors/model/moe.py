@@ -15,7 +15,7 @@ from torch import nn
 
 from . import cpu_kernels, ops
 from .config import ModelConfig
-from .layers import Linear
+from .layers import JointLinears, Linear
 
 
 class DenseMLP(nn.Module):
@@ -26,9 +26,10 @@ class DenseMLP(nn.Module):
         self.gate_proj = Linear(hidden, width)
         self.up_proj = Linear(hidden, width)
         self.down_proj = Linear(width, hidden)
+        self.gate_up = JointLinears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(ops.gelu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(ops.gelu_mul(*self.gate_up(x)))
 
 
 class Router(nn.Module):

@@ -134,12 +134,15 @@ def torch_qkv(q_TND, k_TGD, v_TGD, wq, wk, cos_TD, sin_TD, eps: float):
 
 
 def qkv(q_TND, k_TGD, v_TGD, wq, wk, cos_TD, sin_TD, eps: float):
-    """q = rope(q_norm(q)), k = rope(k_norm(k)), v = norm(v) from the raw projections (v may be k: k_eq_v)."""
-    if not native(q_TND, k_TGD, v_TGD, cos_TD, sin_TD):
+    """q = rope(q_norm(q)), k = rope(k_norm(k)), v = norm(v) from the raw projections (v may be k: k_eq_v),
+    each token's heads one run (the column blocks of a joint projection's output, or tensors of their own)."""
+    raw = (q_TND, k_TGD, v_TGD)
+    if not (native(cos_TD, sin_TD) and all(t.dtype == cos_TD.dtype and t.device.type == "cpu" and t.stride(2) == 1
+                                          and t.stride(1) == t.shape[2] <= MAX_DIM for t in raw)):
         return torch_qkv(q_TND, k_TGD, v_TGD, wq, wk, cos_TD, sin_TD, eps)
-    q, k, v = torch.empty_like(q_TND), torch.empty_like(k_TGD), torch.empty_like(k_TGD)
     (T, N, D), G = q_TND.shape, k_TGD.shape[1]
-    cpu_kernels.lib().fused_qkv(_ptr(q_TND), _ptr(k_TGD), _ptr(v_TGD), _TYPE[q.dtype], T, N, G, D, _f32(wq),
+    q, k, v = torch.empty(T, N, D, dtype=q_TND.dtype), *(torch.empty(T, G, D, dtype=q_TND.dtype) for _ in "kv")
+    cpu_kernels.lib().fused_qkv(*map(_ptr, raw), *(t.stride(0) for t in raw), _TYPE[q.dtype], T, N, G, D, _f32(wq),
                                 _f32(wk), _ptr(cos_TD), _ptr(sin_TD), eps, _ptr(q), _ptr(k), _ptr(v), _threads())
     return q, k, v
 

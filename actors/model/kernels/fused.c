@@ -17,11 +17,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define MAX_DIM 16384 /* the widest row these kernels take (scratch on the stack); checked in ops.py */
 
 /* rows in parallel once there are enough numbers to pay for a parallel region (a prefill chunk, not a
  * decode step); each row is computed by one thread, alone, so the result does not depend on the count */
-#define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows * n >= (1 << 16))")
+#define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows * n >= (1 << 13))")
 
 static inline float from_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -40,22 +42,30 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch; Na
 /* the value a tensor of type `bf16` stores for f */
 static inline float rnd(float f, int bf16) { return bf16 ? from_bf16(to_bf16(f)) : f; }
 
+/* rows of n numbers: 8 lanes at a time, the last n % 8 one by one (the same operations, so the same bits) */
 static inline void load_row(const void *p, int bf16, int64_t n, float *out) {
-    if (bf16) {
-        const uint16_t *b = p;
-        for (int64_t i = 0; i < n; i++) out[i] = from_bf16(b[i]);
-    } else {
-        memcpy(out, p, sizeof(float) * n);
-    }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(p, bf16, i));
+    for (; i < n; i++) out[i] = bf16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store_row(void *p, int bf16, int64_t n, const float *in) {
-    if (bf16) {
-        uint16_t *b = p;
-        for (int64_t i = 0; i < n; i++) b[i] = to_bf16(in[i]);
-    } else {
-        memcpy(p, in, sizeof(float) * n);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(p, bf16, i, round8(_mm256_loadu_ps(in + i), bf16));
+    for (; i < n; i++) {
+        if (bf16)
+            ((uint16_t *)p)[i] = to_bf16(in[i]);
+        else
+            ((float *)p)[i] = in[i];
     }
+}
+
+/* out[i] = stored(a[i] + b[i]) (out may be a or b) */
+static inline void add_rows(const float *a, const float *b, int64_t n, int bf16, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, round8(_mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)), bf16));
+    for (; i < n; i++) out[i] = rnd(a[i] + b[i], bf16);
 }
 
 static inline const void *row_of(const void *p, int bf16, int64_t i, int64_t n) {
@@ -80,9 +90,19 @@ static float inverse_rms(const float *x, int64_t n, float eps) {
     return 1.0f / sqrtf(s / (float)n + eps);
 }
 
-/* x[i] <- stored(x[i] * inv [* w[i]]) : torch's rms_norm (x̂ · w, cast back) */
-static void normalize(float *x, int64_t n, float inv, const float *w, int bf16) {
-    for (int64_t i = 0; i < n; i++) x[i] = rnd(w ? (x[i] * inv) * w[i] : x[i] * inv, bf16);
+/* out[i] <- stored(x[i] * inv [* w[i]]) : torch's rms_norm (x̂ · w, cast back); out may be x */
+static inline void scale_row(const float *x, int64_t n, float inv, const float *w, int bf16, float *out) {
+    const __m256 s = _mm256_set1_ps(inv);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), s);
+        _mm256_storeu_ps(out + i, round8(w ? _mm256_mul_ps(v, _mm256_loadu_ps(w + i)) : v, bf16));
+    }
+    for (; i < n; i++) out[i] = rnd(w ? (x[i] * inv) * w[i] : x[i] * inv, bf16);
+}
+
+static inline void normalize(float *x, int64_t n, float inv, const float *w, int bf16) {
+    scale_row(x, n, inv, w, bf16, x);
 }
 
 /* y = rms_norm(x, w) over rows of n (w may be NULL) */
@@ -106,7 +126,7 @@ void fused_add_rms_norm(const void *residual, const void *x, int bf16, int64_t r
         load_row(row_of(x, bf16, r, n), bf16, n, buf);
         normalize(buf, n, inverse_rms(buf, n, eps), w, bf16);
         load_row(row_of(residual, bf16, r, n), bf16, n, res);
-        for (int64_t i = 0; i < n; i++) buf[i] = rnd(res[i] + buf[i], bf16);
+        add_rows(res, buf, n, bf16, buf);
         store_row(mrow_of(out, bf16, r, n), bf16, n, buf);
     }
 }
@@ -122,11 +142,13 @@ void fused_ffn_inputs(const void *r, int bf16, int64_t rows, int64_t n, const fl
         float buf[MAX_DIM], out[MAX_DIM];
         load_row(row_of(r, bf16, t, n), bf16, n, buf);
         const float inv = inverse_rms(buf, n, eps);
-        for (int64_t i = 0; i < n; i++) out[i] = rnd((buf[i] * inv) * w_dense[i], bf16);
+        scale_row(buf, n, inv, w_dense, bf16, out);
         store_row(mrow_of(x_dense, bf16, t, n), bf16, n, out);
-        for (int64_t i = 0; i < n; i++) out[i] = rnd((buf[i] * inv) * w_experts[i], bf16);
+        scale_row(buf, n, inv, w_experts, bf16, out);
         store_row(mrow_of(x_experts, bf16, t, n), bf16, n, out);
-        for (int64_t i = 0; i < n; i++) out[i] = rnd(rnd(rnd(buf[i] * inv, bf16) * router_scale[i], bf16) * root, bf16);
+        scale_row(buf, n, inv, NULL, bf16, out); /* x̂, x̂ · scale, then · root: each product stored (× 1 is exact) */
+        scale_row(out, n, 1.0f, router_scale, bf16, out);
+        scale_row(out, n, root, NULL, bf16, out);
         store_row(mrow_of(x_router, bf16, t, n), bf16, n, out);
     }
 }
@@ -141,12 +163,13 @@ void fused_ffn_output(const void *r, const void *m, const float *y, int bf16, in
         float a[MAX_DIM], b[MAX_DIM];
         load_row(row_of(m, bf16, t, n), bf16, n, a);
         normalize(a, n, inverse_rms(a, n, eps), w1, bf16);
-        for (int64_t i = 0; i < n; i++) b[i] = rnd(y[t * n + i], bf16);
+        scale_row(y + t * n, n, 1.0f, NULL, bf16, b); /* y as stored in the dtype */
         normalize(b, n, inverse_rms(b, n, eps), w2, bf16);
-        for (int64_t i = 0; i < n; i++) a[i] = rnd(a[i] + b[i], bf16);
+        add_rows(a, b, n, bf16, a);
         normalize(a, n, inverse_rms(a, n, eps), w_post, bf16);
         load_row(row_of(r, bf16, t, n), bf16, n, b);
-        for (int64_t i = 0; i < n; i++) a[i] = rnd(rnd(b[i] + a[i], bf16) * layer_scalar, bf16);
+        add_rows(b, a, n, bf16, a);
+        scale_row(a, n, layer_scalar, NULL, bf16, a);
         store_row(mrow_of(h, bf16, t, n), bf16, n, a);
     }
 }
@@ -170,11 +193,12 @@ static void rope(float *x, int64_t d, const float *cos, const float *sin, int bf
 }
 
 /* q, k, v of the step's tokens from the raw projections: q = rope(q_norm(q)), k = rope(k_norm(k)),
- * v = norm(v) (unweighted); v_raw may be k_raw (k_eq_v). q_raw [T, nq, d], k_raw / v_raw [T, nk, d];
- * cos / sin [T, d] in the model dtype. */
-void fused_qkv(const void *q_raw, const void *k_raw, const void *v_raw, int bf16, int64_t T, int64_t nq,
-               int64_t nk, int64_t d, const float *wq, const float *wk, const void *cos, const void *sin, float eps,
-               void *q, void *k, void *v, int threads) {
+ * v = norm(v) (unweighted); v_raw may be k_raw (k_eq_v). q_raw [T, nq, d], k_raw / v_raw [T, nk, d], each
+ * token's heads one run, tokens ldq / ldk / ldv elements apart (the column blocks of one joint projection,
+ * or tensors of their own); q, k, v written contiguous; cos / sin [T, d] in the model dtype. */
+void fused_qkv(const void *q_raw, const void *k_raw, const void *v_raw, int64_t ldq, int64_t ldk, int64_t ldv,
+               int bf16, int64_t T, int64_t nq, int64_t nk, int64_t d, const float *wq, const float *wk,
+               const void *cos, const void *sin, float eps, void *q, void *k, void *v, int threads) {
     const int64_t rows = T, n = (nq + 2 * nk) * d;
     PARALLEL_ROWS
     for (int64_t t = 0; t < T; t++) {
@@ -182,16 +206,16 @@ void fused_qkv(const void *q_raw, const void *k_raw, const void *v_raw, int bf16
         load_row(row_of(cos, bf16, t, d), bf16, d, c);
         load_row(row_of(sin, bf16, t, d), bf16, d, s);
         for (int64_t h = 0; h < nq; h++) {
-            load_row(row_of(q_raw, bf16, t * nq + h, d), bf16, d, buf);
+            load_row(row_of(q_raw, bf16, 1, t * ldq + h * d), bf16, d, buf);
             normalize(buf, d, inverse_rms(buf, d, eps), wq, bf16);
             rope(buf, d, c, s, bf16);
             store_row(mrow_of(q, bf16, t * nq + h, d), bf16, d, buf);
         }
         for (int64_t h = 0; h < nk; h++) {
-            load_row(row_of(v_raw, bf16, t * nk + h, d), bf16, d, buf);
+            load_row(row_of(v_raw, bf16, 1, t * ldv + h * d), bf16, d, buf);
             normalize(buf, d, inverse_rms(buf, d, eps), NULL, bf16);
             store_row(mrow_of(v, bf16, t * nk + h, d), bf16, d, buf);
-            load_row(row_of(k_raw, bf16, t * nk + h, d), bf16, d, buf);
+            load_row(row_of(k_raw, bf16, 1, t * ldk + h * d), bf16, d, buf);
             normalize(buf, d, inverse_rms(buf, d, eps), wk, bf16);
             rope(buf, d, c, s, bf16);
             store_row(mrow_of(k, bf16, t * nk + h, d), bf16, d, buf);
@@ -279,71 +303,7 @@ void fused_moe_combine(const void *ys, int bf16, int64_t S, const float *weights
     }
 }
 
-/* ---------------------------------------------------------------------------------- tanh: GELU, soft-cap */
-
-/* e^x for 8 lanes (|x| <= 88; Cephes' expf: Cody-Waite reduction by ln 2, a degree-6 polynomial) */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
-}
-
-/* tanh for 8 lanes, within 1.4 ulp of the true value over [-12, 12] (torch's own: 0.6): an odd polynomial below
- * |x| = 0.625 (Cephes' tanhf), 1 - 2 / (e^2|x| + 1) above (+-1 in fp32 from |x| = 9.01); NaN stays NaN */
-static inline __m256 tanh8(__m256 x) {
-    const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f)), a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-    const __m256 z = _mm256_mul_ps(x, x);
-    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
-    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
-    const __m256 capped = _mm256_min_ps(a, _mm256_set1_ps(10.0f)), one = _mm256_set1_ps(1.0f);
-    const __m256 e = exp8(_mm256_add_ps(capped, capped));
-    const __m256 large = _mm256_or_ps(sign, _mm256_sub_ps(one, _mm256_div_ps(_mm256_add_ps(one, one),
-                                                                              _mm256_add_ps(e, one))));
-    const __m256 y = _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
-    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN in, NaN out */
-}
-
-/* 8 numbers of a row in the model dtype, as fp32, and back (rounded to nearest even, as torch) */
-static inline __m256 load8(const void *p, int bf16, int64_t i) {
-    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-static inline __m256 round8(__m256 f, int bf16) { /* the value a tensor of the dtype stores for each lane */
-    if (!bf16) return f;
-    const __m256i u = _mm256_castps_si256(f), mask = _mm256_set1_epi32((int)0xffff0000u);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb);
-    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(u, bias), mask);
-    const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x400000)), mask);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-    return _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, nan));
-}
-
-static inline void store8(void *p, int bf16, int64_t i, __m256 f) { /* f already rounded to the dtype */
-    if (!bf16) {
-        _mm256_storeu_ps((float *)p + i, f);
-        return;
-    }
-    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(f), 16);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
-    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
-}
+/* ---------------------------------------------------------------------------------- GELU, soft-cap */
 
 /* GeGLU's activation: out[s] = gelu_tanh(gate[s]) * up[s] for rows s of gate and up (ld elements apart: the
  * halves of one [S, 2I] tensor, or two [S, I] ones); out [S, I]. As torch: GELU in fp32 rounded to the dtype,

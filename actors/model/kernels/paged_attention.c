@@ -14,15 +14,59 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define FLUSH_DENORMALS 0x8040 /* MXCSR: flush-to-zero (results) and denormals-are-zero (inputs) */
-#define KEY_GROUP_ARGS k, slot_stride, blocks, bs, lo, first, i, D, scores, ld
+#include "simd.h"
 
+#define FLUSH_DENORMALS 0x8040 /* MXCSR: flush-to-zero (results) and denormals-are-zero (inputs) */
+#define KEY_GROUP_ARGS k, at, i, D, scores, ld
+
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
+}
+
+/* s[0 .. count) <- softmax(s) in fp32, as torch.softmax: exp(s - max) / sum, 8 lanes at a time (a scalar expf
+ * per key cost as much as the dot products); the last count % 8 keys through a padded vector */
+static void softmax(float *s, int64_t count) {
+    const int64_t full = count & ~(int64_t)7, rest = count - full;
+    float tail[8];
+    for (int j = 0; j < 8; j++) tail[j] = j < rest ? s[full + j] : -INFINITY;
+    __m256 top = _mm256_loadu_ps(tail);
+    for (int64_t i = 0; i < full; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + i));
+    top = _mm256_set1_ps(hmax(top));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < full; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), top));
+        _mm256_storeu_ps(s + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), top)));
+    for (int j = rest; j < 8; j++) tail[j] = 0.0f; /* the padding adds nothing */
+    sum = _mm256_set1_ps(hsum(_mm256_add_ps(sum, _mm256_loadu_ps(tail))));
+    for (int64_t i = 0; i < full; i += 8) _mm256_storeu_ps(s + i, _mm256_div_ps(_mm256_loadu_ps(s + i), sum));
+    for (int j = 0; j < rest; j++) s[full + j] = tail[j] / _mm256_cvtss_f32(sum);
+}
+
+/* at[i] = where the key at position lo + i lies (elements from the head's start: its slot times the slot
+ * stride), from the block table of logical blocks lo / bs, lo / bs + 1, ...: computed once per request, a
+ * block at a time (a division per key, repeated by every head and column range, cost more than the keys) */
+static void key_offsets(const int64_t *blocks, int64_t bs, int64_t lo, int64_t count, int64_t slot_stride,
+                        int64_t *at) {
+    int64_t i = 0, j = 0, off = lo % bs;
+    while (i < count) {
+        const int64_t base = blocks[j++] * bs;
+        for (; off < bs && i < count; off++, i++) at[i] = (base + off) * slot_stride;
+        off = 0;
+    }
 }
 
 /* 8 cache elements as fp32 */
@@ -38,14 +82,10 @@ static inline __m256 load_bf16(const uint16_t *p) {
  * chain of D / 8 dependent FMAs: alone, its latency, not the loads, set the pace). Inlined with constant n and  \
  * group, so the accumulators stay in registers; each key's sum is the same chain whatever the group. */     \
 static inline __attribute__((always_inline)) void key_group_##NAME(const float *q, const int n, const int group,\
-        const T *k, int64_t slot_stride, const int64_t *blocks, int64_t bs, int64_t lo, int64_t first, int64_t i0,\
-        int64_t D, float *scores, int64_t ld) {                                                            \
+        const T *k, const int64_t *at, int64_t i0, int64_t D, float *scores, int64_t ld) {                  \
     const T *ku[8];                                                                                        \
     __m256 acc[8];                                                                                         \
-    for (int j = 0; j < group; j++) {                                                                      \
-        const int64_t u = lo + i0 + j;                                                                     \
-        ku[j] = k + (blocks[u / bs - first] * bs + u % bs) * slot_stride;                                  \
-    }                                                                                                      \
+    for (int j = 0; j < group; j++) ku[j] = k + at[i0 + j];                                                \
     for (int a = 0; a < n * group; a++) acc[a] = _mm256_setzero_ps();                                      \
     for (int64_t d = 0; d < D; d += 8)                                                                     \
         for (int j = 0; j < group; j++) {                                                                  \
@@ -58,9 +98,8 @@ static inline __attribute__((always_inline)) void key_group_##NAME(const float *
 }                                                                                                          \
                                                                                                            \
 /* scores[h][i] = q_h . k_(lo + i) for n query heads (n <= 8), 8 / n keys at a time */                    \
-static void scores_##NAME(const float *q, int64_t n, const T *k, int64_t slot_stride, const int64_t *blocks,\
-                          int64_t bs, int64_t lo, int64_t count, int64_t D, float *scores, int64_t ld) {   \
-    const int64_t first = lo / bs;                                                                         \
+static void scores_##NAME(const float *q, int64_t n, const T *k, const int64_t *at, int64_t count, int64_t D,\
+                          float *scores, int64_t ld) {                                                     \
     int64_t i = 0;                                                                                         \
     switch (n) { /* n heads x group keys: 8 sums in registers */                                            \
     case 1: for (; i + 8 <= count; i += 8) key_group_##NAME(q, 1, 8, KEY_GROUP_ARGS); break;                \
@@ -70,23 +109,21 @@ static void scores_##NAME(const float *q, int64_t n, const T *k, int64_t slot_st
     }                                                                                                      \
     for (; i < count; i++) /* the keys left, and other head counts: one key at a time */                   \
         for (int64_t h = 0; h < n; h++)                                                                    \
-            key_group_##NAME(q + h * D, 1, 1, k, slot_stride, blocks, bs, lo, first, i, D, scores + h * ld, ld);\
+            key_group_##NAME(q + h * D, 1, 1, k, at, i, D, scores + h * ld, ld);                            \
 }                                                                                                          \
                                                                                                            \
 /* out[n, D] = p[n, count] . v (64 columns at a time: 8 accumulators per head). The heads of a column range \
  * one after another, so its values (count x 128 bytes) are read from memory once and from cache by the other \
  * heads: head by head over every column, a 512-wide head's values (1 KB apart) left L2 before the next head. */\
-static void values_##NAME(const float *p, int64_t ld, int64_t n, const T *v, int64_t slot_stride,          \
-                          const int64_t *blocks, int64_t bs, int64_t lo, int64_t count, int64_t D, float *out) {\
-    const int64_t first = lo / bs;                                                                         \
+static void values_##NAME(const float *p, int64_t ld, int64_t n, const T *v, const int64_t *at, int64_t count,\
+                          int64_t D, float *out) {                                                         \
     for (int64_t d0 = 0; d0 < D; d0 += 64)                                                                 \
         for (int h = 0; h < n; h++) {                                                                      \
             const int64_t w = D - d0 < 64 ? (D - d0) / 8 : 8;                                              \
             __m256 acc[8];                                                                                 \
             for (int j = 0; j < w; j++) acc[j] = _mm256_setzero_ps();                                      \
             for (int64_t i = 0; i < count; i++) {                                                          \
-                const int64_t u = lo + i;                                                                  \
-                const T *vu = v + (blocks[u / bs - first] * bs + u % bs) * slot_stride + d0;               \
+                const T *vu = v + at[i] + d0;                                                              \
                 const __m256 pu = _mm256_set1_ps(p[h * ld + i]);                                           \
                 for (int j = 0; j < w; j++) acc[j] = _mm256_fmadd_ps(pu, LOAD(vu + 8 * j), acc[j]);        \
             }                                                                                              \
@@ -112,28 +149,24 @@ int paged_decode_attention_##NAME(const float *q, const T *k, const T *v, int64_
         const unsigned int csr = _mm_getcsr();                                                             \
         _mm_setcsr(csr | FLUSH_DENORMALS);                                                                 \
         float *scores = malloc(sizeof(float) * (n < 8 ? n : 8) * longest);                                 \
-        if (!scores) failed = 1;                                                                           \
+        int64_t *at = malloc(sizeof(int64_t) * longest);                                                   \
+        if (!scores || !at) failed = 1;                                                                    \
         _Pragma("omp for schedule(dynamic, 1)")                                                            \
         for (int64_t item = 0; item < B * G; item++) {                                                     \
-            if (!scores) continue;                                                                         \
+            if (!scores || !at) continue;                                                                  \
             const int64_t b = item / G, g = item % G, count = pos[b] - lo[b] + 1;                          \
-            const int64_t *table = blocks + b * max_blocks;                                                \
+            key_offsets(blocks + b * max_blocks, bs, lo[b], count, slot_stride, at);                       \
             for (int64_t h0 = 0; h0 < n; h0 += 8) { /* query heads of this KV head, 8 at a time */         \
                 const int64_t hn = n - h0 < 8 ? n - h0 : 8;                                                \
                 const float *qh = q + (b * G * n + g * n + h0) * D;                                        \
-                scores_##NAME(qh, hn, k + g * head_stride, slot_stride, table, bs, lo[b], count, D, scores,\
-                              longest);                                                                    \
-                for (int h = 0; h < hn; h++) { /* softmax in fp32, as torch.softmax: exp(s - max) / sum */ \
-                    float *s = scores + h * longest, top = s[0], sum = 0.0f;                               \
-                    for (int64_t i = 1; i < count; i++) top = s[i] > top ? s[i] : top;                     \
-                    for (int64_t i = 0; i < count; i++) sum += (s[i] = expf(s[i] - top));                  \
-                    for (int64_t i = 0; i < count; i++) s[i] /= sum;                                       \
-                }                                                                                          \
-                values_##NAME(scores, longest, hn, v + g * head_stride, slot_stride, table, bs, lo[b], count,\
-                              D, out + (b * G * n + g * n + h0) * D);                                      \
+                scores_##NAME(qh, hn, k + g * head_stride, at, count, D, scores, longest);                 \
+                for (int h = 0; h < hn; h++) softmax(scores + h * longest, count);                         \
+                values_##NAME(scores, longest, hn, v + g * head_stride, at, count, D,                      \
+                              out + (b * G * n + g * n + h0) * D);                                         \
             }                                                                                              \
         }                                                                                                  \
         free(scores);                                                                                      \
+        free(at);                                                                                          \
         _mm_setcsr(csr);                                                                                   \
     }                                                                                                      \
     return failed ? -1 : 0;                                                                                \

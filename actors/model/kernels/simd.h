@@ -1,0 +1,74 @@
+/* 8-lane (AVX2 + FMA) helpers shared by the kernels: a row's numbers in the model dtype (fp32 or bf16) as fp32
+ * and back, and e^x and tanh for 8 lanes. Included by each kernel that uses them (static inline: one copy per
+ * file, no symbols between files). */
+#ifndef EPSERVE_SIMD_H
+#define EPSERVE_SIMD_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+/* 8 numbers of a row in the model dtype, as fp32, and back (rounded to nearest even, as torch) */
+static inline __m256 load8(const void *p, int bf16, int64_t i) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static inline __m256 round8(__m256 f, int bf16) { /* the value a tensor of the dtype stores for each lane */
+    if (!bf16) return f;
+    const __m256i u = _mm256_castps_si256(f), mask = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb);
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(u, bias), mask);
+    const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x400000)), mask);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, nan));
+}
+
+static inline void store8(void *p, int bf16, int64_t i, __m256 f) { /* f already rounded to the dtype */
+    if (!bf16) {
+        _mm256_storeu_ps((float *)p + i, f);
+        return;
+    }
+    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(f), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
+}
+
+/* e^x for 8 lanes (|x| <= 88; Cephes' expf: Cody-Waite reduction by ln 2, a degree-6 polynomial) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+/* tanh for 8 lanes, within 1.4 ulp of the true value over [-12, 12] (torch's own: 0.6): an odd polynomial below
+ * |x| = 0.625 (Cephes' tanhf), 1 - 2 / (e^2|x| + 1) above (+-1 in fp32 from |x| = 9.01); NaN stays NaN */
+static inline __m256 tanh8(__m256 x) {
+    const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f)), a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+    const __m256 capped = _mm256_min_ps(a, _mm256_set1_ps(10.0f)), one = _mm256_set1_ps(1.0f);
+    const __m256 e = exp8(_mm256_add_ps(capped, capped));
+    const __m256 large = _mm256_or_ps(sign, _mm256_sub_ps(one, _mm256_div_ps(_mm256_add_ps(one, one),
+                                                                              _mm256_add_ps(e, one))));
+    const __m256 y = _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN in, NaN out */
+}
+
+#endif
