@@ -112,7 +112,7 @@ def expert_outputs(x_TH, ids_TK, experts: "Experts") -> torch.Tensor:
     """What a shard returns: expert_{ids[t,k]}(x[t]) for every (token, slot) with a local expert (id >= 0), in
     the model dtype, in row-major (token, slot) order. The front-end sums them as ``grouped_experts`` does."""
     ys_SH, row_of_slot, S = _grouped(x_TH, ids_TK, experts)
-    return ys_SH[row_of_slot[row_of_slot < S]]
+    return ys_SH.index_select(0, row_of_slot[row_of_slot < S])  # an index_select: 1/3 of a ys[rows]'s time
 
 
 class Experts(nn.Module):

@@ -308,22 +308,29 @@ void fused_moe_combine(const void *ys, int bf16, int64_t S, const float *weights
 /* GeGLU's activation: out[s] = gelu_tanh(gate[s]) * up[s] for rows s of gate and up (ld elements apart: the
  * halves of one [S, 2I] tensor, or two [S, I] ones); out [S, I]. As torch: GELU in fp32 rounded to the dtype,
  * the product rounded again. I a multiple of 8. */
+static inline __attribute__((always_inline)) void gelu_mul_row(const void *g_row, const void *u_row, void *o,
+                                                               int64_t I, const int bf16) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 beta = _mm256_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
+    for (int64_t i = 0; i < I; i += 8) {
+        const __m256 x = load8(g_row, bf16, i), u = load8(u_row, bf16, i);
+        const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
+        const __m256 g = round8(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh8(inner))), bf16);
+        store8(o, bf16, i, round8(_mm256_mul_ps(g, u), bf16));
+    }
+}
+
 void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int64_t S, int64_t I, void *out,
                     int threads) {
     const int64_t rows = S, n = 2 * I;
-    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-    const __m256 beta = _mm256_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
     PARALLEL_ROWS
-    for (int64_t s = 0; s < S; s++) {
+    for (int64_t s = 0; s < S; s++) { /* the dtype a constant in each copy of the row loop */
         const void *g_row = row_of(gate, bf16, s, ld), *u_row = row_of(up, bf16, s, ld);
-        void *o = mrow_of(out, bf16, s, I);
-        for (int64_t i = 0; i < I; i += 8) {
-            const __m256 x = load8(g_row, bf16, i), u = load8(u_row, bf16, i);
-            const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-            const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
-            const __m256 g = round8(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh8(inner))), bf16);
-            store8(o, bf16, i, round8(_mm256_mul_ps(g, u), bf16));
-        }
+        if (bf16)
+            gelu_mul_row(g_row, u_row, mrow_of(out, bf16, s, I), I, 1);
+        else
+            gelu_mul_row(g_row, u_row, mrow_of(out, bf16, s, I), I, 0);
     }
 }
 
