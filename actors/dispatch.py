@@ -155,7 +155,7 @@ class FrontendExchange:
         self.row_bytes = row_bytes(hidden, top_k, dtype)
         self.tokens = 0  # this step's, from begin_step
         N, E = ranks.shards, placement.num_experts
-        self.stats = DispatchStats(tokens_per_shard=[0] * N, tokens_per_expert=[0] * E)
+        self._stats = DispatchStats(tokens_per_shard=[0] * N, tokens_per_expert=[0] * E)
         self.on_dispatch = self.on_combine = None  # metrics hooks: called with each layer's seconds
         self.headers = 0  # headers joined (a step that sent none still owes its peers one)
         self.group_idle = True  # the last header had no step in it
@@ -171,6 +171,14 @@ class FrontendExchange:
     @property
     def micro_batches(self) -> int:
         return self.ranks.micro_batches
+
+    @property
+    def stats(self) -> DispatchStats:
+        """The counters, each expert's tokens summed from ``load_LE`` when read (not by a loop over the
+        experts in every layer of every step)."""
+        if self.load_LE is not None:
+            self._stats.tokens_per_expert = self.load_LE.sum(0).tolist()
+        return self._stats
 
     @contextlib.contextmanager
     def uncounted(self):
@@ -190,7 +198,7 @@ class FrontendExchange:
     def slots_by_shard(self) -> list[list[list[int]]]:
         """The placement by shard index, [layer][shard] (a shard out of the group holds no slot in it)."""
         position = {s: i for i, s in enumerate(self.members)}
-        return [[layer[position[s]] if s in position else [] for s in range(len(self.stats.tokens_per_shard))]
+        return [[layer[position[s]] if s in position else [] for s in range(len(self._stats.tokens_per_shard))]
                 for layer in self.placement.slots]
 
     def stage(self, epoch: int, placement: Placement) -> None:
@@ -259,7 +267,7 @@ class FrontendExchange:
         if self.counting:
             self._count(layer, T, K, sum(per_shard), per_shard, ids_TK)
             elapsed = time.perf_counter() - t0
-            self.stats.dispatch_seconds += elapsed
+            self._stats.dispatch_seconds += elapsed
             if self.on_dispatch is not None:
                 self.on_dispatch(elapsed)
         if not self.overlap:
@@ -280,12 +288,12 @@ class FrontendExchange:
                                                  [0] * self.ranks.frontends + handle.slots_per_shard)
         elapsed = time.perf_counter() - t0
         if self.counting:
-            self.stats.wait_seconds += elapsed
+            self._stats.wait_seconds += elapsed
             if self.on_combine is not None:
                 self.on_combine(elapsed)
 
     def _count(self, layer, T, K, rows, per_shard, ids_TK) -> None:
-        s = self.stats
+        s = self._stats
         s.layers += 1
         s.rows += rows
         s.token_slots += T * K
@@ -299,8 +307,6 @@ class FrontendExchange:
         if self.load_LE is None:
             self.load_LE = torch.zeros(self.placement.num_layers, len(per_expert), dtype=torch.int64)
         self.load_LE[layer] += per_expert.cpu()
-        for e, n in enumerate(per_expert.tolist()):
-            s.tokens_per_expert[e] += n
 
 
 @dataclass
