@@ -107,6 +107,8 @@ class PagedAttention:
         out = torch.empty_like(q)
         for g in plan.groups:
             if g.q_index.shape[1] == 1 and _in_place(kc, shape.head_dim):  # decode rows: no gathered copy
+                if len(g.q_index) == len(q):  # every row decodes, in order: no gather and scatter of q and out
+                    return cpu_kernels.paged_decode_attention(q, kc, vc, g.kv_blocks, g.q_pos[:, 0], g.kv_lo, bs)
                 out[g.q_index[:, 0]] = cpu_kernels.paged_decode_attention(
                     q[g.q_index[:, 0]], kc, vc, g.kv_blocks, g.q_pos[:, 0], g.kv_lo, bs)
                 continue
