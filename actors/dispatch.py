@@ -155,7 +155,7 @@ class FrontendExchange:
         self.row_bytes = row_bytes(hidden, top_k, dtype)
         self.tokens = 0  # this step's, from begin_step
         N, E = ranks.shards, placement.num_experts
-        self._stats = DispatchStats(tokens_per_shard=[0] * N, tokens_per_expert=[0] * E)
+        self.stats = DispatchStats(tokens_per_shard=[0] * N, tokens_per_expert=[0] * E)  # see ``counters``
         self.on_dispatch = self.on_combine = None  # metrics hooks: called with each layer's seconds
         self.headers = 0  # headers joined (a step that sent none still owes its peers one)
         self.group_idle = True  # the last header had no step in it
@@ -172,13 +172,12 @@ class FrontendExchange:
     def micro_batches(self) -> int:
         return self.ranks.micro_batches
 
-    @property
-    def stats(self) -> DispatchStats:
-        """The counters, each expert's tokens summed from ``load_LE`` when read (not by a loop over the
-        experts in every layer of every step)."""
+    def counters(self) -> DispatchStats:
+        """``stats`` with each expert's tokens summed from ``load_LE`` now: kept per layer as one tensor, not
+        added up expert by expert in every layer of every step."""
         if self.load_LE is not None:
-            self._stats.tokens_per_expert = self.load_LE.sum(0).tolist()
-        return self._stats
+            self.stats.tokens_per_expert = self.load_LE.sum(0).tolist()
+        return self.stats
 
     @contextlib.contextmanager
     def uncounted(self):
@@ -198,7 +197,7 @@ class FrontendExchange:
     def slots_by_shard(self) -> list[list[list[int]]]:
         """The placement by shard index, [layer][shard] (a shard out of the group holds no slot in it)."""
         position = {s: i for i, s in enumerate(self.members)}
-        return [[layer[position[s]] if s in position else [] for s in range(len(self._stats.tokens_per_shard))]
+        return [[layer[position[s]] if s in position else [] for s in range(len(self.stats.tokens_per_shard))]
                 for layer in self.placement.slots]
 
     def stage(self, epoch: int, placement: Placement) -> None:
@@ -267,7 +266,7 @@ class FrontendExchange:
         if self.counting:
             self._count(layer, T, K, sum(per_shard), per_shard, ids_TK)
             elapsed = time.perf_counter() - t0
-            self._stats.dispatch_seconds += elapsed
+            self.stats.dispatch_seconds += elapsed
             if self.on_dispatch is not None:
                 self.on_dispatch(elapsed)
         if not self.overlap:
@@ -288,12 +287,12 @@ class FrontendExchange:
                                                  [0] * self.ranks.frontends + handle.slots_per_shard)
         elapsed = time.perf_counter() - t0
         if self.counting:
-            self._stats.wait_seconds += elapsed
+            self.stats.wait_seconds += elapsed
             if self.on_combine is not None:
                 self.on_combine(elapsed)
 
     def _count(self, layer, T, K, rows, per_shard, ids_TK) -> None:
-        s = self._stats
+        s = self.stats
         s.layers += 1
         s.rows += rows
         s.token_slots += T * K

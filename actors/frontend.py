@@ -269,7 +269,7 @@ class Frontend:
 
     def stats(self) -> dict:
         e = self.engine
-        d = self.dispatcher.stats if self.dispatcher else dispatch.DispatchStats()
+        d = self.dispatcher.counters() if self.dispatcher else dispatch.DispatchStats()
         return {"running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting), "kv_usage": e.kv_usage,
                 "kv_blocks_used": e.blocks.num_used(), "steps": e.num_steps, "preemptions":
                 e.scheduler.num_preemptions, "prefix_hit_tokens": e.blocks.stats.hit_tokens,
@@ -283,7 +283,7 @@ class Frontend:
         """Where the routed experts live (per layer, each shard's slots; none when this actor runs them) and
         the routed load so far (``epserve experts``)."""
         d = self.dispatcher
-        stats = asdict(d.stats if d else dispatch.DispatchStats())
+        stats = asdict(d.counters() if d else dispatch.DispatchStats())
         load = d.load_LE.tolist() if d is not None and d.load_LE is not None else None
         return {"num_experts": self.model.cfg.num_experts, "layers": d.slots_by_shard() if d else [],
                 "members": d.members if d else [], "epoch": d.epoch if d else 0, "tokens_per_layer_expert": load,

@@ -261,7 +261,7 @@ class _CumulativeCollector(Collector):
         d = m.dispatcher
         if d is None:
             return
-        s = d.stats
+        s = d.counters()
         experts = CounterMetricFamily(p + "expert_tokens", "Tokens routed to each expert (token-expert pairs), "
                                       "summed over MoE layers.", labels=["expert"])
         for e, n in enumerate(list(s.tokens_per_expert)):
