@@ -97,22 +97,33 @@ class Linear(nn.Linear):
 
 class JointLinears:
     """Linears that read the same input (q/k/v, the dense MLP's gate and up) run as one GEMM over a joint
-    weight whose row blocks are their weights: ``join`` copies them into one tensor once the checkpoint is
-    loaded and re-points each ``weight`` at its block (the same values and names, no second copy). One call
-    instead of two or three: at decode on a CPU each call has a fixed cost (~20 us) near the GEMM's own.
-    Until joined (a model built in place), or if a weight is replaced later, each linear runs alone."""
+    weight whose row blocks are their weights (the same values and names, no second copy): the loader reads
+    each weight into its block of one tensor (``blocks``, then ``adopt``); ``join`` does the same for weights
+    already in place. One call instead of two or three: at decode on a CPU each call has a fixed cost (~20 us)
+    near the GEMM's own. Until joined (a model built in place), or if a weight is replaced later, each linear
+    runs alone."""
 
     def __init__(self, *linears: Linear | None):
         self.linears = [m for m in linears if m is not None]
         self.sizes = [m.out_features for m in self.linears]
         self.joint, self.views = None, []
 
+    def blocks(self, dtype, device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """A joint weight, uninitialised, and its row block for each linear's weight (in order)."""
+        joint = torch.empty(sum(self.sizes), self.linears[0].in_features, dtype=dtype, device=device)
+        return joint, joint.split(self.sizes)
+
+    def adopt(self, joint: torch.Tensor) -> None:
+        """Run as one GEMM over ``joint``, whose row blocks the linears' weights now are."""
+        self.joint, self.views = joint, [m.weight.data_ptr() for m in self.linears]
+
     def join(self) -> None:
+        """Copy the weights into one joint tensor and re-point each at its block."""
         with torch.no_grad():
-            self.joint = torch.cat([m.weight.detach() for m in self.linears])
-            for m, block in zip(self.linears, self.joint.split(self.sizes)):
-                m.weight.data = block
-        self.views = [m.weight.data_ptr() for m in self.linears]
+            joint, blocks = self.blocks(self.linears[0].weight.dtype, self.linears[0].weight.device)
+            for m, block in zip(self.linears, blocks):
+                m.weight.data = block.copy_(m.weight.detach())
+        self.adopt(joint)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each linear's output, as views of the joint output where joined."""

@@ -126,18 +126,32 @@ def _materialise(module: torch.nn.Module, ckpt: Checkpoint, prefix: str, dtype, 
     process that holds them will compute with them: its freed activations are kept for reuse."""
     if torch.device(device).type == "cpu":
         host_memory.keep_freed_memory()
+    joints, into = _joint_blocks(module, dtype, device)
     state = {}
     for name, meta in module.state_dict().items():
         expert = (prefix + name).endswith(EXPERT_TENSORS)
         t = ckpt.read(prefix + name, tuple(meta.shape), rows if expert else None)
         held = expert_dtype(t.dtype, dtype, device, ckpt.config) if expert else dtype
-        state[name] = host_memory.resident(t, held, device)
+        state[name] = into[name].copy_(t) if name in into else host_memory.resident(t, held, device)
     module.load_state_dict(state, assign=True, strict=True)
+    for joint, tensor in joints:
+        joint.adopt(tensor)
     for m in module.modules():
         if isinstance(m, Experts):
             m.prepare_(dtype)
+
+
+def _joint_blocks(module: torch.nn.Module, dtype, device) -> tuple[list, dict[str, torch.Tensor]]:
+    """The module's ``JointLinears`` with a joint weight each, and where each of their weights is read into (a
+    row block of it): read there directly, not copied in later, so that no weight is held twice."""
+    names = {id(m): name for name, m in module.named_modules()}
+    joints, into = [], {}
+    for m in module.modules():
         for joint in [v for v in vars(m).values() if isinstance(v, JointLinears)]:
-            joint.join()
+            tensor, blocks = joint.blocks(dtype, device)
+            joints.append((joint, tensor))
+            into.update({f"{names[id(linear)]}.weight": block for linear, block in zip(joint.linears, blocks)})
+    return joints, into
 
 
 def load_model(path, dtype=torch.float32, device="cpu", expert_range=ALL_EXPERTS) -> Gemma4Model:
