@@ -214,8 +214,20 @@ def grouped_linear_amx(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, 
 
 def linear_amx(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """bf16 [M, N] = x [M, K] @ w [N, K].T on AMX tiles (one group of ``grouped_linear_amx``; fewer than 3 rows
-    through the dot kernel, which streams the weights a little faster)."""
-    return grouped_linear_amx(x, _whole(x.shape[0]), w[None], 3, check=False)
+    through the dot kernel, which streams the weights a little faster). Called straight, with only the checks
+    it needs: at decode a call's Python around the kernel cost as much as the kernel (~14 us against 4-5)."""
+    (M, K), N = x.shape, w.shape[0]
+    if not (x.dtype == w.dtype == torch.bfloat16 and w.dim() == 2 and w.shape[1] == K and x.stride(1) == 1
+            and x.stride(0) % 2 == 0 and w.is_contiguous() and amx_shapes(N, K) and x.device.type == "cpu"
+            and w.device.type == "cpu" and amx_available()):
+        raise ValueError(f"linear_amx needs bf16 x [M, K] with rows of even stride and a contiguous bf16 w [N, K] "
+                         f"with N % 16 == 0 and K % 32 == 0 on a CPU with AMX, got {x.dtype} {tuple(x.shape)} and "
+                         f"{w.dtype} {tuple(w.shape)}")
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+    if _lib.bf16_amx_grouped_linear(x.data_ptr(), x.stride(0), _whole(M).data_ptr(), 1, w.data_ptr(),
+                                    out.data_ptr(), N, N, K, 3, torch.get_num_threads()):
+        raise MemoryError("bf16_amx_grouped_linear: no memory for the packed rows")
+    return out
 
 
 _WHOLE: dict[int, torch.Tensor] = {}

@@ -55,9 +55,14 @@ AMX_ROWS = 128
 
 
 def _amx_serves(rows: torch.Tensor, w: torch.Tensor) -> bool:
-    return (rows.shape[0] <= AMX_ROWS and rows.dtype == w.dtype == torch.bfloat16 and rows.stride(-1) == 1
-            and rows.stride(0) % 2 == 0 and w.dim() == 2 and w.is_contiguous()
-            and cpu_kernels.amx_shapes(*w.shape) and cpu_kernels.amx_available())
+    return (rows.shape[0] <= AMX_ROWS and rows.dtype == torch.bfloat16 and rows.stride(-1) == 1
+            and rows.stride(0) % 2 == 0 and derived(w, "_amx", _amx_weight))
+
+
+def _amx_weight(w: torch.Tensor) -> bool:
+    """Whether the AMX kernel takes this weight (checked once per weight: ``derived``)."""
+    return (w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous() and cpu_kernels.amx_shapes(*w.shape)
+            and cpu_kernels.amx_available())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, pack: bool = False) -> torch.Tensor:
@@ -74,9 +79,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, pack: bool = False) -> torch.Tensor
     * GPUs: the plain form."""
     if x.device.type != "cpu":
         return nn.functional.linear(x, w)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if pack and _amx_serves(rows, w):
-        return cpu_kernels.linear_amx(rows, w).view(*x.shape[:-1], w.shape[0])
+        out = cpu_kernels.linear_amx(rows, w)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], w.shape[0])
     onednn = _onednn_weight(w) if pack else (w if rows.shape[0] > ONEDNN_ROWS and _onednn_serves(w) else None)
     if onednn is not None:
         out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), onednn, None, "none", [], "")
