@@ -182,6 +182,17 @@ def test_paged_decode_attention_equals_masked_attention_on_gathered_keys(G, n, D
         assert (out[b] - ref).abs().max().item() <= 1e-5, f"request {b}"
 
 
+def test_a_nan_key_makes_its_requests_attention_nan_and_no_others():
+    """As torch's softmax: a NaN score is not hidden by the vectorized exp's clamp."""
+    bs, B, G, n, D = 4, 2, 1, 2, 16
+    k_cache, v_cache = torch.randn(G, 8 * bs, D), torch.randn(G, 8 * bs, D)
+    blocks = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    pos, lo = torch.tensor([9, 9]), torch.zeros(2, dtype=torch.long)
+    k_cache[0, 5] = float("nan")  # request 0's key at position 5 (block 1, slot 1)
+    out = cpu_kernels.paged_decode_attention(torch.randn(B, G * n, D), k_cache, v_cache, blocks, pos, lo, bs)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="libgomp's call, on Linux")
 def test_a_thread_can_hand_back_its_openmp_team():
     """The engine is built on one thread and steps on another: the builder's OpenMP team must go, or every

@@ -19,7 +19,6 @@
 #define FLUSH_DENORMALS 0x8040 /* MXCSR: flush-to-zero (results) and denormals-are-zero (inputs) */
 #define KEY_GROUP_ARGS k, at, i, D, scores, ld
 
-
 static inline float hmax(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -35,7 +34,8 @@ static inline float hsum(__m256 v) {
 }
 
 /* s[0 .. count) <- softmax(s) in fp32, as torch.softmax: exp(s - max) / sum, 8 lanes at a time (a scalar expf
- * per key cost as much as the dot products); the last count % 8 keys through a padded vector */
+ * per key cost as much as the dot products); the last count % 8 keys through a padded vector; a NaN score
+ * makes the row NaN, as torch's */
 static void softmax(float *s, int64_t count) {
     const int64_t full = count & ~(int64_t)7, rest = count - full;
     float tail[8];

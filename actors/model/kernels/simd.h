@@ -35,9 +35,10 @@ static inline void store8(void *p, int bf16, int64_t i, __m256 f) { /* f already
     _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
 }
 
-/* e^x for 8 lanes (|x| <= 88; Cephes' expf: Cody-Waite reduction by ln 2, a degree-6 polynomial) */
+/* e^x for 8 lanes (|x| <= 88; Cephes' expf: Cody-Waite reduction by ln 2, a degree-6 polynomial); NaN stays
+ * NaN (min and max give their second operand when one is NaN) */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-88.0f), x));
     const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
