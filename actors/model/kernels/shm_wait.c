@@ -24,13 +24,18 @@ static int64_t now_ns(void) {
 }
 
 /* Wait until *word reaches target (sequence numbers: compared modulo 2^32). 0 when it has; -1 when the
- * deadline passed; -2 when *closed became non-zero. */
+ * deadline passed; -2 when *closed became non-zero before *word reached target. */
 int shm_wait(uint32_t *word, uint32_t target, int64_t timeout_ns, const uint32_t *closed) {
     const int64_t deadline = now_ns() + timeout_ns;
     for (int i = 0;; i++) {
         const uint32_t seen = __atomic_load_n(word, __ATOMIC_ACQUIRE);
         if ((int32_t)(seen - target) >= 0) return 0;
-        if (__atomic_load_n(closed, __ATOMIC_ACQUIRE)) return -2;
+        if (__atomic_load_n(closed, __ATOMIC_ACQUIRE)) {
+            /* A peer may have published and then closed between the two loads: what it published before
+             * closing still counts (its close is ordered after its post, so this load sees the post). */
+            const uint32_t last = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+            return (int32_t)(last - target) >= 0 ? 0 : -2;
+        }
         if (i < SPINS) {
             __builtin_ia32_pause();
             continue;
