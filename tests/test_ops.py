@@ -3,12 +3,17 @@ in fp32 and in bf16, on shapes with remainders (widths that are not multiples of
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from epserve.actors.model import cpu_kernels, ops
 from epserve.actors.model.config import RopeConfig
 from epserve.actors.model.layers import rms_norm, rope_tables
+from epserve.actors.model.precision import cpu_flags
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2 on this machine")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -110,6 +115,35 @@ def test_gelu_mul_on_the_halves_of_one_projection_and_on_two(dtype):
     gate, up = gate.contiguous(), up.contiguous()
     close(ops.gelu_mul(gate, up), ops.torch_gelu_mul(gate, up), dtype)
     assert ops.gelu_mul(gate[:0], up[:0]).shape == (0, I)
+
+
+GELU_BITS = r"""
+import sys, torch
+from epserve.actors.model import ops
+torch.manual_seed(0)
+out = []
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(5, 2 * 152) * 6
+    x[0, :8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, 9.0, -9.0])
+    gate, up = x.to(dtype).chunk(2, dim=-1)
+    out.append(ops.gelu_mul(gate, up).float())
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= cpu_flags(), reason="no AVX-512 here")
+def test_gelu_mul_on_16_lanes_gives_the_8_lane_bits(tmp_path):
+    """Where the CPU has AVX-512 GeGLU runs 16 lanes at a time: the same operations as the 8-lane path, so the
+    same bits, NaN, infinities, -0 and a last 8 columns included (``EPSERVE_AVX512=0`` forces 8 lanes)."""
+    script = tmp_path / "gelu.py"
+    script.write_text(GELU_BITS)
+    runs = []
+    for flag in ("1", "0"):
+        subprocess.run([sys.executable, str(script), str(tmp_path / flag)], check=True, timeout=120,
+                       env=os.environ | {"EPSERVE_AVX512": flag})
+        runs.append(torch.load(tmp_path / flag))
+    for wide, narrow in zip(*runs):
+        assert torch.equal(wide.view(torch.int32), narrow.view(torch.int32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

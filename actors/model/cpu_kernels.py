@@ -14,7 +14,8 @@ concurrent actors on one machine build it at most a few times and never load a h
 
 Without a compiler, on a CPU without AVX2/FMA, or with ``EPSERVE_CPU_KERNELS=0``, ``available()`` is False:
 the model keeps fp32 expert weights under fp32 compute (same results, more bytes) and uses torch's grouped
-GEMM. ``bf16_dot_available()`` also needs AVX512-BF16.
+GEMM. ``bf16_dot_available()`` also needs AVX512-BF16. The kernels compile for AVX2; where the CPU has AVX-512
+some take 16 lanes at a time (the same operations, so the same bits; ``EPSERVE_AVX512=0`` keeps them on 8).
 """
 
 from __future__ import annotations

@@ -321,8 +321,44 @@ static inline __attribute__((always_inline)) void gelu_mul_row(const void *g_row
     }
 }
 
+/* the same on 16 lanes (same bits: simd.h), a last 8 on 8; about half the time where the CPU has AVX-512 */
+AVX512 static inline __attribute__((always_inline)) void gelu_mul_row16(const void *g_row, const void *u_row,
+                                                                        void *o, int64_t I, const int bf16) {
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    const __m512 beta = _mm512_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm512_set1_ps(0.044715f);
+    int64_t i = 0;
+    for (; i + 16 <= I; i += 16) {
+        const __m512 x = load16(g_row, bf16, i), u = load16(u_row, bf16, i);
+        const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+        const __m512 inner = _mm512_mul_ps(beta, _mm512_add_ps(x, _mm512_mul_ps(kappa, cube)));
+        const __m512 g = round16(_mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh16(inner))), bf16);
+        store16(o, bf16, i, round16(_mm512_mul_ps(g, u), bf16));
+    }
+    if (i < I) {
+        const size_t at = (size_t)i * (bf16 ? 2 : 4);
+        gelu_mul_row((const char *)g_row + at, (const char *)u_row + at, (char *)o + at, I - i, bf16);
+    }
+}
+
+AVX512 static void gelu_mul_avx512(const void *gate, const void *up, int64_t ld, int bf16, int64_t S, int64_t I,
+                                   void *out, int threads) {
+    const int64_t rows = S, n = 2 * I;
+    PARALLEL_ROWS
+    for (int64_t s = 0; s < S; s++) {
+        const void *g_row = row_of(gate, bf16, s, ld), *u_row = row_of(up, bf16, s, ld);
+        if (bf16)
+            gelu_mul_row16(g_row, u_row, mrow_of(out, bf16, s, I), I, 1);
+        else
+            gelu_mul_row16(g_row, u_row, mrow_of(out, bf16, s, I), I, 0);
+    }
+}
+
 void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int64_t S, int64_t I, void *out,
                     int threads) {
+    if (has_avx512()) {
+        gelu_mul_avx512(gate, up, ld, bf16, S, I, out, threads);
+        return;
+    }
     const int64_t rows = S, n = 2 * I;
     PARALLEL_ROWS
     for (int64_t s = 0; s < S; s++) { /* the dtype a constant in each copy of the row loop */
