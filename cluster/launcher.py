@@ -54,18 +54,25 @@ def bundles(cfg: ClusterConfig, cpus: float, use_gpu: bool) -> list[dict[str, fl
         [{**base, **cfg.shard_resources} for _ in range(cfg.shards)]
 
 
+# How long an idle OpenMP worker of an actor that shares its cores spins before it sleeps (libgomp's spins)
+SHORT_SPIN = {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "3000"}
+
+
 def openmp_env(cfg: ClusterConfig, use_gpu: bool) -> dict[str, str]:
-    """Environment of the actors' processes for OpenMP. libgomp's threads spin for a while after each parallel
-    region (while its threads fit the cores), which pays where a process has its cores to itself. CPU actors
-    that share cores take turns on them: a front-end's spinning worker then holds the core a shard has just
-    been woken to compute on. There every actor waits passively. Measured on 2 cores (`tiny`, 1 front-end + 2
-    shards, docs/performance.md): the front-end's dispatch 11 -> 5.5 ms a step, 1530 -> 1890 output tok/s.
-    Left alone with GPUs, with front-ends and shards bound to disjoint cores, and where the environment
-    already says."""
+    """Environment of the actors' processes for OpenMP. CPU actors that share cores take turns on them. By
+    default libgomp's idle workers spin for 300k rounds (about a millisecond) after each parallel region: a
+    front-end's spinning worker then holds the core a shard has just been woken to compute on. Sleeping at once
+    (passive) costs a futex wake-up at the start of every region instead, dozens a step. A short spin
+    (``SHORT_SPIN``) covers the gaps between the regions of a layer and gives the core up within microseconds
+    once the front-end waits for the shards. Measured on 2 cores (`tiny`, 1 front-end + 2 shards,
+    docs/performance.md): passive over the default, 1530 -> 1890 output tok/s (Intel Xeon); the short spin over
+    passive, a decode step 13.4 -> 10.4 ms (mean of 10 alternating runs, AMD EPYC), the `bench` preset's
+    unchanged. Left alone with GPUs, with front-ends and shards bound to disjoint cores, and where the
+    environment already says."""
     apart = cfg.frontend_cpus and cfg.shard_cpus and not set(cfg.frontend_cpus) & set(cfg.shard_cpus)
-    if use_gpu or apart or "OMP_WAIT_POLICY" in os.environ:
+    if use_gpu or apart or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
         return {}
-    return {"OMP_WAIT_POLICY": "passive"}
+    return dict(SHORT_SPIN)
 
 
 class Cluster:

@@ -79,10 +79,11 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
             # the same bits, whatever the number of shards and front-ends
             assert torch.equal(remote, local)
         assert [ray.get_actor(frontend_name(j), namespace="epserve") for j in range(frontends)]
-        # actors sharing the host's cores wait passively between parallel regions (launcher.openmp_env)
-        waits = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("OMP_WAIT_POLICY"))
+        # actors sharing the host's cores spin briefly between parallel regions (launcher.openmp_env)
+        waits = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("GOMP_SPINCOUNT"))
                          for a in cluster.frontends + cluster.shards])
-        assert waits == [os.environ.get("OMP_WAIT_POLICY", "passive")] * (frontends + shards)
+        spins = openmp_env(cluster.config, use_gpu=False).get("GOMP_SPINCOUNT", os.environ.get("GOMP_SPINCOUNT"))
+        assert waits == [spins] * (frontends + shards)
         # each shard holds its slice only, read from the checkpoint as just that slice
         cfg = tiny_model.cfg
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size  # gate, up and down
@@ -211,14 +212,18 @@ def test_bundles_add_each_roles_resources():
         [gpu | {"frontend": 1}] * 3 + [gpu | {"expert": 1}] * 2
 
 
-def test_openmp_waits_passively_only_where_actors_share_cores(monkeypatch):
+def test_openmp_spins_briefly_only_where_actors_share_cores(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    passive = {"OMP_WAIT_POLICY": "passive"}
-    assert openmp_env(ClusterConfig(), use_gpu=False) == passive
-    assert openmp_env(ClusterConfig(frontend_cpus=[0], shard_cpus=[0, 1]), use_gpu=False) == passive
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    short = {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "3000"}
+    assert openmp_env(ClusterConfig(), use_gpu=False) == short
+    assert openmp_env(ClusterConfig(frontend_cpus=[0], shard_cpus=[0, 1]), use_gpu=False) == short
     assert openmp_env(ClusterConfig(frontend_cpus=[0], shard_cpus=[1]), use_gpu=False) == {}  # cores apart
     assert openmp_env(ClusterConfig(), use_gpu=True) == {}
-    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the operator's word stands
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # the operator's word stands
+    assert openmp_env(ClusterConfig(), use_gpu=False) == {}
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
     assert openmp_env(ClusterConfig(), use_gpu=False) == {}
 
 
