@@ -113,13 +113,18 @@ def test_blocks_all_free_after_finish_and_abort(tiny_model):
                                     EngineConfig(num_blocks={FULL: 64, SLIDING: 2}, max_num_batched_tokens=128)])
 def test_warm_up_runs_a_full_chunk_and_leaves_no_trace(tiny_model, config):
     """A throw-away prefill of a whole chunk (a shorter one where the cache would never take it: 2 sliding
-    blocks), then nothing held, nothing cached, no prefix counter moved, and the same tokens after it."""
+    blocks) of tokens spread over the vocabulary, then nothing held, nothing cached, no prefix counter moved,
+    and the same tokens after it."""
     engine = LLMEngine(tiny_model, config)
     before = engine.generate([[5, 6, 7]], GREEDY)[0].token_ids
     stats, chunks = dataclasses.replace(engine.blocks.stats), []
     step = engine.runner.run
     engine.runner.run = lambda batch: chunks.append(sum(batch.num_new)) or step(batch)
+    prompts, add = [], engine.add_request
+    engine.add_request = lambda prompt, *a: prompts.append(prompt) or add(prompt, *a)
     engine.warm_up()
+    # its tokens spread over the vocabulary (routed to nearly every expert, as real prompts are), not one repeated
+    assert len(set(prompts[-1])) == min(len(prompts[-1]), tiny_model.cfg.vocab_size)
     assert chunks == [256] if config.num_blocks is None else len(chunks) == 1 and 1 <= chunks[0] < 128
     assert not engine.requests and engine.blocks.num_used() == 0 and engine.blocks.stats == stats
     assert all(not pool.by_hash for pool in engine.blocks.pools.values())

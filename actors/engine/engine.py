@@ -18,6 +18,11 @@ from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 
+def spread_tokens(n: int, vocab_size: int) -> list[int]:
+    """n token ids spread over the vocabulary (a prime stride), the same every time."""
+    return [i * 7919 % vocab_size for i in range(n)]
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request."""
@@ -106,16 +111,20 @@ class LLMEngine:
         """Run one throw-away request of a full prefill chunk (or the longest the cache takes), leaving no
         trace in the prefix cache or its counters: the first requests then do not pay what a first full-size
         step costs once (on a CPU the memory of its activations faulted in, oneDNN's first calls at its
-        shapes: 2.5x a warm chunk on the `bench` preset). Every front-end of a cluster does it at start, and
-        the shards with it: the exchange marks its steps (OP_WARM_UP), so that no served rows, steps or
-        expert load count it."""
+        shapes: 2.5x a warm chunk on the `bench` preset). Its tokens are spread over the vocabulary
+        (``spread_tokens``), so that the routers send them to every shard and nearly every expert, as real
+        prompts do: one token repeated reached 8 experts, and the first real prefill then paid the rest (the
+        `bench` preset's 64 x 128 tokens in the engine on 2 cores: 0.25-0.3 s over the next ones, 0.1 s when
+        spread). Every front-end of a cluster does it at start, and the shards with it: the exchange marks its
+        steps (OP_WARM_UP), so that no served rows, steps or expert load count it."""
         caching, stats = self.blocks.prefix_caching, replace(self.blocks.stats)
         self.blocks.prefix_caching, rid = False, None
         try:
             n = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
             while n >= 1:
                 try:
-                    rid = self.add_request([0] * n, SamplingParams(max_tokens=1, ignore_eos=True), "warm-up")
+                    rid = self.add_request(spread_tokens(n, self.model.cfg.vocab_size),
+                                           SamplingParams(max_tokens=1, ignore_eos=True), "warm-up")
                     break
                 except RequestError:  # a small cache: a shorter one
                     n //= 2
