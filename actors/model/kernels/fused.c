@@ -340,17 +340,22 @@ AVX512 static inline __attribute__((always_inline)) void gelu_mul_row16(const vo
     }
 }
 
+/* every row of fused_gelu_mul through ROW (rows on both threads from 8k numbers), the dtype a constant in each
+ * copy of the row loop */
+#define GELU_MUL_ROWS(ROW)                                                                                    \
+    const int64_t rows = S, n = 2 * I;                                                                        \
+    PARALLEL_ROWS                                                                                             \
+    for (int64_t s = 0; s < S; s++) {                                                                         \
+        const void *g_row = row_of(gate, bf16, s, ld), *u_row = row_of(up, bf16, s, ld);                      \
+        if (bf16)                                                                                             \
+            ROW(g_row, u_row, mrow_of(out, bf16, s, I), I, 1);                                                \
+        else                                                                                                  \
+            ROW(g_row, u_row, mrow_of(out, bf16, s, I), I, 0);                                                \
+    }
+
 AVX512 static void gelu_mul_avx512(const void *gate, const void *up, int64_t ld, int bf16, int64_t S, int64_t I,
                                    void *out, int threads) {
-    const int64_t rows = S, n = 2 * I;
-    PARALLEL_ROWS
-    for (int64_t s = 0; s < S; s++) {
-        const void *g_row = row_of(gate, bf16, s, ld), *u_row = row_of(up, bf16, s, ld);
-        if (bf16)
-            gelu_mul_row16(g_row, u_row, mrow_of(out, bf16, s, I), I, 1);
-        else
-            gelu_mul_row16(g_row, u_row, mrow_of(out, bf16, s, I), I, 0);
-    }
+    GELU_MUL_ROWS(gelu_mul_row16)
 }
 
 void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int64_t S, int64_t I, void *out,
@@ -359,15 +364,7 @@ void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int6
         gelu_mul_avx512(gate, up, ld, bf16, S, I, out, threads);
         return;
     }
-    const int64_t rows = S, n = 2 * I;
-    PARALLEL_ROWS
-    for (int64_t s = 0; s < S; s++) { /* the dtype a constant in each copy of the row loop */
-        const void *g_row = row_of(gate, bf16, s, ld), *u_row = row_of(up, bf16, s, ld);
-        if (bf16)
-            gelu_mul_row(g_row, u_row, mrow_of(out, bf16, s, I), I, 1);
-        else
-            gelu_mul_row(g_row, u_row, mrow_of(out, bf16, s, I), I, 0);
-    }
+    GELU_MUL_ROWS(gelu_mul_row)
 }
 
 /* The head's end: out = fp32(cap · tanh(logits / cap)), each step rounded to the model dtype as torch stores
