@@ -351,10 +351,7 @@ class ShardExchange:
         first_slot = self.hidden * self.dtype.itemsize // 4
         x_RH = rows.view(self.dtype)[:, : self.hidden].contiguous()
         slots_RK = rows.view(torch.int32)[:, first_slot : first_slot + self.top_k].long()
-        owned = slots_RK >= 0
-        per_frontend = [int(owned.sum())] if len(counts) == 1 else \
-            [int(part.sum()) for part in torch.split(owned.sum(1), counts)]
-        return ShardHandle(x_RH, slots_RK, per_frontend)
+        return ShardHandle(x_RH, slots_RK, [int(part.sum()) for part in torch.split(slots_RK >= 0, counts)])
 
     def combine(self, handle: ShardHandle, ys_SH: torch.Tensor) -> None:
         """Send each front-end the outputs of its rows' slots (row-major slot order)."""
