@@ -11,6 +11,9 @@ from pathlib import Path
 
 import epserve.actors  # noqa: F401 - first, before torch allocates: the package sets torch's allocator up
 import torch
+from epserve.cluster.allocator import keep_freed_memory
+
+keep_freed_memory()  # malloc as in the `epserve` program and the actors, before any thread starts
 
 ROOT = Path(__file__).resolve().parent.parent
 PERFORMANCE_MD = ROOT / "docs" / "performance.md"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from . import allocator
 from .config import ClusterConfig, cluster_settings
 from .planning.options import add_options as add_plan_options
 from .serving.config import ServerConfig
@@ -388,5 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def program() -> int:
+    """The ``epserve`` program (``main`` in a process of its own): its malloc keeps the memory it frees, set
+    before any thread starts (cluster/allocator.py), for the engine that ``generate`` and ``bench`` run here."""
+    allocator.keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

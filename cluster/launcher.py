@@ -25,6 +25,7 @@ from epserve.actors.frontend import Frontend
 from epserve.actors.model.config import ModelConfig
 from epserve.actors.placement import Placement, build
 
+from . import allocator
 from .config import ClusterConfig
 from .fixtures.builtin import checkpoint_or_builtin
 from .rebalancer import Rebalancer
@@ -74,28 +75,6 @@ def openmp_env(cfg: ClusterConfig, use_gpu: bool) -> dict[str, str]:
         return {}
     return dict(SHORT_SPIN)
 
-
-# glibc's malloc in the actors' processes: one heap, never mmap a block of its own, never trim (glibc tunables)
-KEEP_FREED_MEMORY = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
-
-
-def allocator_env(use_gpu: bool) -> dict[str, str]:
-    """Environment of the actors' processes for glibc's malloc. torch's CPU allocator keeps no cache: every
-    step's activations are allocated and freed again, on the `bench` preset hundreds of MB a prefill layer per
-    process. By default a thread other than the main one allocates from a heap of its own, which glibc maps
-    64 MB at a time and unmaps as it empties; blocks over 32 MB get a mapping each, unmapped when freed; and
-    heaps are trimmed. Each layer then takes its memory fresh from the kernel, which zeroes it at the first
-    touch (2 MB huge-page faults: 9% of a shard's CPU time in clear_page, measured with perf).
-    ``KEEP_FREED_MEMORY`` keeps what a process freed for its next allocation: every thread on the one heap,
-    no mapping per block, no trimming. Measured on 2 cores (AMD EPYC, `bench` fp32, benchmarks/step_phases.py,
-    docs/performance.md): 1 front-end + 2 shards, prefill 22.1 -> 19.8 s (each shard's expert compute
-    10.4 -> 8.2 s; the one heap alone gave 20.1 s, no mapping and no trimming alone 22.1 s); the engine in
-    one process 19.3 -> 17.9 s; decode unchanged. The cost: a process keeps the memory of its largest step
-    (resident memory does not shrink after a peak). Left alone with GPUs (activations live on the device)
-    and where the environment already sets glibc tunables."""
-    if use_gpu or "GLIBC_TUNABLES" in os.environ:
-        return {}
-    return {"GLIBC_TUNABLES": KEEP_FREED_MEMORY}
 
 
 class Cluster:
@@ -241,7 +220,7 @@ class Cluster:
                        max_concurrency=1000 if front else 4,
                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg,
                                                                             placement_group_bundle_index=rank))
-        env = {**openmp_env(cfg, self.use_gpu), **allocator_env(self.use_gpu)}
+        env = {**openmp_env(cfg, self.use_gpu), **allocator.actor_env(self.use_gpu)}  # see cluster/allocator.py
         if env:
             options["runtime_env"] = {"env_vars": env}
         if not front:

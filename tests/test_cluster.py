@@ -25,8 +25,8 @@ from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import expert_dtype
 from epserve.cluster.config import ClusterConfig
 from epserve.actors.frontend import EngineFailure
-from epserve.cluster.launcher import (KEEP_FREED_MEMORY, Cluster, allocator_env, bundles, frontend_name, openmp_env,
-                                      shard_name)
+from epserve.cluster.allocator import actor_env
+from epserve.cluster.launcher import Cluster, bundles, frontend_name, openmp_env, shard_name
 from epserve.cluster.serving.frontend_client import FrontendClient
 
 from helpers import engine_greedy
@@ -85,10 +85,10 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
                          for a in cluster.frontends + cluster.shards])
         spins = openmp_env(cluster.config, use_gpu=False).get("GOMP_SPINCOUNT", os.environ.get("GOMP_SPINCOUNT"))
         assert waits == [spins] * (frontends + shards)
-        # and keep the memory they free for their next step (launcher.allocator_env)
+        # and keep the memory they free for their next step (cluster/allocator.py)
         kept = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("GLIBC_TUNABLES"))
                         for a in cluster.frontends + cluster.shards])
-        tunables = allocator_env(use_gpu=False).get("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES"))
+        tunables = actor_env(use_gpu=False).get("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES"))
         assert kept == [tunables] * (frontends + shards)
         # each shard holds its slice only, read from the checkpoint as just that slice
         cfg = tiny_model.cfg
@@ -231,14 +231,6 @@ def test_openmp_spins_briefly_only_where_actors_share_cores(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY")
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")
     assert openmp_env(ClusterConfig(), use_gpu=False) == {}
-
-
-def test_actors_keep_freed_memory_on_cpus_unless_told(monkeypatch):
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert allocator_env(use_gpu=False) == {"GLIBC_TUNABLES": KEEP_FREED_MEMORY}
-    assert allocator_env(use_gpu=True) == {}
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # the operator's word stands
-    assert allocator_env(use_gpu=False) == {}
 
 
 @pytest.mark.parametrize("resources, words", [
