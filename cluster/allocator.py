@@ -5,8 +5,8 @@ preset hundreds of MB a prefill layer per process. By default glibc serves a thr
 from a heap of its own, mapped 64 MB at a time and unmapped as it empties; gives every block over 32 MB a
 mapping of its own, unmapped when freed; and trims its heaps. Each layer then takes its memory fresh from the
 kernel, which zeroes it at the first touch (2 MB pages, actors/__init__.py: 9% of a shard's CPU time in
-clear_page, measured with perf). ``KEEP_FREED_MEMORY`` keeps it: every thread on the one heap (``arena_max``), no mapping
-per block (``mmap_max``), no trimming (``trim_threshold``).
+clear_page, measured with perf). ``KEEP_FREED_MEMORY`` keeps it: every thread on the one heap
+(``arena_max``), no mapping per block (``mmap_max``), no trimming (``trim_threshold``).
 
 Measured on 2 cores (AMD EPYC, `bench` fp32, benchmarks/step_phases.py, docs/performance.md): 1 front-end + 2
 shards, prefill 22.1 -> 19.8 s (each shard's expert compute 10.4 -> 8.2 s; the one heap alone gave 20.1 s, no
@@ -25,11 +25,7 @@ the engine in-process, the benchmarks) sets it with ``mallopt`` before it starts
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import threading
-
-log = logging.getLogger("epserve.allocator")
 
 TUNABLES = {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**32 - 1}
 KEEP_FREED_MEMORY = ":".join(f"glibc.malloc.{name}={value}" for name, value in TUNABLES.items())
@@ -49,8 +45,6 @@ def keep_freed_memory() -> bool:
     environment sets glibc tunables."""
     if "GLIBC_TUNABLES" in os.environ:
         return False
-    if threading.active_count() > 1:
-        log.debug("malloc settings after %d threads started: those keep their heaps", threading.active_count())
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

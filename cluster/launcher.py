@@ -76,7 +76,6 @@ def openmp_env(cfg: ClusterConfig, use_gpu: bool) -> dict[str, str]:
     return dict(SHORT_SPIN)
 
 
-
 class Cluster:
     def __init__(self, config: ClusterConfig, on_change=None):
         self.config = config
