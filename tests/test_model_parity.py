@@ -231,3 +231,21 @@ def test_parameter_count_matches_transformers_on_a_tiny_config(hf_case):
     cfg = load_model(hf_case.path, expert_range=None).cfg
     text_params = sum(t.numel() for n, t in hf_case.ref.state_dict().items() if n != "lm_head.weight")  # tied
     assert count_text_parameters(cfg) == text_params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_table_gives_the_computed_tables_bit_for_bit(dtype):
+    """The model's cos/sin come from a table of positions (``layers.RopeTable``): the same bits as computing
+    them for the step's positions, for both kinds of the released model, as the table grows and past its end."""
+    from epserve.actors.model.layers import RopeTable, rope_tables
+
+    cfg = preset("gemma-4-26b-a4b")
+    for shape in (cfg.sliding, cfg.full):
+        inv = shape.rope.inv_freq(shape.head_dim)
+        table = RopeTable(inv)
+        for positions in ([0], list(range(128, 192)), [5, 3000, 17, 999], [RopeTable.MAX_POSITIONS - 1, 7],
+                          [RopeTable.MAX_POSITIONS + 3, 2], []):
+            pos = torch.tensor(positions, dtype=torch.long)
+            for ours, ref in zip(table(pos, dtype), rope_tables(inv, pos, dtype)):
+                assert ours.dtype == dtype and torch.equal(ours, ref)
+        assert len(table.tables[dtype][0]) == RopeTable.MAX_POSITIONS  # grown to hold 8191, not past it

@@ -23,7 +23,7 @@ from torch import nn
 from . import ops
 from .attention import Attention, AttentionContext
 from .config import FULL, SLIDING, ModelConfig
-from .layers import linear, rope_tables
+from .layers import RopeTable, linear
 from .ops import RMSNorm
 from .moe import DenseMLP, Experts, Router
 
@@ -134,7 +134,7 @@ class Gemma4Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, expert_range) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.local_experts = LocalExperts(self.layers) if expert_range else None
-        self._inv_freq = {}
+        self._inv_freq, self._rope = {}, {}
 
     @property
     def dtype(self):
@@ -145,6 +145,12 @@ class Gemma4Model(nn.Module):
             shape = self.cfg.full if kind == FULL else self.cfg.sliding
             self._inv_freq[kind] = shape.rope.inv_freq(shape.head_dim)
         return self._inv_freq[kind]
+
+    def rope(self, kind: str, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [T, D] of this kind's rotary embedding at ``positions`` (``layers.RopeTable``)."""
+        if kind not in self._rope:
+            self._rope[kind] = RopeTable(self.inv_freq(kind))
+        return self._rope[kind](positions, dtype)
 
     def forward(self, input_ids, positions, ctx: AttentionContext, experts: ExpertExecutor | None = None):
         """input_ids, positions [T] -> final-normed hidden states [T, H]."""
@@ -157,7 +163,7 @@ class Gemma4Model(nn.Module):
             raise RuntimeError("this model was built without experts: pass an expert executor")
         dtype = self.dtype
         h = self.embed_tokens(input_ids) * torch.tensor(self.cfg.embed_scale).to(dtype)
-        ropes = {k: rope_tables(self.inv_freq(k), positions, dtype) for k in (SLIDING, FULL)}
+        ropes = {k: self.rope(k, positions, dtype) for k in (SLIDING, FULL)}
         for layer in self.layers:
             h = yield from layer.stages(h, ropes[layer.kind], ctx, experts)
         return self.norm(h)
