@@ -11,7 +11,7 @@ from pathlib import Path
 
 import epserve.actors  # noqa: F401 - first, before torch allocates: the package sets torch's allocator up
 import torch
-from epserve.cluster.allocator import keep_freed_memory
+from epserve.actors.model.host_memory import keep_freed_memory
 
 keep_freed_memory()  # malloc as in the `epserve` program and the actors, before any thread starts
 

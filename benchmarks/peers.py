@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from common import checkpoint, free_port, git_revision, machine, write_section  # noqa: E402
 from epserve.actors.cache import cache_dir  # noqa: E402
-from epserve.actors.model import cpu_threads  # noqa: E402
+from epserve.actors.model import cpu_threads, host_memory  # noqa: E402
 from epserve.cluster.tools.bench import Workload, run_load  # noqa: E402
 from epserve.cluster.tools.bench_targets import EngineTarget, OpenAITarget  # noqa: E402
 
@@ -402,6 +402,9 @@ def main() -> None:
                     runs = results[display_name(name, args.requests, PEER_DTYPES[mode])]
                     runs.append(run_once(name, model_dir, workload, settings, vllm_python, log_dir, mode))
                     gc.collect()
+                    # an in-process engine's memory, kept by this process's malloc, back to the kernel: the next
+                    # engine may be another process (vLLM's server loads the model again)
+                    host_memory.give_back_freed_memory()
                     log(f"{preset} / {mode}: {name}: {[round(r['output_tok_s'], 1) for r in runs]}")
             sections.append(table(title, results))
             if preset == "bench":

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from . import allocator
+from epserve.actors.model import host_memory
+
 from .config import ClusterConfig, cluster_settings
 from .planning.options import add_options as add_plan_options
 from .serving.config import ServerConfig
@@ -391,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def program() -> int:
     """The ``epserve`` program (``main`` in a process of its own): its malloc keeps the memory it frees, set
-    before any thread starts (cluster/allocator.py), for the engine that ``generate`` and ``bench`` run here."""
-    allocator.keep_freed_memory()
+    before any thread starts (actors/model/host_memory.py), for the engine that ``generate`` and ``bench`` run here."""
+    host_memory.keep_freed_memory()
     return main()
 
 

@@ -22,10 +22,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from epserve.actors.engine.sampling import SamplingParams
 from epserve.actors.expert_shard import ExpertShard
 from epserve.actors.frontend import Frontend
+from epserve.actors.model import host_memory
 from epserve.actors.model.config import ModelConfig
 from epserve.actors.placement import Placement, build
 
-from . import allocator
 from .config import ClusterConfig
 from .fixtures.builtin import checkpoint_or_builtin
 from .rebalancer import Rebalancer
@@ -219,7 +219,7 @@ class Cluster:
                        max_concurrency=1000 if front else 4,
                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg,
                                                                             placement_group_bundle_index=rank))
-        env = {**openmp_env(cfg, self.use_gpu), **allocator.actor_env(self.use_gpu)}  # see cluster/allocator.py
+        env = {**openmp_env(cfg, self.use_gpu), **host_memory.actor_env(self.use_gpu)}
         if env:
             options["runtime_env"] = {"env_vars": env}
         if not front:

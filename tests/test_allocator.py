@@ -1,4 +1,4 @@
-"""A CPU process keeps the memory it frees (cluster/allocator.py): on a thread other than the main one (as an
+"""A CPU process keeps the memory it frees (actors/model/host_memory.py): on a thread other than the main one (as an
 actor's engine runs), a step's large tensor comes from the process's one heap, which is never trimmed, not from
 a mapping of its own that goes back to the kernel when the tensor is freed."""
 
@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from epserve.cluster.allocator import KEEP_FREED_MEMORY, actor_env
+from epserve.actors.model.host_memory import KEEP_FREED_MEMORY, actor_env
 
 # Allocates 64 MB on a new thread and prints whether it lies in the heap (``[heap]`` in /proc/self/maps: the
 # memory brk grows, kept); with argv[1] == "keep", after keep_freed_memory().
 STEP = """
 import json, sys, threading
-from epserve.cluster.allocator import keep_freed_memory
+from epserve.actors.model.host_memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 import torch
 where = []
@@ -52,3 +52,32 @@ def test_actors_keep_freed_memory_on_cpus_unless_told(monkeypatch):
     assert actor_env(use_gpu=True) == {}
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # the operator's word stands
     assert actor_env(use_gpu=False) == {}
+
+
+GIVE_BACK = """
+import json, threading
+from epserve.actors.model import host_memory
+host_memory.keep_freed_memory()
+import torch
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+def step():
+    torch.ones(256 << 20)  # 1 GB, touched and freed
+thread = threading.Thread(target=step)
+thread.start()
+thread.join()
+kept = rss()
+host_memory.give_back_freed_memory()
+print(json.dumps({"kept": kept, "after": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_memory_goes_back_to_the_kernel_when_asked():
+    """A process that drops an engine and starts another process (a benchmark: vLLM's server after our
+    in-process engine) hands the kept blocks back."""
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", GIVE_BACK], env=environ, capture_output=True, text=True,
+                         timeout=120, check=True)
+    rss = json.loads(out.stdout)
+    assert rss["kept"] - rss["after"] > 0.8 * (1 << 30), rss

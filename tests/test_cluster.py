@@ -25,7 +25,7 @@ from epserve.actors.model.loader import load_model
 from epserve.actors.model.moe import expert_dtype
 from epserve.cluster.config import ClusterConfig
 from epserve.actors.frontend import EngineFailure
-from epserve.cluster.allocator import actor_env
+from epserve.actors.model.host_memory import actor_env
 from epserve.cluster.launcher import Cluster, bundles, frontend_name, openmp_env, shard_name
 from epserve.cluster.serving.frontend_client import FrontendClient
 
@@ -85,7 +85,7 @@ def test_cluster_matches_engine_and_transformers(ray_session, tiny_dir, tiny_mod
                          for a in cluster.frontends + cluster.shards])
         spins = openmp_env(cluster.config, use_gpu=False).get("GOMP_SPINCOUNT", os.environ.get("GOMP_SPINCOUNT"))
         assert waits == [spins] * (frontends + shards)
-        # and keep the memory they free for their next step (cluster/allocator.py)
+        # and keep the memory they free for their next step (actors/model/host_memory.py)
         kept = ray.get([a.__ray_call__.remote(lambda _: os.environ.get("GLIBC_TUNABLES"))
                         for a in cluster.frontends + cluster.shards])
         tunables = actor_env(use_gpu=False).get("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES"))

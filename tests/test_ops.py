@@ -49,6 +49,30 @@ def test_norms(dtype, T, H):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_each_row_of_a_batch_gets_the_bits_it_gets_alone(dtype):
+    """The small steps are batch-invariant: a row's result does not depend on the rows beside it or on how the
+    threads split them (the cluster's shards and the in-process model agree; prefill and decode agree)."""
+    T, H, N, G, D = 13, 332, 9, 2, 40
+    x, h, m = (rand(T, H, dtype=dtype, seed=s) for s in range(3))
+    w, scale, y = rand(H, dtype=dtype, seed=3) + 1, rand(H, dtype=dtype, seed=4) + 1, rand(T, H, dtype=torch.float32)
+    lam = torch.tensor([0.7]).to(dtype)
+    q, k, v = rand(T, N, D, dtype=dtype, seed=5), rand(T, G, D, dtype=dtype, seed=6), rand(T, G, D, dtype=dtype, seed=7)
+    cos, sin = rope_tables(RopeConfig(10_000.0, 0.5).inv_freq(D), torch.arange(T), dtype)
+    steps = {
+        "rms_norm": lambda r: [ops.rms_norm(x[r], w, 1e-6)],
+        "add_rms_norm": lambda r: [ops.add_rms_norm(h[r], x[r], w, 1e-6)],
+        "ffn_inputs": lambda r: ops.ffn_inputs(x[r], w, scale, w * 2, H**-0.5, 1e-6),
+        "ffn_output": lambda r: [ops.ffn_output(h[r], m[r], y[r], w, scale, w * 3, lam, 1e-6)],
+        "qkv": lambda r: ops.qkv(q[r], k[r], v[r], w[:D], scale[:D], cos[r], sin[r], 1e-6),
+    }
+    for name, step in steps.items():
+        whole = step(slice(None))
+        for t in range(T):
+            for ours, alone in zip(whole, step(slice(t, t + 1))):
+                assert torch.equal(ours[t : t + 1], alone), (name, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k_eq_v", [True, False])
 def test_qkv_norms_and_rope(dtype, k_eq_v):
     T, N, G, D = 7, 4, 2, 24
@@ -117,9 +141,9 @@ def test_gelu_mul_on_the_halves_of_one_projection_and_on_two(dtype):
     assert ops.gelu_mul(gate[:0], up[:0]).shape == (0, I)
 
 
-GELU_BITS = r"""
+WIDE_BITS = r"""
 import sys, torch
-from epserve.actors.model import ops
+from epserve.actors.model import cpu_kernels, ops
 torch.manual_seed(0)
 out = []
 for dtype in (torch.float32, torch.bfloat16):
@@ -127,16 +151,21 @@ for dtype in (torch.float32, torch.bfloat16):
     x[0, :8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, 9.0, -9.0])
     gate, up = x.to(dtype).chunk(2, dim=-1)
     out.append(ops.gelu_mul(gate, up).float())
+    for D in (144, 256, 512):  # decode attention's values: a last range of 16 columns, two and four of 128
+        k, v = (torch.randn(2, 24, D).to(dtype) for _ in "kv")
+        blocks, pos, lo = torch.tensor([[2, 0, 5], [1, 3, 4]]), torch.tensor([10, 7]), torch.tensor([0, 2])
+        out.append(cpu_kernels.paged_decode_attention(torch.randn(2, 6, D), k, v, blocks, pos, lo, 4))
 torch.save(out, sys.argv[1])
 """
 
 
 @pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= cpu_flags(), reason="no AVX-512 here")
-def test_gelu_mul_on_16_lanes_gives_the_8_lane_bits(tmp_path):
-    """Where the CPU has AVX-512 GeGLU runs 16 lanes at a time: the same operations as the 8-lane path, so the
-    same bits, NaN, infinities, -0 and a last 8 columns included (``EPSERVE_AVX512=0`` forces 8 lanes)."""
-    script = tmp_path / "gelu.py"
-    script.write_text(GELU_BITS)
+def test_16_lane_paths_give_the_8_lane_bits(tmp_path):
+    """Where the CPU has AVX-512, GeGLU and decode attention's weighted sum of values run 16 lanes at a time:
+    the same operations as the 8-lane paths, so the same bits, NaN, infinities, -0 and a last 8 columns
+    included (``EPSERVE_AVX512=0`` forces 8 lanes)."""
+    script = tmp_path / "wide.py"
+    script.write_text(WIDE_BITS)
     runs = []
     for flag in ("1", "0"):
         subprocess.run([sys.executable, str(script), str(tmp_path / flag)], check=True, timeout=120,

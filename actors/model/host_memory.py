@@ -7,27 +7,41 @@ safetensors file lives in the reader's buffer, in 4 KB pages; torch's own large 
 from the reader's buffer and at 28-29 GB/s from torch's, and the step went from 209 to 169 ms
 (docs/performance.md "On a CPU with AMX").
 
-Freed memory kept (``keep_freed_memory``): a prefill chunk allocates activations of tens of MB per layer
-(the experts' rows: 2048 tokens x 8 x 2816 x 2 bytes = 92 MB), which glibc maps fresh from the kernel and
-unmaps on free; faulting them in again on every call cost this VM up to a third of a chunk's time. glibc's own switches
-(no mmap for big blocks, no trimming) make it reuse the freed blocks instead; the process keeps the
-high-water mark of its activations, which a server reaches on its first full chunk anyway. A process that
-drops what it held and goes on to other work (a test run, between its modules) hands the kept blocks back with
-``give_back_freed_memory``: a test run kept 18 GB of freed blocks, and the Ray actors it started next were
-killed for want of memory.
+Freed memory kept (``keep_freed_memory``): torch's CPU allocator keeps no cache, so every step's activations are
+allocated and freed again, tens of MB a layer in a prefill chunk (the experts' rows: 2048 tokens x 8 x 2816 x 2
+bytes = 92 MB). By default glibc serves a thread other than the main one from a heap of its own, mapped 64 MB
+at a time and unmapped as it empties; gives every block over 32 MB a mapping of its own, unmapped when freed;
+and trims its heaps: each layer then takes its memory fresh from the kernel, which zeroes it at the first touch
+(9 % of a shard's CPU time in clear_page under perf; on one VM up to a third of a chunk's time). The policy
+(``TUNABLES``) keeps it: every thread on the one heap (``arena_max``), no mapping per block (``mmap_max``), no
+trimming (``trim_threshold``). On 2 cores (AMD EPYC, `bench` fp32, docs/performance.md) a cluster's prefill went
+from 22.1 to 19.8 s and the engine's from 19.3 to 17.9. The cost: a process keeps its high-water mark, which a
+server reaches on its first full chunk anyway. A process that drops what it held and goes on to other work
+hands the kept blocks back (``give_back_freed_memory``): a test run between its modules kept 18 GB, and the Ray
+actors it started next were killed for want of memory; a benchmark's in-process engine kept 11.9 GB, and the
+kernel killed the benchmark when the vLLM server it started next loaded its weights.
+
+Two ways in, one policy: actors get it as glibc tunables in their environment (``actor_env``, read as the
+process starts: cluster/launcher.py); a process already running (the `epserve` program, the benchmarks; the
+loader, for any other) sets it with ``mallopt`` (``keep_freed_memory``), before it starts a thread where it can:
+a thread takes its heap at its first allocation, and keeps it. Left alone with GPUs (activations live on the
+device) and where the environment already sets glibc tunables (the operator's word stands).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import torch
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+TUNABLES = {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**32 - 1}
+KEEP_FREED_MEMORY = ":".join(f"glibc.malloc.{name}={value}" for name, value in TUNABLES.items())
+MALLOPT = {"arena_max": -8, "mmap_max": -4, "trim_threshold": -1}  # <malloc.h>'s M_ARENA_MAX, M_MMAP_MAX, ...
 _libc = None
-_kept = False
+_kept: bool | None = None
 
 
 def _c():
@@ -44,15 +58,24 @@ def resident(t: torch.Tensor, dtype: torch.dtype | None = None, device="cpu") ->
     return out
 
 
-def keep_freed_memory() -> None:
-    """Have glibc keep freed blocks for reuse rather than give them back to the kernel (once per process)."""
+def actor_env(use_gpu: bool) -> dict[str, str]:
+    """The policy as the environment of an actor's process (CPU actors only; nothing where glibc tunables are
+    already set)."""
+    if use_gpu or "GLIBC_TUNABLES" in os.environ:
+        return {}
+    return {"GLIBC_TUNABLES": KEEP_FREED_MEMORY}
+
+
+def keep_freed_memory() -> bool:
+    """The policy for this process, from now on (once per process): call it before any thread starts (a thread
+    that already has a heap of its own keeps it). False where the C library has no ``mallopt`` (not glibc) or
+    the environment sets glibc tunables."""
     global _kept
-    libc = _c()
-    if _kept or not libc or not hasattr(libc, "mallopt"):
-        return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # an int: 1 GB of free space at the heap's top before trimming
-    _kept = True
+    if _kept is None:
+        libc = _c()
+        _kept = bool(libc and hasattr(libc, "mallopt") and "GLIBC_TUNABLES" not in os.environ
+                     and all(libc.mallopt(MALLOPT[name], value) == 1 for name, value in TUNABLES.items()))
+    return _kept
 
 
 def give_back_freed_memory() -> None:

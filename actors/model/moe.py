@@ -128,6 +128,7 @@ class Experts(nn.Module):
         count = cfg.num_experts - first if count is None else count
         H, I = cfg.hidden_size, cfg.moe_intermediate_size
         self.first, self.count = first, count
+        self.holds_all = first == 0 and count == cfg.num_experts  # every id the router gives is local
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(count, H, I))
         self.path = GROUPED_MM
@@ -169,6 +170,8 @@ class Experts(nn.Module):
 
     def forward(self, x_TH, ids_TK, weights_TK):
         """ids are global expert ids; slots outside this range contribute nothing."""
+        if self.holds_all:  # ids are local ids already: no remap (five tensor ops a layer at decode)
+            return grouped_experts(x_TH, ids_TK, weights_TK, self)
         local = ids_TK - self.first
         local = torch.where((local >= 0) & (local < self.count), local, -1)
         return grouped_experts(x_TH, local, weights_TK, self)
