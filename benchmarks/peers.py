@@ -274,6 +274,7 @@ def decode_roofline(model_dir: Path, batch: int, prompt: int, dtype: torch.dtype
     held = {str(t.dtype).replace("torch.", "") for n, t in model.state_dict().items() if "experts." in n}
     del engine, model
     gc.collect()
+    host_memory.give_back_freed_memory()  # as after each engine's run
     bw, peak = probe.copy_bw, probe.gemm_flops
     flops = decode_step_flops(cfg, batch, context)
     return {"weights_bytes": weights, "kv_bytes": kv, "copy_bw": bw, "roofline_s": (weights + kv) / bw,
