@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import grpc
-
 from epserve.actors.model import host_memory
 
 from .config import ClusterConfig, cluster_settings
