@@ -75,7 +75,8 @@ def test_avx512_kernel_gives_the_avx2_kernels_bits(N):
 
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this machine")
-@pytest.mark.parametrize("N, K", [(64, 128), (48, 2816)])  # 48: a last column tile of 16 alone
+# 48: a last column tile of 16 alone; K 2816 and 704: several blocks of k, the last one short at 704
+@pytest.mark.parametrize("N, K", [(64, 128), (48, 2816), (32, 704)])
 def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
     """Experts with at least AMX_MIN_ROWS rows go through the AMX tiles, the rest through the dot kernel, in
     one call: each expert's rows come out exactly as if it were alone (as on a shard that holds only it), and
@@ -119,6 +120,17 @@ def test_model_linears_take_the_amx_kernel_at_decode_rows_and_onednn_above(monke
     assert layers.linear(torch.ones(2, 3, 320, dtype=torch.bfloat16), w, pack=True).shape == (2, 3, 96)
     assert layers.linear(torch.ones(4, 320), w.float(), pack=True).dtype == torch.float32  # fp32: oneDNN
     assert calls == [1, 2, 5, layers.AMX_ROWS, 6]
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this machine")
+def test_amx_linear_called_straight_on_a_prefill_sized_input():
+    """``linear_amx`` past the row counts whose offsets it keeps (1024) gives rows within bf16 rounding too."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(32, 64, generator=g) / 8).to(torch.bfloat16)
+    x = torch.randn(1100, 64, generator=g).to(torch.bfloat16)
+    exact = x.double() @ w.double().T
+    y = cpu_kernels.linear_amx(x, w)
+    assert (y.double() - exact).abs().amax(dim=1).le(2**-8 * exact.abs().amax(dim=1) + 1e-6).all()
 
 
 def test_packing_round_trips_and_bad_shapes_or_offsets_are_refused():

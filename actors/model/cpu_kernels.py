@@ -224,8 +224,8 @@ def linear_amx(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"linear_amx needs bf16 x [M, K] with rows of even stride and a contiguous bf16 w [N, K] "
                          f"with N % 16 == 0 and K % 32 == 0 on a CPU with AMX, got {x.dtype} {tuple(x.shape)} and "
                          f"{w.dtype} {tuple(w.shape)}")
-    out = torch.empty(M, N, dtype=torch.bfloat16)
-    if _lib.bf16_amx_grouped_linear(x.data_ptr(), x.stride(0), _whole(M).data_ptr(), 1, w.data_ptr(),
+    out, offsets = torch.empty(M, N, dtype=torch.bfloat16), _whole(M)  # held: the kernel reads it
+    if _lib.bf16_amx_grouped_linear(x.data_ptr(), x.stride(0), offsets.data_ptr(), 1, w.data_ptr(),
                                     out.data_ptr(), N, N, K, 3, torch.get_num_threads()):
         raise MemoryError("bf16_amx_grouped_linear: no memory for the packed rows")
     return out

@@ -9,9 +9,12 @@
  * from the checkpoint's layout (rows K apart), so the weights are never repacked and stay what the dot
  * kernel, torch and the expert moves read. The activations are the B side: each big expert's rows are packed
  * once per call into tiles of 16 rows x 32 k in pair order (a few % of the multiply's bytes), padded with
- * zeros to 16 rows. A work item is up to 256 of one expert's rows times 32 .. 128 weight rows (about 192 KB of weights,
- * which stay in L2 while every 32 rows of x pass over them); per step of 32 k it loads 2 weight tiles and
- * 2 activation tiles into 4 accumulator tiles (32 columns x 32 rows of y).
+ * zeros to 16 rows. A work item is up to 256 of one expert's rows times 32 .. 128 weight rows (about 192 KB of
+ * weights, in L2). Per step of 32 k it loads 2 weight tiles and 2 activation tiles into 4 accumulator tiles
+ * (32 columns x 32 rows of y). The steps go in blocks of KB (256 k): the 32 weight rows' 16 KB of such a block
+ * stay in L1 while every 32 rows of x pass over them, the accumulators parked in L1 between blocks (as fp32,
+ * so the same sums), and the next block's weights are fetched meanwhile. Against streaming both sides from L2
+ * over the whole K, a `bench` prefill chunk's experts went 200 -> 181 ms (docs/performance.md).
  *
  * Each output element is one fixed chain (the tile unit's sums over k = 0 .. K-1, 32 at a time, in order)
  * that reads only its own row of x and column of w: a row's result does not depend on the rows beside it,
@@ -33,7 +36,7 @@
 /* rows of one expert per work item: their packed tiles (1.4 MB at K = 2816) stay in L2; 128 was 7-13 % slower
  * at 256 rows per expert */
 #define CHUNK_ROWS 256
-#define PF_TILES 4
+#define KB 8 /* tiles of k per block: 4 and 16 were no faster */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -93,35 +96,48 @@ TARGET static void store_tile(const float *c, int64_t M, uint16_t *y, int64_t ld
 /* columns [n0, n1) (multiples of 16) of one group: M rows of x packed in xp (16-row blocks of K / 32 tiles) */
 TARGET static void amx_item(const uint16_t *xp, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
                             int64_t ldy, int64_t n0, int64_t n1) {
-    float c[4][256];
-    const int64_t tiles = K / 32, blocks = (M + 15) / 16, lda = 2 * K;
+    float acc[CHUNK_ROWS / 32][4][256];
+    const int64_t tiles = K / 32, blocks = (M + 15) / 16, pairs = (blocks + 1) / 2, lda = 2 * K;
     for (int64_t n = n0; n < n1; n += 32) {
         const int two_n = n + 32 <= n1;
         const uint16_t *a0 = w + n * K, *a1 = w + (n + 16) * K;
-        for (int64_t b = 0; b < blocks; b += 2) {
-            const int two_m = b + 1 < blocks;
-            const uint16_t *b0 = xp + b * tiles * 512, *b1 = b0 + tiles * 512;
-            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-            for (int64_t t = 0; t < tiles; t++) {
-                if (b == 0 && t + PF_TILES < tiles)
-                    for (int r = 0; r < 16 * (1 + two_n); r++)
-                        _mm_prefetch((const char *)(a0 + r * K + 32 * (t + PF_TILES)), _MM_HINT_T0);
-                _tile_loadd(4, a0 + 32 * t, lda);
-                _tile_loadd(6, b0 + 512 * t, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                if (two_m) { _tile_loadd(7, b1 + 512 * t, 64); _tile_dpbf16ps(1, 4, 7); }
-                if (two_n) {
-                    _tile_loadd(5, a1 + 32 * t, lda);
-                    _tile_dpbf16ps(2, 5, 6);
-                    if (two_m) _tile_dpbf16ps(3, 5, 7);
+        for (int64_t k0 = 0; k0 < tiles; k0 += KB) {
+            const int64_t k1 = k0 + KB < tiles ? k0 + KB : tiles;
+            /* the weights of the next k block (or the next 32 columns' first), fetched while these compute */
+            const int64_t nn = k1 < tiles ? n : n + 32, nk = k1 < tiles ? k1 : 0;
+            const int64_t nrows = nn >= n1 ? 0 : nn + 32 <= n1 ? 32 : 16;
+            const uint16_t *next = w + nn * K + 32 * nk;
+            for (int64_t b = 0, p = 0; b < blocks; b += 2, p++) {
+                const int two_m = b + 1 < blocks;
+                const uint16_t *b0 = xp + b * tiles * 512, *b1 = b0 + tiles * 512;
+                if (k0 == 0) {
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                } else {
+                    _tile_loadd(0, acc[p][0], 64); _tile_loadd(1, acc[p][1], 64);
+                    _tile_loadd(2, acc[p][2], 64); _tile_loadd(3, acc[p][3], 64);
                 }
-            }
-            _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
-            _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
-            for (int i = 0; i < 2 + 2 * two_n; i++) {
-                const int64_t m = (b + (i & 1)) * 16, left = M - m;
-                if ((i & 1) && !two_m) continue;
-                store_tile(c[i], left < 16 ? left : 16, y + m * ldy + n + (i >> 1) * 16, ldy);
+                for (int64_t t = k0; t < k1; t++) {
+                    if (nk + t - k0 < tiles)
+                        for (int64_t r = p; r < nrows; r += pairs)
+                            _mm_prefetch((const char *)(next + r * K + 32 * (t - k0)), _MM_HINT_T1);
+                    _tile_loadd(4, a0 + 32 * t, lda);
+                    _tile_loadd(6, b0 + 512 * t, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (two_m) { _tile_loadd(7, b1 + 512 * t, 64); _tile_dpbf16ps(1, 4, 7); }
+                    if (two_n) {
+                        _tile_loadd(5, a1 + 32 * t, lda);
+                        _tile_dpbf16ps(2, 5, 6);
+                        if (two_m) _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, acc[p][0], 64); _tile_stored(1, acc[p][1], 64);
+                _tile_stored(2, acc[p][2], 64); _tile_stored(3, acc[p][3], 64);
+                if (k1 < tiles) continue;
+                for (int i = 0; i < 2 + 2 * two_n; i++) {
+                    const int64_t m = (b + (i & 1)) * 16, left = M - m;
+                    if ((i & 1) && !two_m) continue;
+                    store_tile(acc[p][i], left < 16 ? left : 16, y + m * ldy + n + (i >> 1) * 16, ldy);
+                }
             }
         }
     }
