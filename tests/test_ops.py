@@ -151,6 +151,9 @@ for dtype in (torch.float32, torch.bfloat16):
     x[0, :8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, 9.0, -9.0])
     gate, up = x.to(dtype).chunk(2, dim=-1)
     out.append(ops.gelu_mul(gate, up).float())
+    logits = (torch.randn(3, 1000) * 40).to(dtype)  # 1000: a last 8 after the 16s
+    logits[1, 7], logits[2, :] = float("nan"), -float("inf")
+    out += [t.float() for t in ops.softcap_argmax(logits, 30.0)] + [ops.softcap_argmax(logits, 0.0)[1].float()]
     for D in (144, 256, 512):  # decode attention's values: a last range of 16 columns, two and four of 128
         k, v = (torch.randn(2, 24, D).to(dtype) for _ in "kv")
         blocks, pos, lo = torch.tensor([[2, 0, 5], [1, 3, 4]]), torch.tensor([10, 7]), torch.tensor([0, 2])
@@ -161,9 +164,9 @@ torch.save(out, sys.argv[1])
 
 @pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= cpu_flags(), reason="no AVX-512 here")
 def test_16_lane_paths_give_the_8_lane_bits(tmp_path):
-    """Where the CPU has AVX-512, GeGLU and decode attention's weighted sum of values run 16 lanes at a time:
-    the same operations as the 8-lane paths, so the same bits, NaN, infinities, -0 and a last 8 columns
-    included (``EPSERVE_AVX512=0`` forces 8 lanes)."""
+    """Where the CPU has AVX-512, GeGLU, the soft-cap (and its argmax) and decode attention's weighted sum of
+    values run 16 lanes at a time: the same operations as the 8-lane paths, so the same bits, NaN, infinities,
+    -0 and a last 8 columns included (``EPSERVE_AVX512=0`` forces 8 lanes)."""
     script = tmp_path / "wide.py"
     script.write_text(WIDE_BITS)
     runs = []

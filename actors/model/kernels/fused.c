@@ -303,7 +303,7 @@ void fused_moe_combine(const void *ys, int bf16, int64_t S, const float *weights
     }
 }
 
-/* ---------------------------------------------------------------------------------- GELU, soft-cap */
+/* ---------------------------------------------------------------------------------- GELU */
 
 /* GeGLU's activation: out[s] = gelu_tanh(gate[s]) * up[s] for rows s of gate and up (ld elements apart: the
  * halves of one [S, 2I] tensor, or two [S, I] ones); out [S, I]. As torch: GELU in fp32 rounded to the dtype,
@@ -365,36 +365,4 @@ void fused_gelu_mul(const void *gate, const void *up, int64_t ld, int bf16, int6
         return;
     }
     GELU_MUL_ROWS(gelu_mul_row)
-}
-
-/* The head's end: out = fp32(cap · tanh(logits / cap)), each step rounded to the model dtype as torch stores
- * it (no cap: the logits widened); argmax[r] = the first index of row r's largest value (a NaN counts as the
- * largest, as torch.argmax). logits [R, V] (V a multiple of 8), out [R, V] fp32. */
-void fused_softcap_argmax(const void *logits, int bf16, int64_t R, int64_t V, float cap, float *out,
-                          int64_t *argmax, int threads) {
-    const int64_t rows = R, n = V;
-    PARALLEL_ROWS
-    for (int64_t r = 0; r < R; r++) {
-        const void *row = row_of(logits, bf16, r, V);
-        float *o = out + r * V;
-        __m256 top = _mm256_set1_ps(-INFINITY);
-        int nan = 0;
-        for (int64_t i = 0; i < V; i += 8) {
-            __m256 x = load8(row, bf16, i);
-            if (cap != 0.0f) {
-                const __m256 c = _mm256_set1_ps(cap);
-                x = round8(_mm256_mul_ps(c, round8(tanh8(round8(_mm256_div_ps(x, c), bf16)), bf16)), bf16);
-            }
-            _mm256_storeu_ps(o + i, x);
-            nan |= _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-            top = _mm256_max_ps(top, x);
-        }
-        float lanes[8], best = -INFINITY;
-        _mm256_storeu_ps(lanes, top);
-        for (int j = 0; j < 8; j++) best = lanes[j] > best ? lanes[j] : best;
-        int64_t at = 0;
-        for (int64_t i = 0; i < V; i++)
-            if (nan ? o[i] != o[i] : o[i] == best) { at = i; break; }
-        argmax[r] = at;
-    }
 }
