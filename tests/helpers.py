@@ -44,10 +44,20 @@ def run(*args, check=True) -> subprocess.CompletedProcess:
     return subprocess.run([*EPSERVE, *map(str, args)], capture_output=True, text=True, timeout=300, check=check)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, and never one handed out before in this process: a server's ports are
+    taken one after another and bound only when it starts, and two calls can get the same free port (the
+    likely cause of a CI run where the gRPC port answered a health check in HTTP/1)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def engine_greedy(model, prompts, max_tokens):

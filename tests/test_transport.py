@@ -78,12 +78,10 @@ def run_ranks(tmp_path, mode: str, backend: str, world: int, timeout_s: float) -
     procs = [subprocess.Popen([sys.executable, str(script), mode, backend, str(r), str(world), str(port),
                                str(timeout_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(world)]
-    outs = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=120)
-        assert p.returncode == 0, stderr[-3000:]
-        outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    return outs
+    ends = [p.communicate(timeout=120) for p in procs]
+    failed = [f"rank {r}: {stderr[-2000:]}" for r, (p, (_, stderr)) in enumerate(zip(procs, ends)) if p.returncode]
+    assert not failed, "\n".join(failed)  # every failed rank's own words: the first to fail names the cause
+    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in ends]
 
 
 def _free_port() -> int:
