@@ -14,7 +14,8 @@
  * (32 columns x 32 rows of y). The steps go in blocks of KB (256 k): the 32 weight rows' 16 KB of such a block
  * stay in L1 while every 32 rows of x pass over them, the accumulators parked in L1 between blocks (as fp32,
  * so the same sums), and the next block's weights are fetched meanwhile. Against streaming both sides from L2
- * over the whole K, a `bench` prefill chunk's experts went 200 -> 181 ms (docs/performance.md).
+ * over the whole K, a `bench` prefill chunk's experts went 200 -> 181 ms on a 2-core Xeon with AMX (model 207;
+ * docs/performance.md).
  *
  * Each output element is one fixed chain (the tile unit's sums over k = 0 .. K-1, 32 at a time, in order)
  * that reads only its own row of x and column of w: a row's result does not depend on the rows beside it,

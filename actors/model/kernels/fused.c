@@ -21,9 +21,6 @@
 
 #define MAX_DIM 16384 /* the widest row these kernels take (scratch on the stack); checked in ops.py */
 
-/* rows in parallel once there are enough numbers to pay for a parallel region (a prefill chunk, not a
- * decode step); each row is computed by one thread, alone, so the result does not depend on the count */
-#define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows * n >= (1 << 13))")
 
 static inline float from_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;

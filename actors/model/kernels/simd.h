@@ -10,6 +10,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* rows in parallel once there are enough numbers to pay for a parallel region (a prefill chunk, not a
+ * decode step); each row is computed by one thread, alone, so the result does not depend on the count
+ * (`rows`, `n` the numbers a row, and `threads` in scope) */
+#define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) schedule(static) if (rows * n >= (1 << 13))")
+
 /* 8 numbers of a row in the model dtype, as fp32, and back (rounded to nearest even, as torch) */
 static inline __m256 load8(const void *p, int bf16, int64_t i) {
     if (!bf16) return _mm256_loadu_ps((const float *)p + i);

@@ -5,16 +5,13 @@
  * A row is V numbers (262144 for the released model): 16 lanes at a time where the CPU has AVX-512, the same
  * operations as 8 lanes (simd.h), so the same bits; the max is exact in any order, and the index of its first
  * occurrence is found 8 at a time (a scalar scan before). 64 rows of 32768 (a `bench` decode step) 2.8 -> 1.7 ms
- * on a 2-core Xeon, of 262144 in bf16 19.6 -> 12.5 ms.
+ * on a 2-core Xeon with AMX (model 207), of 262144 in bf16 19.6 -> 12.5 ms.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
 #include "simd.h"
-
-/* rows on both threads from 8k numbers; each row by one thread, alone */
-#define PARALLEL_ROWS _Pragma("omp parallel for num_threads(threads) schedule(static) if (R * V >= (1 << 13))")
 
 static inline __m256 softcap8(__m256 x, __m256 c, int bf16) {
     return round8(_mm256_mul_ps(c, round8(tanh8(round8(_mm256_div_ps(x, c), bf16)), bf16)), bf16);
@@ -70,6 +67,7 @@ static int64_t first_index(const float *o, int64_t V, float best, int nan) {
 void fused_softcap_argmax(const void *logits, int bf16, int64_t R, int64_t V, float cap, float *out,
                           int64_t *argmax, int threads) {
     const int wide = has_avx512();
+    const int64_t rows = R, n = V;
     PARALLEL_ROWS
     for (int64_t r = 0; r < R; r++) {
         const void *row = (const char *)logits + (bf16 ? 2 : 4) * r * V;
