@@ -44,7 +44,7 @@ from .engine.sampling import SamplingParams
 from .metrics import FrontendMetrics, report
 from .output_streams import OutputStreams
 from .model.attention import WholeSequence
-from .model import precision
+from .model import cpu_threads, precision
 from .model.loader import load_model
 from .model.micro_batches import forward_parts
 from .placement import Placement, build
@@ -80,7 +80,7 @@ class Frontend:
         if isinstance(engine_config, dict):
             engine_config = EngineConfig(**engine_config)
         self.engine = LLMEngine(self.model, engine_config, experts=self.dispatcher)
-        self.num_shards, self.heartbeat_s = num_shards, heartbeat_s
+        self.checkpoint, self.num_shards, self.heartbeat_s = checkpoint, num_shards, heartbeat_s
         self.frontend, self.frontends = frontend, frontends  # this front-end's rank, and how many there are
         self._peers: list = []  # the other front-ends' actor handles (``start``)
         self._woken = False  # a peer began a step while the group was idle: join its header now
@@ -88,9 +88,7 @@ class Frontend:
         self._metrics = FrontendMetrics(self.dispatcher, num_shards,  # Prometheus; see actors/metrics.py
                                         info={"dtype": facts.dtype, "device": facts.device, "cpu_isa": facts.cpu_isa},
                                         frontend=self.frontend)
-        self.checkpoint = checkpoint
-        self._commands = CommandQueue()
-        self._streams = OutputStreams()
+        self._commands, self._streams = CommandQueue(), OutputStreams()
         self._thread, self._store = None, None
         self.error: str | None = None  # the engine stopped for good
         self.supervised = supervised  # a failed collective suspends the engine (else: error)
@@ -304,6 +302,8 @@ class Frontend:
 
     def _run(self) -> None:
         self._last_header, warm_up = time.monotonic(), self.engine.config.warm_up
+        if self.device.type == "cpu":
+            cpu_threads.bind_team()  # this thread's OpenMP team, one thread per core (see cpu_threads.py)
         try:
             while self.error is None:
                 try:  # the warm-up first (the shards warm up too), once: a shard lost in it is recovered as in

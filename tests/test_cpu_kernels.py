@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -212,3 +215,40 @@ def test_a_thread_can_hand_back_its_openmp_team():
     torch.ones(1 << 16).add_(1)  # a parallel region: this thread now has a team
     assert cpu_threads.release_team()
     assert torch.equal(torch.ones(1 << 16).add_(1), torch.full((1 << 16,), 2.0))  # and makes a new one at need
+
+
+# In a process of its own: binding pins threads for good, and this one's are the test runner's.
+BIND_PROBE = """
+import glob, json, os, threading, torch
+from epserve.actors.model import cpu_threads
+torch.set_num_threads(len(os.sched_getaffinity(0)))
+def run():
+    cpus = cpu_threads.bind_team()
+    pinned = [open(f).read().split("Cpus_allowed_list:")[1].split()[0] for f in glob.glob("/proc/self/task/*/status")]
+    total = torch.ones(1 << 20).add_(1).sum().item()  # regions still run on the bound team
+    print(json.dumps({"cpus": cpus, "mine": sorted(os.sched_getaffinity(0)), "pinned": pinned, "total": total}))
+threading.Thread(target=run).start()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2, reason="Linux, 2 CPUs or more")
+def test_the_engine_threads_team_keeps_one_thread_per_cpu():
+    """A team spanning the process's CPUs is bound one thread per CPU, the calling thread on the first: the
+    scheduler cannot put a woken worker on the core of the thread that woke it (cpu_threads.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in cpu_threads.AFFINITY_ENV}
+    out = subprocess.run([sys.executable, "-c", BIND_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    cpus = sorted(os.sched_getaffinity(0))
+    assert got["cpus"] == cpus and got["mine"] == cpus[:1]
+    for cpu in cpus[1:]:
+        assert str(cpu) in got["pinned"], f"no thread of the team on CPU {cpu}: {got['pinned']}"
+    assert got["total"] == 2.0 * (1 << 20)
+
+
+def test_a_team_that_does_not_span_the_cpus_or_that_the_environment_places_stays_free(monkeypatch):
+    assert cpu_threads.bind_team(threads=1) is None
+    if len(os.sched_getaffinity(0)) > 2:
+        assert cpu_threads.bind_team(threads=2) is None
+    monkeypatch.setenv("OMP_PROC_BIND", "true")
+    assert cpu_threads.bind_team(threads=len(os.sched_getaffinity(0)) + 1) is None

@@ -94,6 +94,8 @@ def _load():
             lib.shm_wait.restype = ctypes.c_int
             lib.shm_post.argtypes = [ptr, ctypes.c_uint32]
             lib.shm_post.restype = None
+            lib.bind_team.argtypes = [ptr, ctypes.c_int, ctypes.c_int]
+            lib.bind_team.restype = ctypes.c_int
             for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
                 getattr(lib, name).argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64,
                                                i64, ptr, ctypes.c_int]
@@ -136,6 +138,12 @@ def lib():
     if not loaded:
         raise RuntimeError("the CPU kernels are unavailable")
     return loaded
+
+
+def bind_team(cpus: list[int], threads: int) -> bool:
+    """Thread i of the calling thread's OpenMP team of ``threads`` to ``cpus[i % len(cpus)]`` from now on
+    (``kernels/team.c``); False where a CPU was refused."""
+    return lib().bind_team((ctypes.c_int * len(cpus))(*cpus), len(cpus), threads) == 0
 
 
 def bf16_dot_available() -> bool:
