@@ -14,10 +14,10 @@ region goes where the scheduler puts it, and on cores shared with other processe
 its shards on one host) it is often put on the engine thread's own core while the other is busy, where the
 two take turns: on 2 cores (`tiny` fp32, 1 front-end + 2 shards) the front-end's engine thread was preempted
 1,070 times a second, 567 of them by its own worker (``perf sched``). Bound, that cluster served 3,350 -> 3,750
-output tok/s, and in bf16 4,510 -> 4,970 (docs/performance.md "The front-end's OpenMP team, one thread per
-core"); the in-process engine, alone on its cores, is unchanged. Where the team does not span every CPU the
-process may use, binding would choose among them for the others, and it is left free; so it is where the
-environment sets OpenMP's affinity (the operator's word stands).
+output tok/s, and in bf16 4,510 -> 4,970 (docs/performance.md "On a CPU with AMX", run 17); the in-process
+engine, alone on its cores, is unchanged. A team that does not span every CPU the process may use is left free
+(binding would choose among the CPUs for whoever else runs there), and so is a team whose affinity the
+environment sets (the operator's word stands; ``OMP_PROC_BIND=false`` measures the unbound team).
 """
 
 from __future__ import annotations
