@@ -27,7 +27,7 @@ from .model import cpu_threads, precision
 from .model.config import ModelConfig
 from .model.loader import load_expert_slots
 from .placement import build
-from .transport import shm_available
+from .transport import ShmTransport, shm_available
 
 
 class ExpertShard:
@@ -37,6 +37,7 @@ class ExpertShard:
         """``placement``: the cluster's placement settings (``placement.build``'s keywords), the same on every
         rank, so that every rank derives the same placement."""
         process_group.bind_cpus(cpus)
+        self.cpus = cpus
         torch.set_num_threads(threads)
         self.device = process_group.device_for_actor()
         self.dtype = precision.resolve_dtype(dtype, self.device)
@@ -121,6 +122,8 @@ class ExpertShard:
 
     def serve(self) -> dict:
         """Run the collective loop until the front-end says stop; returns a summary (raises on failure)."""
+        if self.device.type == "cpu" and self.cpus is None and isinstance(self.transport, ShmTransport):
+            cpu_threads.pin_thread(self.shard + 1)  # one host: a core of its own, after the front-end's first
         ep = dispatch.ShardExchange(self.ranks, self.transport, self.cfg.hidden_size, self.cfg.top_k, self.dtype,
                                     self.device)
         try:

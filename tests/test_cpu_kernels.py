@@ -246,9 +246,38 @@ def test_the_engine_threads_team_keeps_one_thread_per_cpu():
     assert got["total"] == 2.0 * (1 << 20)
 
 
+PIN_PROBE = """
+import json, os, threading, torch
+from epserve.actors.model import cpu_threads
+torch.set_num_threads(1)
+got = {}
+def run():
+    got["cpu"] = cpu_threads.pin_thread(1)
+    got["mine"] = sorted(os.sched_getaffinity(0))
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(json.dumps({**got, "process": sorted(os.sched_getaffinity(0))}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2, reason="Linux, 2 CPUs or more")
+def test_a_thread_that_computes_alone_is_pinned_to_its_cpu_and_only_it():
+    """A shard's serving thread on the front-end's host: the CPU after the first (cpu_threads.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in cpu_threads.AFFINITY_ENV}
+    out = subprocess.run([sys.executable, "-c", PIN_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got, cpus = json.loads(out.stdout.strip().splitlines()[-1]), sorted(os.sched_getaffinity(0))
+    assert got["cpu"] == cpus[1] and got["mine"] == [cpus[1]]
+    assert got["process"] == cpus  # the other threads keep every CPU
+
+
 def test_a_team_that_does_not_span_the_cpus_or_that_the_environment_places_stays_free(monkeypatch):
     assert cpu_threads.bind_team(threads=1) is None
     if len(os.sched_getaffinity(0)) > 2:
         assert cpu_threads.bind_team(threads=2) is None
+    if torch.get_num_threads() > 1:
+        assert cpu_threads.pin_thread(1) is None  # a team of more than one is bind_team's
     monkeypatch.setenv("OMP_PROC_BIND", "true")
     assert cpu_threads.bind_team(threads=len(os.sched_getaffinity(0)) + 1) is None
+    assert cpu_threads.pin_thread(1) is None

@@ -18,6 +18,15 @@ output tok/s, and in bf16 4,510 -> 4,970 (docs/performance.md "On a CPU with AMX
 engine, alone on its cores, is unchanged. A team that does not span every CPU the process may use is left free
 (binding would choose among the CPUs for whoever else runs there), and so is a team whose affinity the
 environment sets (the operator's word stands; ``OMP_PROC_BIND=false`` measures the unbound team).
+
+``pin_thread`` keeps a thread that computes alone (a team of one) on one CPU: a cluster's shards on the
+front-end's host, shard i on CPU i + 1 of the process's, modulo their count (the front-end's engine thread
+keeps CPU 0; ``OMP_PROC_BIND=false`` leaves the shards free too). Free, the
+two shards a dispatch wakes at once were queued on one core in 23 % of the layers while the other core went
+idle (the scheduler rarely moves a task that has just run), and the second began after the first had
+finished. One shard on each core, the `tiny` fp32 cluster's decode step went 10.4-10.6 -> 9.6-9.9 ms, and
+12.8-16.5 -> 10.7-12.9 ms in a slow spell, the streamed workload 2-8 % more output tok/s, `bench` unchanged
+(docs/performance.md "On a CPU with AMX", after run 17).
 """
 
 from __future__ import annotations
@@ -60,3 +69,16 @@ def bind_team(threads: int | None = None) -> list[int] | None:
         return None
     log.info("OpenMP team of %d threads bound, one thread on each of CPUs %s", threads, cpus)
     return cpus
+
+
+def pin_thread(index: int) -> int | None:
+    """Keep the calling thread, which computes alone (one OpenMP thread), on the ``index``-th CPU of this
+    process (modulo their count); returns that CPU, or None where it stays free (one CPU, a team of more than
+    one, affinity set in the environment)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or torch.get_num_threads() != 1 or AFFINITY_ENV & set(os.environ):
+        return None
+    cpu = cpus[index % len(cpus)]
+    os.sched_setaffinity(0, {cpu})  # 0: the calling thread
+    log.info("computing thread pinned to CPU %d", cpu)
+    return cpu
