@@ -50,7 +50,9 @@ class ClusterConfig:
     frontend_threads: int | None = None  # torch threads of the front-end (None: torch's default)
     shard_threads: int = 1
     # CPU cores the actors' processes may run on (Linux sched_setaffinity; None: any): the front-ends on some,
-    # the shards on others, so that their work overlaps instead of taking turns on the same cores
+    # the shards on others, so that their work overlaps instead of taking turns on the same cores. With None on
+    # one host, the front-end's threads and each shard's still keep a core each (actors/model/cpu_threads.py;
+    # OMP_PROC_BIND=false in the actors' environment leaves them free)
     frontend_cpus: list[int] | None = None
     shard_cpus: list[int] | None = None
     # Deadline of every collective: a stalled peer is detected within it, never a hang. It must stay well
