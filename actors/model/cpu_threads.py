@@ -21,12 +21,12 @@ environment sets (the operator's word stands; ``OMP_PROC_BIND=false`` measures t
 
 ``pin_thread`` keeps a thread that computes alone (a team of one) on one CPU: a cluster's shards on the
 front-end's host, shard i on CPU i + 1 of the process's, modulo their count (the front-end's engine thread
-keeps CPU 0; ``OMP_PROC_BIND=false`` leaves the shards free too). Free, the
-two shards a dispatch wakes at once were queued on one core in 23 % of the layers while the other core went
-idle (the scheduler rarely moves a task that has just run), and the second began after the first had
-finished. One shard on each core, the `tiny` fp32 cluster's decode step went 10.4-10.6 -> 9.6-9.9 ms, and
-12.8-16.5 -> 10.7-12.9 ms in a slow spell, the streamed workload 2-8 % more output tok/s, `bench` unchanged
-(docs/performance.md "On a CPU with AMX", after run 17).
+keeps CPU 0; ``OMP_PROC_BIND=false`` leaves the shards free too). Free, the two shards a dispatch wakes at
+once were queued on one core in 23 % of the layers while the other core went idle (the scheduler rarely moves
+a task that has just run), and the second began after the first had finished. One shard on each core, the
+`tiny` fp32 cluster's decode step went 10.4-10.6 -> 9.6-9.9 ms, and 12.8-16.5 -> 10.7-12.9 ms in a slow spell,
+the streamed workload 2-8 % more output tok/s, `bench` unchanged (docs/performance.md "On a CPU with AMX",
+after run 17).
 """
 
 from __future__ import annotations
