@@ -125,8 +125,9 @@ class Frontend:
         return process_group.node_id(), shm_available()
 
     async def start(self, peers: list | None = None) -> bool:
-        """Start the engine thread (after ``join``), or resume a suspended one (after a new ``join``).
-        ``peers``: the other front-ends' actors (the group's, which may be new ones after a recovery)."""
+        """Start the engine thread (after ``join``), or resume a suspended one (after a new ``join``). A start
+        returns once the warm-up is done (the thread runs commands only after it): a request sent once the
+        cluster says it is ready waits for none. ``peers``: the other front-ends' actors (new ones after a recovery)."""
         self._peers = list(peers or [])
         if self.dispatcher is not None:
             self.dispatcher.wake_peers = self._wake_peers if self._peers else None
@@ -138,7 +139,7 @@ class Frontend:
             self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._run, name="epserve-engine", daemon=True)
             self._thread.start()
-            return True
+            return await self._call(lambda: True)
         return await self._call(self._resume)
 
     async def watch(self) -> str:
@@ -386,8 +387,7 @@ class Frontend:
         return self.parked
 
     def _resume(self) -> bool:  # in the engine thread, after a new join
-        self.suspended, self.parked = None, False
-        self._last_header = time.monotonic()
+        self.suspended, self.parked, self._last_header = None, False, time.monotonic()
         return True
 
     def _end(self, message: str) -> bool:  # in the engine thread: every request fails, the thread exits

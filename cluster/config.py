@@ -62,7 +62,7 @@ class ClusterConfig:
     # clusters, where the shards already use every core while the front-end waits (docs/performance.md)
     overlap_dense_ffn: bool | None = None
     heartbeat_s: float = 1.0  # idle front-end pings the shards this often (must be well under the timeout)
-    start_timeout_s: float = 600.0  # placement, weight loading and process-group wiring
+    start_timeout_s: float = 600.0  # placement, weight loading, process-group wiring and the warm-up
     # Recovery (cluster/supervisor.py): more than max_failures failures within failure_window_s end in a
     # clean error instead of another recovery; 0 turns recovery off (the first failure is final)
     max_failures: int = 3

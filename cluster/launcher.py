@@ -115,8 +115,8 @@ class Cluster:
         self.layout, self.members = Placement(reply["num_experts"], reply["layers"]), list(range(cfg.shards))
         self._progress(f"joining the group of {world} ranks")
         self.connect(cfg.start_timeout_s)
-        self._progress(f"the ranks talk over {TRANSPORTS[self.backend]}")
-        ray.get(self.start_frontends(), timeout=cfg.start_timeout_s)
+        self._progress(f"the ranks talk over {TRANSPORTS[self.backend]}; warming up (a full prefill chunk)")
+        ray.get(self.start_frontends(), timeout=cfg.start_timeout_s)  # each returns once warm
         self.supervisor = Supervisor(self, self.on_change).start()
         if cfg.rebalance_interval_s:
             self.rebalancer = Rebalancer(self, cfg.rebalance_interval_s).start()

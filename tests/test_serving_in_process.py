@@ -1,14 +1,18 @@
 """Both servers on one ServingState, without Ray (an in-process Frontend; helpers.InProcessServer): the gRPC
 API cuts the text at stop strings exactly as the OpenAI API does (one TextStream), both describe the model
-with every fact of its ModelInfo, and both refuse a request longer than the model's context, naming it."""
+with every fact of its ModelInfo, and both refuse a request longer than the model's context, naming it. A
+Frontend's start returns once its warm-up is done, so that the first request waits for none."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 
 import grpc
 import pytest
 
+from epserve.actors.frontend import Frontend
 from epserve.cluster.api import inference_pb2 as pb
 from epserve.cluster.api import inference_pb2_grpc as pb_grpc
 from epserve.cluster.tools.client import request
@@ -104,3 +108,30 @@ def test_a_request_longer_than_the_models_context_is_refused_naming_it(short_con
     assert err.value.details().startswith("token_ids: ") and "context length 2048" in err.value.details()
     status, body = short_context.post("/v1/completions", {"prompt": [5] * 1000, "max_tokens": 4})
     assert status == 200 and body["usage"]["completion_tokens"] == 4  # within the context: served
+
+
+def test_start_returns_once_the_warm_up_is_done(tiny_dir):
+    """The engine thread warms up before it serves: ``start`` (and so the cluster's readiness, which waits for
+    it) returns only then, and the first request is served without waiting for it."""
+    frontend = Frontend(str(tiny_dir), 0, dict(ENGINE, warm_up=True), dtype="float32")
+    warm_up, slow = frontend.engine.warm_up, 0.5
+
+    def slow_warm_up():  # a warm-up as long as a real model's on a CPU, relative to a tiny request
+        time.sleep(slow)
+        warm_up()
+
+    frontend.engine.warm_up = slow_warm_up
+
+    async def go():
+        t0 = time.monotonic()
+        await frontend.start()
+        started, steps = time.monotonic() - t0, frontend.engine.num_steps
+        t0 = time.monotonic()
+        out = await frontend.generate([[5, 6, 7]], None)
+        served = time.monotonic() - t0
+        await frontend.stop()
+        return started, steps, served, out
+
+    started, steps, served, out = asyncio.run(go())
+    assert started >= slow and steps >= 1  # the warm-up's steps ran before start returned
+    assert served < slow and out[0]["finish_reason"] in ("length", "stop")
