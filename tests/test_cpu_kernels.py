@@ -78,8 +78,9 @@ def test_avx512_kernel_gives_the_avx2_kernels_bits(N):
 
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this machine")
-# 48: a last column tile of 16 alone; K 2816 and 704: several blocks of k, the last one short at 704
-@pytest.mark.parametrize("N, K", [(64, 128), (48, 2816), (32, 704)])
+# 48: a last column tile of 16 alone; K 2816 and 704: several blocks of k, the last one short at 704; K 96: an
+# odd number of steps of k (the kernel for experts of at most 16 rows takes them in pairs)
+@pytest.mark.parametrize("N, K", [(64, 128), (48, 2816), (32, 704), (16, 96)])
 def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
     """Experts with at least AMX_MIN_ROWS rows go through the AMX tiles, the rest through the dot kernel, in
     one call: each expert's rows come out exactly as if it were alone (as on a shard that holds only it), and

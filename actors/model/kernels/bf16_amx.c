@@ -17,6 +17,13 @@
  * over the whole K, a `bench` prefill chunk's experts went 200 -> 181 ms on a 2-core Xeon with AMX (model 207;
  * docs/performance.md).
  *
+ * An expert of at most 16 rows (every expert at decode) has one activation tile a step, and with it 4 tiles
+ * free: such items take two sets of operand tiles in turn (tiles are not renamed, so one set would make each
+ * step's loads wait for the last step's multiplies), the weights fetched 4 steps ahead into L1, and wider
+ * items (about 1.5 MB of weights: longer streams, fewer items). At decode both kernels are bound by reading
+ * the weights; a `bench` decode step's two layers of experts (3 GB) went 125-128 -> 112-114 ms on a 2-core
+ * Xeon with AMX (model 167; a plain read of the same bytes: 101-104 ms; docs/performance.md).
+ *
  * Each output element is one fixed chain (the tile unit's sums over k = 0 .. K-1, 32 at a time, in order)
  * that reads only its own row of x and column of w: a row's result does not depend on the rows beside it,
  * so the cluster's shards compute exactly what the in-process model does (which kernel an expert takes
@@ -38,6 +45,8 @@
  * at 256 rows per expert */
 #define CHUNK_ROWS 256
 #define KB 8 /* tiles of k per block: 4 and 16 were no faster */
+#define NARROW_ITEM_BYTES (1536 << 10) /* weights per item of a narrow expert (<= 16 rows): 768 KB and 3 MB alike */
+#define NARROW_AHEAD 4 /* steps of k the narrow items fetch the weights ahead (2 and 8 no faster) */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -144,10 +153,76 @@ TARGET static void amx_item(const uint16_t *xp, int64_t M, const uint16_t *w, in
     }
 }
 
-/* rows [row, row + rows) of x, all of one group; block: their first packed 16-row block, -1 for the dot kernel */
+/* columns [n0, n1) (multiples of 16) of one group of M <= 16 rows, packed in xp (one block of K / 32 tiles):
+ * the same sums as amx_item, each accumulator kept in its tile over the whole K; operand tiles 2, 3, 6 for
+ * even steps and 4, 5, 7 for odd ones */
+TARGET static void amx_item_narrow(const uint16_t *xp, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
+                                   int64_t ldy, int64_t n0, int64_t n1) {
+    float acc[256];
+    const int64_t tiles = K / 32, lda = 2 * K;
+    for (int64_t n = n0; n < n1; n += 32) {
+        const int two_n = n + 32 <= n1;
+        const uint16_t *a0 = w + n * K, *a1 = w + (n + 16) * K;
+        const int64_t rows = two_n ? 32 : 16;
+        _tile_zero(0);
+        _tile_zero(1);
+#define FETCH(t) \
+    if ((t) + NARROW_AHEAD < tiles) \
+        for (int64_t r = 0; r < rows; r++) _mm_prefetch((const char *)(a0 + r * K + 32 * ((t) + NARROW_AHEAD)), _MM_HINT_T0);
+        int64_t t = 0;
+        for (; t + 2 <= tiles; t += 2) {
+            FETCH(t) FETCH(t + 1)
+            _tile_loadd(2, a0 + 32 * t, lda);
+            _tile_loadd(6, xp + 512 * t, 64);
+            if (two_n) _tile_loadd(3, a1 + 32 * t, lda);
+            _tile_dpbf16ps(0, 2, 6);
+            if (two_n) _tile_dpbf16ps(1, 3, 6);
+            _tile_loadd(4, a0 + 32 * (t + 1), lda);
+            _tile_loadd(7, xp + 512 * (t + 1), 64);
+            if (two_n) _tile_loadd(5, a1 + 32 * (t + 1), lda);
+            _tile_dpbf16ps(0, 4, 7);
+            if (two_n) _tile_dpbf16ps(1, 5, 7);
+        }
+#undef FETCH
+        if (t < tiles) {
+            _tile_loadd(2, a0 + 32 * t, lda);
+            _tile_loadd(6, xp + 512 * t, 64);
+            _tile_dpbf16ps(0, 2, 6);
+            if (two_n) {
+                _tile_loadd(3, a1 + 32 * t, lda);
+                _tile_dpbf16ps(1, 3, 6);
+            }
+        }
+        _tile_stored(0, acc, 64);
+        store_tile(acc, M, y + n, ldy);
+        if (two_n) {
+            _tile_stored(1, acc, 64);
+            store_tile(acc, M, y + n + 16, ldy);
+        }
+    }
+}
+
+/* rows [row, row + rows) of x, all of one group; block: their first packed 16-row block, -1 for the dot kernel;
+ * its work items are [first, first + ceil(N / columns)) */
 typedef struct {
-    int64_t group, row, rows, block;
+    int64_t group, row, rows, block, columns, first;
 } chunk;
+
+/* weight rows per work item: about `bytes` of weights, a multiple of 32, at most N */
+static int64_t item_columns(int64_t bytes, int64_t N, int64_t K) {
+    const int64_t columns = bytes / (2 * K) / 32 * 32;
+    return columns < 32 ? 32 : columns > N ? N : columns;
+}
+
+/* the chunk that holds work item `it` (chunks in order of their items) */
+static const chunk *chunk_of(const chunk *chunks, int64_t count, int64_t it) {
+    int64_t lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (chunks[mid].first <= it) lo = mid; else hi = mid - 1;
+    }
+    return chunks + lo;
+}
 
 /* x [S, K] bf16 (rows ldx apart), w: groups x [N, K] bf16 contiguous (N a multiple of 16, K of 32), y [S, N]
  * bf16 (rows ldy apart). Returns 0, or -1 when out of memory. */
@@ -157,20 +232,29 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
     const int64_t tiles = K / 32, S = offsets[groups];
     chunk *chunks = malloc((groups + S / CHUNK_ROWS + 1) * sizeof *chunks);
     if (!chunks) return -1;
-    int64_t count = 0, blocks = 0;
+    int64_t count = 0, blocks = 0, narrow_chunks = 0;
     for (int64_t g = 0; g < groups; g++)
         for (int64_t row = offsets[g], end = offsets[g + 1]; row < end;) {
             const int amx = end - offsets[g] >= min_rows;
             const int64_t rows = !amx ? end - row : end - row < CHUNK_ROWS ? end - row : CHUNK_ROWS;
-            chunks[count++] = (chunk){g, row, rows, amx ? blocks : -1};
+            chunks[count++] = (chunk){g, row, rows, amx ? blocks : -1, 0, 0};
             blocks += amx ? (rows + 15) / 16 : 0;
+            narrow_chunks += rows <= 16;
             row += rows;
         }
     uint16_t *xp = blocks ? aligned_alloc(64, blocks * tiles * 512 * sizeof *xp) : 0;
     if (blocks && !xp) { free(chunks); return -1; }
-    int64_t columns = ITEM_BYTES / (2 * K) / 32 * 32;
-    columns = columns < 32 ? 32 : columns > N ? N : columns;
-    const int64_t per_chunk = (N + columns - 1) / columns, items = count * per_chunk;
+    const int64_t wide = item_columns(ITEM_BYTES, N, K);
+    int64_t narrow = item_columns(NARROW_ITEM_BYTES, N, K);
+    /* narrower where the narrow items would leave a thread idle (a single small matrix) */
+    while (narrow > 32 && narrow_chunks * ((N + narrow - 1) / narrow) < 4 * threads)
+        narrow = narrow >= 128 ? narrow / 2 / 32 * 32 : 32;
+    int64_t items = 0;
+    for (int64_t c = 0; c < count; c++) {
+        chunks[c].columns = chunks[c].rows <= 16 ? narrow : wide;
+        chunks[c].first = items;
+        items += (N + chunks[c].columns - 1) / chunks[c].columns;
+    }
     const int parallel = threads > 1 && S * N * K >= (1 << 20);
 #pragma omp parallel num_threads(threads) if (parallel)
     {
@@ -184,13 +268,16 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
             }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
-            const chunk ch = chunks[it / per_chunk];
-            const int64_t n0 = it % per_chunk * columns, n1 = n0 + columns < N ? n0 + columns : N;
-            const uint16_t *wg = w + ch.group * N * K;
-            if (ch.block >= 0)
-                amx_item(xp + ch.block * tiles * 512, ch.rows, wg, K, y + ch.row * ldy, ldy, n0, n1);
+            const chunk ch = *chunk_of(chunks, count, it);
+            const int64_t n0 = (it - ch.first) * ch.columns, n1 = n0 + ch.columns < N ? n0 + ch.columns : N;
+            const uint16_t *wg = w + ch.group * N * K, *xg = xp + ch.block * tiles * 512;
+            uint16_t *yg = y + ch.row * ldy;
+            if (ch.block < 0)
+                bf16_dot_item(x + ch.row * ldx, ldx, ch.rows, wg, K, yg, ldy, n0, n1);
+            else if (ch.rows <= 16)
+                amx_item_narrow(xg, ch.rows, wg, K, yg, ldy, n0, n1);
             else
-                bf16_dot_item(x + ch.row * ldx, ldx, ch.rows, wg, K, y + ch.row * ldy, ldy, n0, n1);
+                amx_item(xg, ch.rows, wg, K, yg, ldy, n0, n1);
         }
         if (blocks) _tile_release();
     }
