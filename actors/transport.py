@@ -7,9 +7,10 @@ a header every rank joins (an element-wise max of small integer vectors) and an 
   sockets, and with more processes than cores each one waits for the scheduler: measured here, a 3-rank
   all-to-all took 1.2-1.5 ms even for one row, against 0.3 ms with 2 ranks (docs/performance.md). Here every
   ordered pair of ranks has a mailbox in one segment: the sender copies its rows in and publishes a sequence
-  number; the receiver waits for it (``kernels/shm_wait.c``: a short spin, then a futex sleep that wakes the
-  moment the number is published), copies the rows out and acknowledges, which frees the mailbox. Only pairs
-  that exchange rows (both sides know the counts) touch their mailbox.
+  number; the receiver waits for it (``kernels/shm_wait.c``: a short spin, polling that yields the core for up
+  to 2 ms, then a futex sleep that wakes the moment the number is published), copies the rows out and
+  acknowledges, which frees the mailbox. Only pairs that exchange rows (both sides know the counts) touch their
+  mailbox.
 
 Both fail the same way: a peer that does not answer within the deadline, or that left, raises a
 ``torch.distributed.DistError`` (``TransportError`` for shared memory), which the actors treat as a lost peer.
