@@ -22,7 +22,7 @@
  * step's loads wait for the last step's multiplies), the weights fetched 4 steps ahead into L1, and wider
  * items (about 1.5 MB of weights: longer streams, fewer items). At decode both kernels are bound by reading
  * the weights; a `bench` decode step's two layers of experts (3 GB) went 125-128 -> 112-114 ms on a 2-core
- * Xeon with AMX (model 167; a plain read of the same bytes: 101-104 ms; docs/performance.md).
+ * Xeon with AMX (model 167; a plain read of the same bytes: 101-105 ms; docs/performance.md).
  *
  * Each output element is one fixed chain (the tile unit's sums over k = 0 .. K-1, 32 at a time, in order)
  * that reads only its own row of x and column of w: a row's result does not depend on the rows beside it,
@@ -166,9 +166,10 @@ TARGET static void amx_item_narrow(const uint16_t *xp, int64_t M, const uint16_t
         const int64_t rows = two_n ? 32 : 16;
         _tile_zero(0);
         _tile_zero(1);
-#define FETCH(t) \
-    if ((t) + NARROW_AHEAD < tiles) \
-        for (int64_t r = 0; r < rows; r++) _mm_prefetch((const char *)(a0 + r * K + 32 * ((t) + NARROW_AHEAD)), _MM_HINT_T0);
+#define FETCH(t)                                                                                          \
+    if ((t) + NARROW_AHEAD < tiles)                                                                       \
+        for (int64_t r = 0; r < rows; r++)                                                                \
+            _mm_prefetch((const char *)(a0 + r * K + 32 * ((t) + NARROW_AHEAD)), _MM_HINT_T0);
         int64_t t = 0;
         for (; t + 2 <= tiles; t += 2) {
             FETCH(t) FETCH(t + 1)
@@ -251,7 +252,7 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
         narrow = narrow >= 128 ? narrow / 2 / 32 * 32 : 32;
     int64_t items = 0;
     for (int64_t c = 0; c < count; c++) {
-        chunks[c].columns = chunks[c].rows <= 16 ? narrow : wide;
+        chunks[c].columns = chunks[c].rows <= 16 ? narrow : wide; /* the dot kernel's few rows too */
         chunks[c].first = items;
         items += (N + chunks[c].columns - 1) / chunks[c].columns;
     }

@@ -6,11 +6,11 @@
  *
  * Between the two, for up to YIELD_NS, the reader polls and yields its core (sched_yield) to any thread that can
  * run there. On a VM a core whose threads all sleep halts, and waking a thread there took far longer than the
- * work of a small model's layer: on a 2-core KVM Xeon, the in-process `tiny` engine's decode step was 6.1 ms
- * with libgomp's spinning workers and 18.6-19 ms with sleeping ones, and the `tiny` cluster's step (front-end
- * and shards taking turns, a few waits a layer) went 16.9-18.1 -> 12.5-12.9 ms with this polling (bf16;
- * fp32, 3 alternating pairs: median 26.8 -> 23.7 ms). The `bench` cluster's step, whose waits last tens of ms,
- * was within the noise (3 alternating pairs; docs/performance.md).
+ * work of a small model's layer: on a 2-core KVM Xeon with AMX (model 167), the in-process `tiny` engine's
+ * decode step was 6.1 ms with libgomp's spinning workers and 18.6-19 ms with sleeping ones, and the `tiny`
+ * cluster's step (front-end and shards taking turns, a few waits a layer) went 16.9-18.1 -> 12.5-12.9 ms with
+ * this polling (bf16; fp32, 3 alternating pairs: median 26.8 -> 23.7 ms). The `bench` cluster's step, whose
+ * waits last tens of ms, was within the noise (3 alternating pairs; docs/performance.md).
  */
 #include <linux/futex.h>
 #include <sched.h>
