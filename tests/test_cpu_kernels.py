@@ -98,9 +98,11 @@ def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
         assert torch.equal(y[lo:hi], alone)
         exact = x[lo:hi].double() @ w[e].double().T
         assert (y[lo:hi].double() - exact).abs().amax(dim=1).le(2**-8 * exact.abs().amax(dim=1) + 1e-6).all()
-    row = int(offsets[6]) + 290  # one row of the 300, alone through the tiles (min_rows 1): the same bits
-    alone = cpu_kernels.grouped_linear_amx(x[row : row + 1], torch.tensor([0, 1]), w[6:7].contiguous(), 1)
-    assert torch.equal(alone[0], y[row])
+    # a row of the 300 (the 32-row kernel), of the 17 and of the 32 (the kernel of at most 64 rows), alone
+    # through the tiles (min_rows 1, the kernel of at most 16 rows): the same bits
+    for e, row in ((6, int(offsets[6]) + 290), (4, int(offsets[4]) + 16), (8, int(offsets[8]) + 5)):
+        alone = cpu_kernels.grouped_linear_amx(x[row : row + 1], torch.tensor([0, 1]), w[e : e + 1].contiguous(), 1)
+        assert torch.equal(alone[0], y[row])
     with pytest.raises(ValueError, match="N % 16"):
         cpu_kernels.grouped_linear_amx(x[:4, :96], torch.tensor([0, 4]), w[:1, :8, :96].contiguous(), 1)
 

@@ -24,6 +24,13 @@
  * the weights; a `bench` decode step's two layers of experts (3 GB) went 125-128 -> 112-114 ms on a 2-core
  * Xeon with AMX (model 167; a plain read of the same bytes: 101-105 ms; docs/performance.md).
  *
+ * An expert of 17 to 64 rows (a decode step's projections and head at batch 64) has 2 to 4 activation tiles a
+ * step: its items (as wide as those above) load each 16 weight rows' tile once a step and multiply it into
+ * every block's accumulator, so the weights are read once, over the whole K (fetched 4 steps ahead), where the
+ * 32-row kernel passed over each item's weights twice and parked its accumulators every 256 k. The `bench`
+ * head (184 MB) at 64 rows went 11.5-16.2 -> 10.0-10.5 ms, at 32 rows 8.5-9.5 -> 7.8-8.1 ms (3 alternating
+ * pairs, cold weights, a 2-core Xeon with AMX, model 167; docs/performance.md).
+ *
  * Each output element is one fixed chain (the tile unit's sums over k = 0 .. K-1, 32 at a time, in order)
  * that reads only its own row of x and column of w: a row's result does not depend on the rows beside it,
  * so the cluster's shards compute exactly what the in-process model does (which kernel an expert takes
@@ -47,6 +54,7 @@
 #define KB 8 /* tiles of k per block: 4 and 16 were no faster */
 #define NARROW_ITEM_BYTES (1536 << 10) /* weights per item of a narrow expert (<= 16 rows): 768 KB and 3 MB alike */
 #define NARROW_AHEAD 4 /* steps of k the narrow items fetch the weights ahead (2 and 8 no faster) */
+#define MID_ROWS 64 /* rows of an expert whose items read the weights once (4 accumulator tiles) */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -203,6 +211,40 @@ TARGET static void amx_item_narrow(const uint16_t *xp, int64_t M, const uint16_t
     }
 }
 
+/* columns [n0, n1) (multiples of 16) of one group of 16 < M <= MID_ROWS rows (blocks = ceil(M / 16) packed
+ * blocks in xp): each step loads the tile of 16 weight rows once and multiplies it into every block's
+ * accumulator (tiles 0 .. blocks - 1), the activation tiles taking 5, 6, 7 in turn; the same sums as amx_item */
+TARGET static void amx_item_mid(const uint16_t *xp, int64_t M, const uint16_t *w, int64_t K, uint16_t *y,
+                                int64_t ldy, int64_t n0, int64_t n1) {
+    float acc[256];
+    const int64_t tiles = K / 32, lda = 2 * K, blocks = (M + 15) / 16, block = tiles * 512;
+    for (int64_t n = n0; n < n1; n += 16) {
+        const uint16_t *a = w + n * K;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t t = 0; t < tiles; t++) {
+            /* this tile's rows NARROW_AHEAD steps on, or the next 16 rows' first steps */
+            const int64_t ahead = t + NARROW_AHEAD, next = ahead < tiles ? 0 : n + 16 < n1 ? 16 : -1;
+            if (next >= 0)
+                for (int64_t r = 0; r < 16; r++)
+                    _mm_prefetch((const char *)(a + (next + r) * K + 32 * (ahead - (next ? tiles : 0))), _MM_HINT_T0);
+            _tile_loadd(4, a + 32 * t, lda);
+            _tile_loadd(5, xp + 512 * t, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, xp + block + 512 * t, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            if (blocks > 2) { _tile_loadd(7, xp + 2 * block + 512 * t, 64); _tile_dpbf16ps(2, 4, 7); }
+            if (blocks > 3) { _tile_loadd(5, xp + 3 * block + 512 * t, 64); _tile_dpbf16ps(3, 4, 5); }
+        }
+        for (int64_t b = 0; b < blocks; b++) { /* a tile's number must be a constant */
+            if (b == 0) _tile_stored(0, acc, 64);
+            if (b == 1) _tile_stored(1, acc, 64);
+            if (b == 2) _tile_stored(2, acc, 64);
+            if (b == 3) _tile_stored(3, acc, 64);
+            store_tile(acc, M - 16 * b < 16 ? M - 16 * b : 16, y + 16 * b * ldy + n, ldy);
+        }
+    }
+}
+
 /* rows [row, row + rows) of x, all of one group; block: their first packed 16-row block, -1 for the dot kernel;
  * its work items are [first, first + ceil(N / columns)) */
 typedef struct {
@@ -233,26 +275,26 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
     const int64_t tiles = K / 32, S = offsets[groups];
     chunk *chunks = malloc((groups + S / CHUNK_ROWS + 1) * sizeof *chunks);
     if (!chunks) return -1;
-    int64_t count = 0, blocks = 0, narrow_chunks = 0;
+    int64_t count = 0, blocks = 0, streamed = 0; /* chunks of at most MID_ROWS rows */
     for (int64_t g = 0; g < groups; g++)
         for (int64_t row = offsets[g], end = offsets[g + 1]; row < end;) {
             const int amx = end - offsets[g] >= min_rows;
             const int64_t rows = !amx ? end - row : end - row < CHUNK_ROWS ? end - row : CHUNK_ROWS;
             chunks[count++] = (chunk){g, row, rows, amx ? blocks : -1, 0, 0};
             blocks += amx ? (rows + 15) / 16 : 0;
-            narrow_chunks += rows <= 16;
+            streamed += rows <= MID_ROWS;
             row += rows;
         }
     uint16_t *xp = blocks ? aligned_alloc(64, blocks * tiles * 512 * sizeof *xp) : 0;
     if (blocks && !xp) { free(chunks); return -1; }
     const int64_t wide = item_columns(ITEM_BYTES, N, K);
     int64_t narrow = item_columns(NARROW_ITEM_BYTES, N, K);
-    /* narrower where the narrow items would leave a thread idle (a single small matrix) */
-    while (narrow > 32 && narrow_chunks * ((N + narrow - 1) / narrow) < 4 * threads)
+    /* narrower where these wide items would leave a thread idle (a single small matrix) */
+    while (narrow > 32 && streamed * ((N + narrow - 1) / narrow) < 4 * threads)
         narrow = narrow >= 128 ? narrow / 2 / 32 * 32 : 32;
     int64_t items = 0;
     for (int64_t c = 0; c < count; c++) {
-        chunks[c].columns = chunks[c].rows <= 16 ? narrow : wide; /* the dot kernel's few rows too */
+        chunks[c].columns = chunks[c].rows <= MID_ROWS ? narrow : wide; /* the dot kernel's few rows too */
         chunks[c].first = items;
         items += (N + chunks[c].columns - 1) / chunks[c].columns;
     }
@@ -277,6 +319,8 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
                 bf16_dot_item(x + ch.row * ldx, ldx, ch.rows, wg, K, yg, ldy, n0, n1);
             else if (ch.rows <= 16)
                 amx_item_narrow(xg, ch.rows, wg, K, yg, ldy, n0, n1);
+            else if (ch.rows <= MID_ROWS)
+                amx_item_mid(xg, ch.rows, wg, K, yg, ldy, n0, n1);
             else
                 amx_item(xg, ch.rows, wg, K, yg, ldy, n0, n1);
         }
