@@ -79,8 +79,9 @@ def test_avx512_kernel_gives_the_avx2_kernels_bits(N):
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this machine")
 # 48: a last column tile of 16 alone; K 2816 and 704: several blocks of k, the last one short at 704; K 96: an
-# odd number of steps of k (the kernel for experts of at most 16 rows takes them in pairs)
-@pytest.mark.parametrize("N, K", [(64, 128), (48, 2816), (32, 704), (16, 96)])
+# odd number of steps of k (the kernel for experts of at most 16 rows takes them in pairs); 768 x 2816: a matrix
+# of more than 4 MB, whose experts of 17 to 64 rows take the kernel that reads the weights once
+@pytest.mark.parametrize("N, K", [(64, 128), (48, 2816), (32, 704), (16, 96), (768, 2816)])
 def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
     """Experts with at least AMX_MIN_ROWS rows go through the AMX tiles, the rest through the dot kernel, in
     one call: each expert's rows come out exactly as if it were alone (as on a shard that holds only it), and
@@ -98,8 +99,9 @@ def test_amx_kernel_takes_one_kernel_per_expert_by_its_rows(N, K):
         assert torch.equal(y[lo:hi], alone)
         exact = x[lo:hi].double() @ w[e].double().T
         assert (y[lo:hi].double() - exact).abs().amax(dim=1).le(2**-8 * exact.abs().amax(dim=1) + 1e-6).all()
-    # a row of the 300 (the 32-row kernel), of the 17 and of the 32 (the kernel of at most 64 rows), alone
-    # through the tiles (min_rows 1, the kernel of at most 16 rows): the same bits
+    # a row of the 300 (the 32-row kernel), of the 17 and of the 32 (the 32-row kernel, or the kernel of at most
+    # 64 rows for a large matrix), alone through the tiles (min_rows 1, the kernel of at most 16 rows): the same
+    # bits
     for e, row in ((6, int(offsets[6]) + 290), (4, int(offsets[4]) + 16), (8, int(offsets[8]) + 5)):
         alone = cpu_kernels.grouped_linear_amx(x[row : row + 1], torch.tensor([0, 1]), w[e : e + 1].contiguous(), 1)
         assert torch.equal(alone[0], y[row])

@@ -24,12 +24,13 @@
  * the weights; a `bench` decode step's two layers of experts (3 GB) went 125-128 -> 112-114 ms on a 2-core
  * Xeon with AMX (model 167; a plain read of the same bytes: 101-105 ms; docs/performance.md).
  *
- * An expert of 17 to 64 rows (a decode step's projections and head at batch 64) has 2 to 4 activation tiles a
- * step: its items (as wide as those above) load each 16 weight rows' tile once a step and multiply it into
- * every block's accumulator, so the weights are read once, over the whole K (fetched 4 steps ahead), where the
- * 32-row kernel passed over each item's weights twice and parked its accumulators every 256 k. The `bench`
- * head (184 MB) at 64 rows went 11.5-16.2 -> 10.0-10.5 ms, at 32 rows 8.5-9.5 -> 7.8-8.1 ms (3 alternating
- * pairs, cold weights, a 2-core Xeon with AMX, model 167; docs/performance.md).
+ * An expert of 17 to 64 rows whose matrix comes from memory (a decode step's projections and head at batch
+ * 64) has 2 to 4 activation tiles a step: its items (as wide as those above) load each 16 weight rows' tile
+ * once a step and multiply it into every block's accumulator, so the weights are read once, over the whole K
+ * (fetched 4 steps ahead), where the 32-row kernel passed over each item's weights twice and parked its
+ * accumulators every 256 k. The `bench` head (184 MB) at 64 rows went 11.5-16.2 -> 10.0-10.5 ms, at 32 rows
+ * 8.5-9.5 -> 7.8-8.1 ms (3 alternating pairs, cold weights, a 2-core Xeon with AMX, model 167;
+ * docs/performance.md). A matrix that stays in cache keeps the 32-row kernel (MID_MIN_BYTES).
  *
  * Each output element is one fixed chain (the tile unit's sums over k = 0 .. K-1, 32 at a time, in order)
  * that reads only its own row of x and column of w: a row's result does not depend on the rows beside it,
@@ -55,6 +56,11 @@
 #define NARROW_ITEM_BYTES (1536 << 10) /* weights per item of a narrow expert (<= 16 rows): 768 KB and 3 MB alike */
 #define NARROW_AHEAD 4 /* steps of k the narrow items fetch the weights ahead (2 and 8 no faster) */
 #define MID_ROWS 64 /* rows of an expert whose items read the weights once (4 accumulator tiles) */
+/* ... where its matrix is this large: more than the L2 of two cores, so it comes from memory. A small matrix
+ * stays in cache, and there the 32-row kernel's two weight tiles a step were faster (64 rows, a C harness,
+ * medians of 2000 calls, 3 alternating pairs: 128 x 256 8.6-12.6 against 15.7-28.4 us, the `bench` router
+ * 128 x 2816 73-97 against 88-129 us) */
+#define MID_MIN_BYTES (4 << 20)
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -245,6 +251,11 @@ TARGET static void amx_item_mid(const uint16_t *xp, int64_t M, const uint16_t *w
     }
 }
 
+/* whether a group of this many rows takes amx_item_mid */
+static int mid_rows(int64_t rows, int64_t N, int64_t K) {
+    return rows > 16 && rows <= MID_ROWS && 2 * N * K >= MID_MIN_BYTES;
+}
+
 /* rows [row, row + rows) of x, all of one group; block: their first packed 16-row block, -1 for the dot kernel;
  * its work items are [first, first + ceil(N / columns)) */
 typedef struct {
@@ -282,7 +293,7 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
             const int64_t rows = !amx ? end - row : end - row < CHUNK_ROWS ? end - row : CHUNK_ROWS;
             chunks[count++] = (chunk){g, row, rows, amx ? blocks : -1, 0, 0};
             blocks += amx ? (rows + 15) / 16 : 0;
-            streamed += rows <= MID_ROWS;
+            streamed += rows <= 16 || mid_rows(rows, N, K);
             row += rows;
         }
     uint16_t *xp = blocks ? aligned_alloc(64, blocks * tiles * 512 * sizeof *xp) : 0;
@@ -294,7 +305,8 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
         narrow = narrow >= 128 ? narrow / 2 / 32 * 32 : 32;
     int64_t items = 0;
     for (int64_t c = 0; c < count; c++) {
-        chunks[c].columns = chunks[c].rows <= MID_ROWS ? narrow : wide; /* the dot kernel's few rows too */
+        const int64_t rows = chunks[c].rows; /* the dot kernel's few rows take the narrow width too */
+        chunks[c].columns = rows <= 16 || mid_rows(rows, N, K) ? narrow : wide;
         chunks[c].first = items;
         items += (N + chunks[c].columns - 1) / chunks[c].columns;
     }
@@ -319,7 +331,7 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
                 bf16_dot_item(x + ch.row * ldx, ldx, ch.rows, wg, K, yg, ldy, n0, n1);
             else if (ch.rows <= 16)
                 amx_item_narrow(xg, ch.rows, wg, K, yg, ldy, n0, n1);
-            else if (ch.rows <= MID_ROWS)
+            else if (mid_rows(ch.rows, N, K))
                 amx_item_mid(xg, ch.rows, wg, K, yg, ldy, n0, n1);
             else
                 amx_item(xg, ch.rows, wg, K, yg, ldy, n0, n1);
