@@ -57,9 +57,9 @@
 #define NARROW_AHEAD 4 /* steps of k the narrow items fetch the weights ahead (2 and 8 no faster) */
 #define MID_ROWS 64 /* rows of an expert whose items read the weights once (4 accumulator tiles) */
 /* ... where its matrix is this large: more than the L2 of two cores, so it comes from memory. A small matrix
- * stays in cache, and there the 32-row kernel's two weight tiles a step were faster (64 rows, a C harness,
- * medians of 2000 calls, 3 alternating pairs: 128 x 256 8.6-12.6 against 15.7-28.4 us, the `bench` router
- * 128 x 2816 73-97 against 88-129 us) */
+ * stays in cache, and there the 32-row kernel's two weight tiles a step were faster (64 rows, a C harness on
+ * a 2-core Xeon with AMX, model 167, medians of 2000 calls, 3 alternating pairs: 128 x 256 8.6-12.6 against
+ * 15.7-28.4 us, the `bench` router 128 x 2816 73-97 against 88-129 us) */
 #define MID_MIN_BYTES (4 << 20)
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -286,7 +286,7 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
     const int64_t tiles = K / 32, S = offsets[groups];
     chunk *chunks = malloc((groups + S / CHUNK_ROWS + 1) * sizeof *chunks);
     if (!chunks) return -1;
-    int64_t count = 0, blocks = 0, streamed = 0; /* chunks of at most MID_ROWS rows */
+    int64_t count = 0, blocks = 0, streamed = 0; /* chunks that take the narrow items' width */
     for (int64_t g = 0; g < groups; g++)
         for (int64_t row = offsets[g], end = offsets[g + 1]; row < end;) {
             const int amx = end - offsets[g] >= min_rows;
@@ -300,7 +300,7 @@ TARGET int bf16_amx_grouped_linear(const uint16_t *x, int64_t ldx, const int64_t
     if (blocks && !xp) { free(chunks); return -1; }
     const int64_t wide = item_columns(ITEM_BYTES, N, K);
     int64_t narrow = item_columns(NARROW_ITEM_BYTES, N, K);
-    /* narrower where these wide items would leave a thread idle (a single small matrix) */
+    /* narrower where those items would leave a thread idle (a single small matrix) */
     while (narrow > 32 && streamed * ((N + narrow - 1) / narrow) < 4 * threads)
         narrow = narrow >= 128 ? narrow / 2 / 32 * 32 : 32;
     int64_t items = 0;
